@@ -1,0 +1,240 @@
+"""The public plugin contract: providers create/verify/revoke keys, vaults hold them.
+
+The engine knows nothing about any service beyond these classes. A plugin translates its SDK's
+exceptions into :mod:`rotator.errors` at its boundary (``TransientError`` for what a retry can
+fix, ``PermanentError``/``CredentialRejected`` for what it cannot), and never puts a secret value
+in an exception, a log line or a return value other than the :class:`Secret` wrapper.
+"""
+
+from __future__ import annotations
+
+import hmac
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from rotator import redaction
+
+__all__ = [
+    "Capabilities",
+    "CredentialInfo",
+    "NewKey",
+    "PluginSettings",
+    "Provider",
+    "Secret",
+    "SecretResolver",
+    "Vault",
+    "VaultValue",
+    "key_name_for",
+]
+
+
+class Secret:
+    """A secret value that cannot leak through ``repr``, ``str``, formatting or pickling.
+
+    Call :meth:`reveal` at the single place the raw value goes over the wire. Every value wrapped
+    is remembered by :mod:`rotator.redaction` so the log filter can scrub it as a second line of
+    defence.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise TypeError("Secret needs a non-empty str")
+        self._value = value
+        redaction.remember(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled")
+
+
+class PluginSettings(BaseModel):
+    """Base for a plugin's settings model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """What a provider may know about the credential it acts on: never the schedule or state."""
+
+    name: str
+    agent: str
+    params: Any
+    """The provider's own ``params_model`` instance, validated by ``rotator check``."""
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created at the provider. ``key_id`` is safe to store; ``secret`` is not."""
+
+    key_id: str
+    secret: Secret
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do; the engine and ``rotator check`` refuse what it cannot."""
+
+    create: bool = True
+    """False for a provider whose API cannot make keys (emergency revocation only)."""
+    identify: bool = True
+    """True when ``identify`` can find the id of a key rotator did not create."""
+    verify_revoked: bool = True
+    """True when ``verify`` on a revoked key reliably raises ``CredentialRejected``."""
+
+
+SecretResolver = Callable[[Any], Secret]
+"""Turns a secret reference from the policy file (vault/env/file) into a :class:`Secret`."""
+
+
+def key_name_for(rotation_id: str) -> str:
+    """The name or description a provider gives a key, so a crashed rotation's key can be found."""
+    return f"rotator-{rotation_id}"
+
+
+class Provider(ABC):
+    """Creates, verifies and revokes keys for one service.
+
+    Subclasses set ``type_name`` (the ``type`` in the policy file, and the entry point name),
+    ``settings_model`` (the ``[providers.NAME]`` table less ``type``) and ``params_model``
+    (``[credentials.params]``). Every method may be called again after a crash with the same
+    arguments and must then have the same effect as one call.
+    """
+
+    type_name: ClassVar[str] = ""
+    settings_model: ClassVar[type[PluginSettings]] = PluginSettings
+    params_model: ClassVar[type[PluginSettings]] = PluginSettings
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, name: str, settings: PluginSettings, resolve_secret: SecretResolver) -> None:
+        self.name = name
+        self.settings = settings
+        self.resolve_secret = resolve_secret
+
+    @abstractmethod
+    def create(self, credential: CredentialInfo, rotation_id: str) -> NewKey:
+        """Create a new key named or described with ``key_name_for(rotation_id)``."""
+
+    @abstractmethod
+    def verify(self, credential: CredentialInfo, secret: Secret) -> None:
+        """Use ``secret`` once against the service with a cheap authenticated call.
+
+        Raises ``CredentialRejected`` if the service refuses it, ``TransientError`` if the
+        service could not be asked.
+        """
+
+    @abstractmethod
+    def revoke(self, credential: CredentialInfo, key_id: str) -> None:
+        """Revoke ``key_id``. A key that is already gone is success, not an error."""
+
+    @abstractmethod
+    def find_by_rotation(self, credential: CredentialInfo, rotation_id: str) -> list[str]:
+        """Ids of live keys whose name carries ``rotation_id`` (crash clean-up)."""
+
+    def identify(self, credential: CredentialInfo, secret: Secret) -> str | None:
+        """The provider's id for a key rotator did not create, or None if it cannot tell."""
+        return None
+
+    def check_access(self) -> None:
+        """Confirm the provider's admin credential works (``rotator check --online``)."""
+
+    def close(self) -> None:
+        """Release connections; called once when the daemon or command ends."""
+
+
+@dataclass(frozen=True)
+class VaultValue:
+    """The current version of one field of a vault secret."""
+
+    secret: Secret | None
+    """The field's value, or None if the secret exists without that field."""
+    version: str | None
+    """Opaque id of the version read (KV v2 version number, AWS VersionId)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """What rotator recorded for this field *of this version* (``key_id``, ``rotation_id``,
+    ``rotated_at``); empty when rotator did not write this version (an adopted key)."""
+
+
+class Vault(ABC):
+    """Holds the secrets the agents read. Agents only ever see the current version.
+
+    Writing is two-phase so that no new secret lives only in process memory: the engine
+    ``stage``s a new key right after the provider returns it (a slot agents do not read), then
+    ``promote``s it to current once verified. Every method is idempotent per ``rotation_id``.
+    """
+
+    type_name: ClassVar[str] = ""
+    settings_model: ClassVar[type[PluginSettings]] = PluginSettings
+
+    def __init__(self, name: str, settings: PluginSettings) -> None:
+        self.name = name
+        self.settings = settings
+
+    @abstractmethod
+    def read(self, path: str, field: str) -> VaultValue:
+        """The current version of ``field`` at ``path``; raises ``NotFound`` if no secret."""
+
+    @abstractmethod
+    def read_version(self, path: str, field: str, version: str) -> Secret | None:
+        """``field`` as it was in ``version`` (the previous key, for rollback and revoke checks)."""
+
+    @abstractmethod
+    def stage(self, path: str, field: str, secret: Secret, rotation_id: str) -> None:
+        """Keep ``secret`` durably where agents do not read it, tagged with ``rotation_id``."""
+
+    @abstractmethod
+    def read_staged(self, path: str, field: str, rotation_id: str) -> Secret | None:
+        """The secret staged by ``rotation_id``, or None if there is none."""
+
+    @abstractmethod
+    def promote(
+        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
+    ) -> str:
+        """Make the staged secret the current version; return that version.
+
+        Other fields of the secret are kept and the old value stays readable as the previous
+        version. If the current version already came from ``rotation_id`` this only returns it.
+        """
+
+    @abstractmethod
+    def restore(
+        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str]
+    ) -> str:
+        """Make ``field``'s value from ``version`` current again (rollback); return the version.
+
+        Idempotent: if the current value already equals that of ``version``, return current.
+        """
+
+    @abstractmethod
+    def discard_staged(self, path: str, rotation_id: str) -> None:
+        """Forget the staged secret of ``rotation_id``; nothing staged is success."""
+
+    def health(self) -> None:
+        """Raise if the vault is unreachable, sealed or refuses the daemon's credentials."""
+
+    def close(self) -> None:
+        """Release connections."""
