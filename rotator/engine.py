@@ -1,0 +1,735 @@
+"""The rotation protocol: the steps, resume, rollback and grace; nothing else.
+
+Each step is recorded in the state store before and after it runs and is safe to run again, so
+a rotation interrupted anywhere (kill -9 included) resumes from its last recorded step:
+
+    prepare -> [revoke_first] -> create -> verify -> store -> health -> grace -> revoke -> done
+                     any failure before grace -> rollback
+
+The new secret is staged in the vault by the same step that receives it from the provider, so
+it never lives only in memory. The old key is revoked only after the new one is current in the
+vault and the consumer is healthy, which is what keeps agents from ever reading a dead key.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from rotator import health, policy, redaction
+from rotator.errors import (
+    CredentialRejected,
+    LockHeld,
+    NotFound,
+    PermanentError,
+    RotatorError,
+    TransientError,
+)
+from rotator.events import Listener, RotationFinished, StepFinished
+from rotator.state.models import Revocation, Rotation
+from rotator.state.store import StateStore, lock_owner_id
+
+if TYPE_CHECKING:
+    from rotator.config import CredentialConfig, Policies
+    from rotator.runtime import Runtime
+
+__all__ = ["Engine", "Interrupted", "RotationRequest", "RotationResult", "new_rotation_id"]
+
+log = logging.getLogger("rotator.engine")
+T = TypeVar("T")
+
+TRIGGERS = ("schedule", "manual", "emergency")
+REVOKE_MODES = ("grace", "immediately", "first")
+FAILURE_BACKOFF_BASE = timedelta(minutes=1)
+FAILURE_BACKOFF_MAX = timedelta(hours=1)
+VERIFY_ATTEMPTS = 6
+"""A new key can take a moment to propagate at the provider: verify tries this many times."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_rotation_id(now: datetime) -> str:
+    """Sortable, unique, and short enough to fit in a provider's key name."""
+    return f"r{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
+
+
+class Interrupted(RotatorError):
+    """The daemon is stopping, or lost the credential's lease: leave the rotation where it is."""
+
+
+class HealthCheckFailed(PermanentError):
+    """The consumer did not come back healthy on the new key."""
+
+
+@dataclass(frozen=True)
+class RotationRequest:
+    credential: str
+    trigger: str = "schedule"
+    revoke_mode: str = "grace"
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    credential: str
+    rotation_id: str | None
+    outcome: str
+    """``success``, ``failed``, ``rolled_back``, ``skipped`` (locked) or ``interrupted``."""
+    message: str
+    revoke_at: datetime | None = None
+    manual_revoke: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "success"
+
+
+class _Leases:
+    """Keeps the credential leases this engine holds alive from a heartbeat thread."""
+
+    def __init__(self, store: StateStore, owner: str, ttl: timedelta,
+                 clock: Callable[[], datetime]) -> None:
+        self.store, self.owner, self.ttl, self.clock = store, owner, ttl, clock
+        self._held: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, name: str) -> str | None:
+        holder = self.store.try_lock(name, self.owner, self.ttl, self.clock())
+        if holder is None:
+            with self._lock:
+                self._held.add(name)
+                self.lost.discard(name)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._beat, name="rotator-leases",
+                                                    daemon=True)
+                    self._thread.start()
+        return holder
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._held.discard(name)
+        self.store.unlock(name, self.owner)
+
+    def _beat(self) -> None:
+        interval = max(self.ttl.total_seconds() / 3, 0.2)
+        while not self._stop.wait(interval):
+            with self._lock:
+                names = list(self._held)
+            if not names:
+                continue
+            try:
+                lost = self.store.renew_locks(names, self.owner, self.ttl, self.clock())
+            except Exception as exc:  # a store hiccup must not kill the heartbeat
+                log.warning("could not renew leases: %s", redaction.scrub(str(exc)))
+                continue
+            if lost:
+                with self._lock:
+                    self.lost |= lost
+                log.error("lost the lease on %s: another worker took over", ", ".join(lost))
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class Engine:
+    """Runs rotations for the credentials of one ``Policies`` against one state store."""
+
+    def __init__(
+        self,
+        policies: Policies,
+        runtime: Runtime,
+        store: StateStore,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.policies = policies
+        self.runtime = runtime
+        self.store = store
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self._sleep = sleep or (lambda seconds: self.stop_event.wait(seconds) and None)
+        self.owner = owner or lock_owner_id(secrets.token_hex(4))
+        self.leases = _Leases(store, self.owner, policies.settings.lock_ttl, clock)
+        self.listeners: list[Listener] = []
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def sync_credentials(self) -> None:
+        """Make the store know every credential of the policy file and its next due time."""
+        now = self.clock()
+        for cred in self.policies.credentials:
+            self.store.ensure_credential(cred.name, cred.agent, cred.provider, now)
+            state = self.store.credential(cred.name)
+            assert state is not None
+            if state.failures and state.next_due_at is not None:
+                continue  # keep the failure backoff
+            due, reason = self._next_due(cred, state.last_rotated_at, state.first_seen_at, now)
+            if (due, reason) != (state.next_due_at, state.due_reason):
+                self.store.update_credential(cred.name, next_due_at=due, due_reason=reason)
+
+    def rotate(self, request: RotationRequest, *, wait: float = 0.0) -> RotationResult:
+        """Rotate one credential now, after finishing any rotation of it left unfinished.
+
+        Waits up to ``wait`` seconds for another worker's rotation of the same credential.
+        """
+        cred = self.policies.credential(request.credential)
+        if request.revoke_mode not in REVOKE_MODES or request.trigger not in TRIGGERS:
+            raise ValueError(f"bad request {request!r}")
+        try:
+            with self._locked(cred.name, wait):
+                for unfinished in self.store.unfinished_rotations(cred.name):
+                    log.info("%s: resuming rotation %s at step %s first", cred.name,
+                             unfinished.id, unfinished.step)
+                    earlier = self._drive(unfinished, cred)
+                    if self._reload(unfinished.id).status == "running":
+                        return earlier  # its clean-up is still pending: do not pile on
+                now = self.clock()
+                rotation = Rotation(
+                    id=new_rotation_id(now), credential=cred.name, agent=cred.agent,
+                    provider=cred.provider, trigger=request.trigger,
+                    revoke_mode=request.revoke_mode, reason=request.reason,
+                    requested_by=request.requested_by, status="running", step="prepare",
+                    started_at=now,
+                )
+                self.store.add_rotation(rotation)
+                log.info("%s: rotation %s started (trigger %s, revoke %s)", cred.name,
+                         rotation.id, request.trigger, request.revoke_mode)
+                result = self._drive(rotation, cred)
+                if request.revoke_mode != "grace" and result.outcome == "success":
+                    self.store.expedite_revocations(cred.name, self.clock())
+                    self._revoke_due(cred, self.clock())
+                return result
+        except LockHeld as exc:
+            return RotationResult(cred.name, None, "skipped", str(exc))
+
+    def resume(self, name: str) -> RotationResult | None:
+        """Finish ``name``'s rotation left unfinished by a crash or a stop, if any.
+
+        Returns None when there was nothing to resume or another worker holds the credential.
+        """
+        cred = self._credential_or_none(name)
+        if cred is None:
+            if self.store.unfinished_rotations(name):
+                log.error("a rotation of %s cannot resume: the credential is no longer in the "
+                          "policy file; put it back to finish or roll it back", name)
+            return None
+        try:
+            with self._locked(name, 0):
+                result = None
+                for rotation in self.store.unfinished_rotations(name):
+                    log.info("%s: resuming rotation %s at step %s", name, rotation.id,
+                             rotation.step)
+                    result = self._drive(rotation, cred)
+                return result
+        except LockHeld:
+            return None
+
+    def resume_all(self) -> list[RotationResult]:
+        """Finish every rotation a crash or a stop left unfinished (skipping locked ones)."""
+        names = sorted({r.credential for r in self.store.unfinished_rotations()})
+        return [r for r in (self.resume(name) for name in names) if r is not None]
+
+    def process_revocations(self) -> int:
+        """Revoke every old key whose grace period is over; returns how many were revoked."""
+        now = self.clock()
+        done = 0
+        credentials = {r.credential for r in self.store.pending_revocations(due_by=now)}
+        for name in sorted(credentials):
+            cred = self._credential_or_none(name)
+            if cred is None:
+                continue
+            try:
+                with self._locked(name, 0):
+                    done += self._revoke_due(cred, self.clock())
+            except LockHeld:
+                continue
+        return done
+
+    def close(self) -> None:
+        self.leases.close()
+
+    # -- driving a rotation --------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, name: str, wait: float) -> Iterator[None]:
+        deadline = time.monotonic() + wait
+        while True:
+            holder = self.leases.acquire(name)
+            if holder is None:
+                break
+            if time.monotonic() >= deadline or self.stop_event.is_set():
+                raise LockHeld(name, holder)
+            self._sleep(0.25)
+        try:
+            yield
+        finally:
+            self.leases.release(name)
+
+    def _drive(self, rotation: Rotation, cred: CredentialConfig) -> RotationResult:
+        """Run ``rotation`` from its recorded step until it is done, in grace, or failed."""
+        started = time.monotonic()
+        rid = rotation.id
+        while True:
+            if self.stop_event.is_set():
+                return self._interrupted(rotation, "the daemon is stopping")
+            if cred.name in self.leases.lost:
+                return self._interrupted(rotation, "the lease was lost to another worker")
+            step = rotation.step
+            if step == "revoke":
+                self._revoke_due(cred, self.clock(), rotation_id=rid)
+                rotation = self._reload(rid)
+                if rotation.status == "succeeded":
+                    return self._result(rotation, "success")
+                if rotation.status != "succeeded":
+                    pending = self.store.revocations(rid)
+                    when = min((r.not_before for r in pending if r.status == "pending"),
+                               default=None)
+                    return self._result(rotation, "success", revoke_at=when,
+                                        extra=f"old key revoked at {when:%Y-%m-%d %H:%M:%S} UTC"
+                                        if when else None)
+                return self._finish(rotation, cred, "success", started)
+            if rotation.status != "running":
+                return self._result(rotation, rotation.outcome or rotation.status)
+            rerun = self.store.step_started(rid, step, self.clock())
+            t0 = time.monotonic()
+            try:
+                next_step, fields = getattr(self, f"_step_{step}")(rotation, cred, rerun)
+            except Interrupted as exc:
+                return self._interrupted(rotation, str(exc))
+            except Exception as exc:
+                if self.stop_event.is_set():
+                    return self._interrupted(rotation, "the daemon is stopping")
+                message = _describe(exc)
+                self.store.step_finished(rid, step, "failed", self.clock(), message=message,
+                                         error=message)
+                self._emit_step(rotation, step, "failed", t0, message)
+                if step == "rollback":
+                    log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
+                              rid, message)
+                    return self._result(self._reload(rid), "failed",
+                                        extra=f"clean-up pending, will retry: {message}")
+                outcome = "rolled_back" if step == "health" else "failed"
+                log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
+                          message)
+                self.store.update_rotation(rid, outcome=outcome, step="rollback")
+                rotation = self._reload(rid)
+                continue
+            self.store.step_finished(rid, step, "succeeded", self.clock(), step=next_step,
+                                     **fields)
+            self._emit_step(rotation, step, "succeeded", t0, None)
+            rotation = self._reload(rid)
+            if step == "rollback":
+                return self._finish(rotation, cred, rotation.outcome or "failed", started)
+
+    # -- the steps: each returns (next step, rotation fields to record) ------------------------
+
+    def _step_prepare(self, rot: Rotation, cred: CredentialConfig,
+                      rerun: bool) -> tuple[str, dict[str, Any]]:
+        vault = self.runtime.vault(cred.vault)
+        provider = self.runtime.provider(cred.provider)
+        try:
+            current = self._retry(vault.read, cred.path, cred.field)
+        except NotFound:
+            current = None
+        old_key_id = old_version = manual = None
+        if current is not None and current.secret is not None:
+            old_version = current.version
+            old_key_id = current.metadata.get("key_id") or None
+            if old_key_id is None and provider.capabilities.identify:
+                old_key_id = self._retry(provider.identify, self.runtime.info(cred),
+                                         current.secret)
+            if old_key_id is None:
+                manual = (f"the key in vault {cred.vault!r} at {cred.path}#{cred.field} "
+                          f"(version {old_version}) was not written by rotator and provider "
+                          f"{cred.provider!r} could not identify it: revoke it by hand")
+                log.warning("%s: %s", cred.name, manual)
+        if rot.revoke_mode == "first":
+            nxt = "revoke_first"
+        else:
+            if not provider.capabilities.create:
+                raise PermanentError(
+                    f"provider {cred.provider!r} cannot create keys; only "
+                    "`rotator rotate-now --revoke-first` is possible for it")
+            nxt = "create"
+        return nxt, {"old_key_id": old_key_id, "old_version": old_version,
+                     "manual_revoke": manual}
+
+    def _step_revoke_first(self, rot: Rotation, cred: CredentialConfig,
+                           rerun: bool) -> tuple[str, dict[str, Any]]:
+        provider = self.runtime.provider(cred.provider)
+        if rot.old_key_id:
+            self._retry(provider.revoke, self.runtime.info(cred), rot.old_key_id)
+            log.warning("%s: old key %s revoked before anything else (--revoke-first)",
+                        cred.name, rot.old_key_id)
+        if not provider.capabilities.create:
+            return "done", {}
+        return "create", {}
+
+    def _step_create(self, rot: Rotation, cred: CredentialConfig,
+                     rerun: bool) -> tuple[str, dict[str, Any]]:
+        provider = self.runtime.provider(cred.provider)
+        vault = self.runtime.vault(cred.vault)
+        info = self.runtime.info(cred)
+        if rerun:
+            self._remove_created_keys(rot, cred)
+        attempts = 0
+
+        def create() -> Any:
+            nonlocal attempts
+            attempts += 1
+            return provider.create(info, rot.id)
+
+        key = self._retry(create)
+        if attempts > 1:
+            # A timed-out attempt may have created a key after all: keep only this one.
+            for key_id in self._retry(provider.find_by_rotation, info, rot.id):
+                if key_id != key.key_id:
+                    self._retry(provider.revoke, info, key_id)
+        self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id)
+        return "verify", {"new_key_id": key.key_id}
+
+    def _step_verify(self, rot: Rotation, cred: CredentialConfig,
+                     rerun: bool) -> tuple[str, dict[str, Any]]:
+        provider = self.runtime.provider(cred.provider)
+        vault = self.runtime.vault(cred.vault)
+        secret = self._retry(vault.read_staged, cred.path, cred.field, rot.id)
+        if secret is None:
+            raise PermanentError(f"the new key of rotation {rot.id} is no longer staged in "
+                                 f"vault {cred.vault!r}; the rotation will be rolled back")
+        retrying = Retrying(
+            retry=retry_if_exception_type((TransientError, CredentialRejected)),
+            stop=stop_after_attempt(VERIFY_ATTEMPTS) | self._stop_deadline(),
+            wait=wait_exponential_jitter(initial=0.2, max=5), sleep=self._sleep, reraise=True,
+        )
+        info = self.runtime.info(cred)
+        retrying(provider.verify, info, secret)
+        return "store", {}
+
+    def _step_store(self, rot: Rotation, cred: CredentialConfig,
+                    rerun: bool) -> tuple[str, dict[str, Any]]:
+        vault = self.runtime.vault(cred.vault)
+        meta = {"key_id": rot.new_key_id or "", "rotation_id": rot.id,
+                "rotated_at": self.clock().isoformat()}
+        version = self._retry(vault.promote, cred.path, cred.field, rot.id, meta)
+        try:
+            self._retry(vault.discard_staged, cred.path, rot.id)
+        except RotatorError as exc:
+            log.warning("%s: staged copy of rotation %s not removed: %s", cred.name, rot.id, exc)
+        return "health", {"new_version": version}
+
+    def _step_health(self, rot: Rotation, cred: CredentialConfig,
+                     rerun: bool) -> tuple[str, dict[str, Any]]:
+        ctx = health.CheckContext(credential=cred.name, agent=cred.agent, rotation_id=rot.id,
+                                  key_id=rot.new_key_id)
+        if cred.on_rotate is not None:
+            try:
+                self._retry(health.run_hook, cred.on_rotate, ctx)
+            except PermanentError as exc:
+                raise HealthCheckFailed(f"on_rotate hook failed: {exc}") from exc
+        result = health.run_health_check(cred.health_check, ctx, sleep=self._sleep)
+        if self.stop_event.is_set() and not result.ok:
+            raise Interrupted("the daemon is stopping")
+        if not result.ok:
+            raise HealthCheckFailed(
+                f"agent {cred.agent!r} failed its health check after the new key was stored "
+                f"({result.attempts} attempt(s)): {result.message}")
+        return "grace", {}
+
+    def _step_grace(self, rot: Rotation, cred: CredentialConfig,
+                    rerun: bool) -> tuple[str, dict[str, Any]]:
+        now = self.clock()
+        grace = cred.grace if rot.revoke_mode == "grace" else timedelta(0)
+        if rot.old_key_id and rot.revoke_mode != "first":
+            self.store.schedule_revocation(rot.id, cred.name, rot.old_key_id, rot.old_version,
+                                           now + grace)
+        state = self.store.credential(cred.name)
+        first_seen = state.first_seen_at if state else now
+        due, reason = self._next_due(cred, now, first_seen, now)
+        self.store.update_credential(
+            cred.name, last_rotated_at=now, last_rotation_id=rot.id, last_outcome="success",
+            last_error=None, current_key_id=rot.new_key_id, next_due_at=due, due_reason=reason,
+            failures=0)
+        return "revoke", {"status": "grace"}
+
+    def _step_done(self, rot: Rotation, cred: CredentialConfig,
+                   rerun: bool) -> tuple[str, dict[str, Any]]:
+        # Only reached by --revoke-first on a provider that cannot create keys.
+        self.store.update_credential(cred.name, current_key_id=None, last_outcome="success",
+                                     last_rotation_id=rot.id)
+        return "revoke", {"status": "grace"}
+
+    def _step_rollback(self, rot: Rotation, cred: CredentialConfig,
+                       rerun: bool) -> tuple[str, dict[str, Any]]:
+        """Undo whatever the rotation did: old key current again, every new key revoked."""
+        vault = self.runtime.vault(cred.vault)
+        provider = self.runtime.provider(cred.provider)
+        info = self.runtime.info(cred)
+        stored = any(s.step == "store" for s in self.store.steps(rot.id))
+        if stored:
+            try:
+                current = self._retry(vault.read, cred.path, cred.field)
+            except NotFound:
+                current = None
+            if current is not None and current.metadata.get("rotation_id") == rot.id:
+                if rot.revoke_mode == "first" or not rot.old_version:
+                    # Nothing working to go back to: the new key is the agent's only key.
+                    why = ("the old key was already revoked (--revoke-first)"
+                           if rot.revoke_mode == "first" else "there was no key before")
+                    message = f"new key {rot.new_key_id} kept in the vault because {why}"
+                    log.error("%s: %s", cred.name, message)
+                    self._record_failure(rot, cred, message, new_key_kept=True)
+                    return "done", {"status": "failed", "outcome": "failed",
+                                    "error": message, "finished_at": self.clock()}
+                meta = {"key_id": rot.old_key_id or "", "rotation_id": f"{rot.id}/rollback",
+                        "rotated_at": self.clock().isoformat()}
+                self._retry(vault.restore, cred.path, cred.field, rot.old_version,
+                            f"{rot.id}/rollback", meta)
+                log.warning("%s: old key restored as current in vault %s", cred.name,
+                            cred.vault)
+                if cred.on_rotate is not None:
+                    ctx = health.CheckContext(cred.name, cred.agent, rot.id, rot.old_key_id)
+                    try:
+                        self._retry(health.run_hook, cred.on_rotate, ctx)
+                    except RotatorError as exc:
+                        log.warning("%s: on_rotate after rollback failed: %s", cred.name, exc)
+        self._remove_created_keys(rot, cred, info=info, provider=provider)
+        self._record_failure(rot, cred, rot.error or "rotation failed")
+        return "done", {"status": rot.outcome or "failed", "finished_at": self.clock()}
+
+    # -- revocation ----------------------------------------------------------------------------
+
+    def _revoke_due(self, cred: CredentialConfig, now: datetime,
+                    rotation_id: str | None = None) -> int:
+        """Revoke ``cred``'s old keys whose time has come; finish their rotations when clear."""
+        count = 0
+        for rev in self.store.pending_revocations(due_by=now, credential=cred.name):
+            if rotation_id is not None and rev.rotation_id != rotation_id \
+                    and rev.not_before > now:
+                continue
+            if self._revoke_one(cred, rev):
+                count += 1
+        for rid in {r.rotation_id for r in self.store.pending_revocations(credential=cred.name)}\
+                | ({rotation_id} if rotation_id else set()):
+            self._finish_if_clear(rid, cred)
+        # rotations whose last revocation just completed
+        for rid in self._grace_rotations(cred.name):
+            self._finish_if_clear(rid, cred)
+        return count
+
+    def _revoke_one(self, cred: CredentialConfig, rev: Revocation) -> bool:
+        provider = self.runtime.provider(cred.provider)
+        vault = self.runtime.vault(cred.vault)
+        info = self.runtime.info(cred)
+        self.store.step_started(rev.rotation_id, "revoke", self.clock())
+        t0 = time.monotonic()
+        rotation = self._reload(rev.rotation_id)
+        try:
+            self._retry(provider.revoke, info, rev.key_id)
+            if provider.capabilities.verify_revoked and rev.vault_version:
+                old = self._retry(vault.read_version, cred.path, cred.field, rev.vault_version)
+                if old is not None:
+                    self._retry(self._confirm_dead, provider, info, old, rev.key_id)
+        except Interrupted:
+            raise
+        except Exception as exc:
+            message = _describe(exc)
+            attempts = rev.attempts + 1
+            backoff = min(FAILURE_BACKOFF_BASE * 2 ** (attempts - 1), FAILURE_BACKOFF_MAX)
+            self.store.update_revocation(rev.id, attempts=attempts, last_error=message,
+                                         not_before=self.clock() + backoff)
+            self.store.step_finished(rev.rotation_id, "revoke", "failed", self.clock(),
+                                     message=message, step="revoke")
+            self._emit_step(rotation, "revoke", "failed", t0, message)
+            log.error("%s: revoking old key %s failed (attempt %d, next try in %s): %s",
+                      cred.name, rev.key_id, attempts, backoff, message)
+            return False
+        self.store.update_revocation(rev.id, status="done", done_at=self.clock(),
+                                     attempts=rev.attempts + 1, last_error=None)
+        self.store.step_finished(rev.rotation_id, "revoke", "succeeded", self.clock(),
+                                 message=f"revoked {rev.key_id}", step="revoke")
+        self._emit_step(rotation, "revoke", "succeeded", t0, None)
+        log.info("%s: old key %s revoked", cred.name, rev.key_id)
+        return True
+
+    @staticmethod
+    def _confirm_dead(provider: Any, info: Any, old: Any, key_id: str) -> None:
+        try:
+            provider.verify(info, old)
+        except CredentialRejected:
+            return
+        raise TransientError(f"old key {key_id} is still accepted after revocation")
+
+    def _grace_rotations(self, credential: str) -> list[str]:
+        return [r.id for r in self.store.rotations(credential, limit=20)
+                if r.status == "grace"]
+
+    def _finish_if_clear(self, rotation_id: str, cred: CredentialConfig) -> None:
+        rotation = self.store.rotation(rotation_id)
+        if rotation is None or rotation.status != "grace":
+            return
+        if any(r.status == "pending" for r in self.store.revocations(rotation_id)):
+            return
+        self._finish(rotation, cred, "success", None)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _remove_created_keys(self, rot: Rotation, cred: CredentialConfig, *,
+                             info: Any = None, provider: Any = None) -> None:
+        """Revoke every key this rotation may have created, and drop its staged copy."""
+        provider = provider or self.runtime.provider(cred.provider)
+        info = info or self.runtime.info(cred)
+        key_ids = set(self._retry(provider.find_by_rotation, info, rot.id))
+        if rot.new_key_id:
+            key_ids.add(rot.new_key_id)
+        for key_id in sorted(key_ids):
+            self._retry(provider.revoke, info, key_id)
+            log.info("%s: key %s created by rotation %s revoked", cred.name, key_id, rot.id)
+        self._retry(self.runtime.vault(cred.vault).discard_staged, cred.path, rot.id)
+
+    def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
+                        new_key_kept: bool = False) -> None:
+        state = self.store.credential(cred.name)
+        failures = (state.failures if state else 0) + 1
+        backoff = min(FAILURE_BACKOFF_BASE * 2 ** (failures - 1), FAILURE_BACKOFF_MAX)
+        fields: dict[str, Any] = {"last_outcome": rot.outcome or "failed",
+                                  "last_error": message, "last_rotation_id": rot.id,
+                                  "failures": failures}
+        if rot.trigger == "schedule":
+            fields.update(next_due_at=self.clock() + backoff, due_reason="retry_backoff")
+        if new_key_kept:
+            fields.update(current_key_id=rot.new_key_id)
+        self.store.update_credential(cred.name, **fields)
+
+    def _finish(self, rotation: Rotation, cred: CredentialConfig, outcome: str,
+                started: float | None) -> RotationResult:
+        now = self.clock()
+        if rotation.status in ("grace", "running"):
+            status = "succeeded" if outcome == "success" else outcome
+            self.store.update_rotation(rotation.id, status=status, outcome=outcome,
+                                       step="done", finished_at=now)
+            rotation = self._reload(rotation.id)
+        duration = (rotation.finished_at or now) - rotation.started_at
+        event = RotationFinished(rotation.id, rotation.credential, rotation.agent,
+                                 rotation.provider, rotation.trigger, outcome,
+                                 duration.total_seconds(), rotation.error, now)
+        self._emit(event)
+        log.info("%s: rotation %s finished: %s", cred.name, rotation.id, outcome)
+        return self._result(rotation, outcome)
+
+    def _result(self, rotation: Rotation, outcome: str, *, revoke_at: datetime | None = None,
+                extra: str | None = None) -> RotationResult:
+        if outcome == "success":
+            message = f"new key {rotation.new_key_id} is current"
+            if rotation.revoke_mode == "first":
+                message = f"old key {rotation.old_key_id} revoked first; " + message
+            if extra:
+                message += f"; {extra}"
+        else:
+            message = extra or rotation.error or outcome
+        return RotationResult(rotation.credential, rotation.id, outcome, message,
+                              revoke_at=revoke_at, manual_revoke=rotation.manual_revoke)
+
+    def _interrupted(self, rotation: Rotation, why: str) -> RotationResult:
+        log.warning("%s: rotation %s paused at step %s: %s", rotation.credential, rotation.id,
+                    rotation.step, why)
+        return RotationResult(rotation.credential, rotation.id, "interrupted",
+                              f"paused at step {rotation.step}: {why}")
+
+    def _reload(self, rotation_id: str) -> Rotation:
+        rotation = self.store.rotation(rotation_id)
+        assert rotation is not None
+        return rotation
+
+    def _credential_or_none(self, name: str) -> CredentialConfig | None:
+        try:
+            return self.policies.credential(name)
+        except KeyError:
+            return None
+
+    def _next_due(self, cred: CredentialConfig, last: datetime | None, first_seen: datetime,
+                  now: datetime) -> tuple[datetime | None, str]:
+        spec = cred.schedule_spec(self.policies.settings.jitter)
+        decision = policy.decide(spec, last, first_seen, now, rotating=False)
+        if spec.manual_only:
+            return None, decision.reason
+        return policy.compute_next_due(spec, last, first_seen, now), decision.reason
+
+    def _stop_deadline(self) -> Any:
+        deadline = stop_after_delay(self.policies.settings.retry_deadline.total_seconds())
+        return deadline | (lambda _state: self.stop_event.is_set())
+
+    def _retry(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=self._stop_deadline(),
+            wait=_wait_retry_after,
+            sleep=self._sleep,
+            reraise=True,
+            before_sleep=_log_retry,
+        )
+        return retrying(fn, *args)
+
+    def _emit_step(self, rotation: Rotation, step: str, status: str, t0: float,
+                   message: str | None) -> None:
+        self._emit(StepFinished(rotation.id, rotation.credential, rotation.agent,
+                                rotation.provider, step, status, time.monotonic() - t0,
+                                message, self.clock()))
+
+    def _emit(self, event: StepFinished | RotationFinished) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # an observer must never break a rotation
+                log.exception("event listener failed")
+
+
+_exponential = wait_exponential_jitter(initial=0.5, max=10)
+
+
+def _wait_retry_after(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        return min(float(retry_after), 60.0)
+    return _exponential(state)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("transient error (attempt %d), retrying: %s", state.attempt_number,
+                _describe(exc) if exc else "?")
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of ``exc`` safe to store: rotator errors as they are, anything
+    else with its type, and every remembered secret scrubbed either way."""
+    if isinstance(exc, RotatorError):
+        text = str(exc)
+    else:
+        text = f"internal error {type(exc).__name__}: {exc}"
+    return redaction.scrub(text)[:2000]

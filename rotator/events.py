@@ -1,0 +1,40 @@
+"""Small frozen records the engine emits; metrics, audit and logs subscribe to them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+__all__ = ["Listener", "RotationFinished", "StepFinished"]
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    rotation_id: str
+    credential: str
+    agent: str
+    provider: str
+    step: str
+    status: str
+    """``succeeded`` or ``failed``."""
+    duration: float
+    message: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class RotationFinished:
+    rotation_id: str
+    credential: str
+    agent: str
+    provider: str
+    trigger: str
+    outcome: str
+    """``success``, ``failed`` or ``rolled_back``."""
+    duration: float
+    message: str | None
+    at: datetime
+
+
+Listener = Callable[[StepFinished | RotationFinished], None]

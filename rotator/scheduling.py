@@ -1,0 +1,202 @@
+"""The daemon loop: the only module that runs APScheduler.
+
+APScheduler wakes the daemon (a periodic tick, plus a one-shot wake-up at the earliest due time);
+the state store decides what is due, so a restart or a second process sees the same schedule.
+Rotations run on a bounded worker pool of ``max_concurrent_rotations`` threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from rotator.config import Policies, load_policies
+from rotator.engine import Engine, RotationRequest, utcnow
+from rotator.errors import ConfigError
+from rotator.runtime import Runtime
+from rotator.state.store import StateStore
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("rotator.daemon")
+RELOAD_CHECK_SECONDS = 2.0
+
+
+class Daemon:
+    """``rotator run``: schedules due rotations, resumes interrupted ones, reloads policies."""
+
+    def __init__(self, config_path: Path, policies: Policies, *,
+                 clock: Callable[[], datetime] = utcnow,
+                 on_engine: Callable[[Engine], None] | None = None) -> None:
+        self.config_path = config_path
+        self.policies = policies
+        self.clock = clock
+        self.store = StateStore(policies.settings.state_url)
+        self.runtime = Runtime(policies)
+        self.engine = Engine(policies, self.runtime, self.store, clock=clock)
+        if on_engine is not None:
+            on_engine(self.engine)
+        self.stopping = threading.Event()
+        self._reload_requested = threading.Event()
+        self._mtime = self._file_mtime()
+        self._in_flight: dict[str, Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._workers = ThreadPoolExecutor(policies.settings.max_concurrent_rotations,
+                                           thread_name_prefix="rotation")
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: self.stop("SIGINT"))
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+
+    def run(self) -> None:
+        """Block until ``stop``; then wait for the steps in flight and return."""
+        self.engine.sync_credentials()
+        settings = self.policies.settings
+        log.info("rotator running: %d credential(s), state %s, up to %d at once",
+                 len(self.policies.credentials), _safe_url(settings.state_url),
+                 settings.max_concurrent_rotations)
+        self._resume_interrupted()
+        self._scheduler.add_job(self.tick, "interval", id="tick",
+                                seconds=settings.poll_interval.total_seconds(),
+                                next_run_time=datetime.now(UTC), coalesce=True, max_instances=1)
+        self._scheduler.add_job(self._check_reload, "interval", id="reload",
+                                seconds=RELOAD_CHECK_SECONDS, coalesce=True, max_instances=1)
+        self._scheduler.start()
+        try:
+            while not self.stopping.wait(0.5):
+                pass
+        finally:
+            self._shutdown()
+
+    def stop(self, why: str = "stop requested") -> None:
+        if not self.stopping.is_set():
+            log.info("%s: stopping after the steps in flight", why)
+        self.engine.stop_event.set()
+        self.stopping.set()
+
+    def _shutdown(self) -> None:
+        self._scheduler.shutdown(wait=False)
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
+        self.runtime.close()
+        self.store.close()
+        log.info("rotator stopped")
+
+    # -- the work ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Resume stuck rotations, revoke old keys whose grace is over, start due rotations."""
+        if self.stopping.is_set():
+            return
+        try:
+            self._resume_interrupted()
+            self.engine.process_revocations()
+            self._start_due()
+            self._schedule_wakeup()
+        except Exception:
+            log.exception("scheduler tick failed; retrying at the next tick")
+
+    def _resume_interrupted(self) -> None:
+        for rotation in self.store.unfinished_rotations():
+            self._submit(rotation.credential, lambda name=rotation.credential:
+                         self.engine.resume(name))
+
+    def _start_due(self) -> None:
+        now = self.clock()
+        names = [c.name for c in self.policies.credentials]
+        with self._lock:
+            busy = {n for n, f in self._in_flight.items() if not f.done()}
+        free = self.policies.settings.max_concurrent_rotations - len(busy)
+        for name in self.store.due_credentials(now, names, free + len(busy)):
+            if name in busy or free <= 0:
+                continue
+            cred = self.policies.credential(name)
+            if cred.window is not None and not cred.window.contains(now):
+                self.store.update_credential(name, next_due_at=cred.window.next_open(now),
+                                             due_reason="outside_window")
+                continue
+            self._submit(name, lambda name=name: self.engine.rotate(
+                RotationRequest(credential=name, trigger="schedule")))
+            free -= 1
+
+    def _submit(self, name: str, work: Callable[[], Any]) -> None:
+        with self._lock:
+            running = self._in_flight.get(name)
+            if running is not None and not running.done():
+                return
+            if self.stopping.is_set():
+                return
+            self._in_flight[name] = self._workers.submit(self._guard, name, work)
+
+    def _guard(self, name: str, work: Callable[[], Any]) -> None:
+        try:
+            result = work()
+            if result is not None and not result.ok and result.outcome != "skipped":
+                log.warning("%s: %s: %s", name, result.outcome, result.message)
+        except Exception:
+            log.exception("%s: rotation crashed; it resumes from its last step", name)
+
+    def _schedule_wakeup(self) -> None:
+        names = [c.name for c in self.policies.credentials]
+        earliest = self.store.earliest_due(names)
+        poll = self.policies.settings.poll_interval
+        if earliest is None or earliest > self.clock() + poll:
+            return
+        when = max(earliest, self.clock()) + timedelta(milliseconds=50)
+        self._scheduler.add_job(self.tick, "date", id="wakeup", run_date=when,
+                                replace_existing=True)
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def _file_mtime(self) -> float | None:
+        try:
+            return self.config_path.stat().st_mtime
+        except OSError:
+            return None
+
+    def _check_reload(self) -> None:
+        mtime = self._file_mtime()
+        if self._reload_requested.is_set() or mtime != self._mtime:
+            self._reload_requested.clear()
+            self._mtime = mtime
+            self.reload()
+
+    def reload(self) -> bool:
+        """Load the policy file again; an invalid file keeps the running policies."""
+        try:
+            policies = load_policies(self.config_path)
+        except ConfigError as exc:
+            log.error("policy reload rejected, keeping the running policies: %d problem(s)",
+                      len(exc.problems))
+            for problem in exc.problems:
+                log.error("  %s", problem)
+            return False
+        if policies.settings.state_url != self.policies.settings.state_url:
+            log.warning("state_url changed in the policy file: restart rotator to use it")
+        self.policies = policies
+        self.runtime = Runtime(policies)
+        self.engine.policies = policies
+        self.engine.runtime = self.runtime
+        self.engine.sync_credentials()
+        log.info("policies reloaded: %d credential(s)", len(policies.credentials))
+        self.tick()
+        return True
+
+
+def _safe_url(url: str) -> str:
+    """The state URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

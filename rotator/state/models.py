@@ -1,0 +1,126 @@
+"""The state store's tables. Key ids, versions and timestamps only: never a secret value.
+
+The alembic migrations under ``migrations/versions`` create exactly these tables; a test checks
+that the two agree, so a model change without a migration fails CI.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC (SQLite has no time zones) and always hands back aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state store; use aware UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class CredentialState(Base):
+    """What the store knows of one credential across rotations (policy lives in the TOML)."""
+
+    __tablename__ = "credentials"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(200))
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_rotation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    current_key_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    next_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    due_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    """Consecutive failed scheduled rotations: drives the retry backoff."""
+
+
+class Rotation(Base):
+    """One run of the protocol for one credential, from create to done (or rollback)."""
+
+    __tablename__ = "rotations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(200), index=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(200))
+    trigger: Mapped[str] = mapped_column(String(16))
+    revoke_mode: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    requested_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    step: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    old_key_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    old_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    new_key_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    new_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    manual_revoke: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Set when the old key could not be identified and must be revoked by hand."""
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RotationStep(Base):
+    """A step's start and end, written before and after the step runs."""
+
+    __tablename__ = "rotation_steps"
+    __table_args__ = (Index("ix_rotation_steps_rotation", "rotation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rotation_id: Mapped[str] = mapped_column(ForeignKey("rotations.id"))
+    step: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Revocation(Base):
+    """An old key to revoke once ``not_before`` passes: the grace period, made durable."""
+
+    __tablename__ = "revocations"
+    __table_args__ = (Index("ix_revocations_due", "status", "not_before"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rotation_id: Mapped[str] = mapped_column(ForeignKey("rotations.id"))
+    credential: Mapped[str] = mapped_column(String(200), index=True)
+    key_id: Mapped[str] = mapped_column(String(200))
+    vault_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The vault version that held this key, to confirm the key is dead after revoking."""
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Lock(Base):
+    """A lease: one holder per name until ``expires_at``; the holder renews it while working."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(250), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(250))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
