@@ -121,8 +121,10 @@ class Provider(ABC):
 
     Subclasses set ``type_name`` (the ``type`` in the policy file, and the entry point name),
     ``settings_model`` (the ``[providers.NAME]`` table less ``type``) and ``params_model``
-    (``[credentials.params]``). Every method may be called again after a crash with the same
-    arguments and must then have the same effect as one call.
+    (``[credentials.params]``). Every method but ``create`` may be called again after a crash
+    with the same arguments and must then have the same effect as one call; ``create`` cannot
+    be (a second call makes a second key), which is why it names the key with the rotation id:
+    the engine finds the extra keys with ``find_by_rotation`` and revokes them.
     """
 
     type_name: ClassVar[str] = ""

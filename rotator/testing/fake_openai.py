@@ -1,0 +1,703 @@
+"""A stateful fake of the OpenAI Admin API, served over real HTTP on loopback.
+
+Tests and ``rotator demo`` drive the real ``openai`` SDK against it, so the provider is exercised
+through the same paths, fields, pagination and error shapes as against api.openai.com. Keys it
+mints really stop working when deleted (``GET /v1/models`` refuses them), which is what lets the
+"no outage" and "old key revoked" invariants fail when they should.
+
+Nothing here logs or returns a key value except the create response and :meth:`seed_key`, exactly
+where OpenAI itself hands the value out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+import string
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["FakeOpenAIServer"]
+
+log = logging.getLogger(__name__)
+
+_ALNUM = string.ascii_letters + string.digits
+_DEFAULT_LIMIT = 20
+_MAX_LIMIT = 100
+_MODELS = ("gpt-4o-mini", "gpt-4.1", "text-embedding-3-small")
+
+
+def _random_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(length))
+
+
+def redact(value: str) -> str:
+    """What OpenAI shows for a key in listings: the first 6 and last 4 characters."""
+    return f"{value[:6]}...{value[-4:]}"
+
+
+def _mask_for_error(value: str) -> str:
+    """How OpenAI quotes a rejected key in a 401 message (never the whole value)."""
+    if len(value) <= 12:
+        return "*" * len(value)
+    return f"{value[:8]}{'*' * 20}{value[-4:]}"
+
+
+@dataclass
+class _Project:
+    id: str
+    name: str
+    created_at: int
+
+
+@dataclass
+class _ServiceAccount:
+    id: str
+    name: str
+    project_id: str
+    created_at: int
+    role: str = "member"
+
+
+@dataclass
+class _Key:
+    id: str
+    name: str
+    value: str
+    project_id: str
+    service_account_id: str
+    created_at: int
+    expires_at: int | None = None
+    last_used_at: int | None = None
+    scopes: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+    def usable(self, now: float) -> bool:
+        return not self.deleted and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass
+class _Fault:
+    status: int
+    remaining: int
+    path_contains: str
+    method: str | None
+    retry_after: float | None
+
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            self.remaining > 0
+            and self.path_contains in path
+            and (self.method is None or self.method == method)
+        )
+
+
+class _ApiError(Exception):
+    """An error response in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.headers = headers or {}
+
+
+def _fault_error(fault: _Fault) -> _ApiError:
+    status = fault.status
+    headers: dict[str, str] = {}
+    if fault.retry_after is not None:
+        headers["retry-after"] = f"{fault.retry_after:g}"
+    if status == 429:
+        return _ApiError(
+            429,
+            "Rate limit reached for requests. Please try again later.",
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+    if status == 500:
+        return _ApiError(
+            500,
+            "The server had an error while processing your request. Sorry about that!",
+            type_="server_error",
+            headers=headers,
+        )
+    if status >= 500:
+        return _ApiError(
+            status,
+            "The server is overloaded or not ready yet.",
+            type_="server_error",
+            headers=headers,
+        )
+    if status == 401:
+        return _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if status == 403:
+        return _ApiError(403, "You have insufficient permissions for this operation.")
+    if status == 404:
+        return _ApiError(404, "The requested resource was not found.")
+    return _ApiError(status, "Injected fault.", headers=headers)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeOpenAIServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that time out and hang up are expected here; stay quiet about them."""
+        log.debug("fake OpenAI: connection from %s ended with an error", client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeOpenAI/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: the default writes request lines to stderr; ``_dispatch`` logs method+path."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        status, body, headers = self.server.fake._handle(
+            method, self.path, self.headers.get("Authorization"), raw
+        )
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-request-id", _random_id("req_", 32))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("GET", re.compile(r"/v1/models"), "_list_models"),
+    ("GET", re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)"), "_get_project"),
+    (
+        "GET",
+        re.compile(
+            r"/v1/organization/projects/(?P<project_id>[^/]+)/service_accounts/(?P<sa_id>[^/]+)"
+        ),
+        "_get_service_account",
+    ),
+    (
+        "POST",
+        re.compile(
+            r"/v1/organization/projects/(?P<project_id>[^/]+)/service_accounts/(?P<sa_id>[^/]+)"
+            r"/api_keys"
+        ),
+        "_create_key",
+    ),
+    ("GET", re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys"), "_list_keys"),
+    (
+        "GET",
+        re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys/(?P<key_id>[^/]+)"),
+        "_get_key",
+    ),
+    (
+        "DELETE",
+        re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys/(?P<key_id>[^/]+)"),
+        "_delete_key",
+    ),
+]
+
+
+class FakeOpenAIServer:
+    """In-memory projects, service accounts and keys behind the Admin API's HTTP surface.
+
+    Usage::
+
+        with FakeOpenAIServer() as fake:
+            project = fake.add_project()
+            sa = fake.add_service_account(project)
+            ...  # point a client at fake.base_url with fake.admin_key
+
+    All state is guarded by one lock; the HTTP server runs in a daemon thread.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, admin_key: str | None = None
+    ) -> None:
+        self.admin_key = admin_key or "sk-admin-" + secrets.token_urlsafe(32)
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._projects: dict[str, _Project] = {}
+        self._service_accounts: dict[str, _ServiceAccount] = {}
+        self._keys: dict[str, _Key] = {}  # insertion order is listing order
+        self._by_value: dict[str, str] = {}
+        self._faults: list[_Fault] = []
+        self._requests: list[tuple[str, str]] = []
+        self._latency = 0.0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> FakeOpenAIServer:
+        """Bind (port 0 picks a free one) and serve in a daemon thread; returns ``self``."""
+        if self._server is not None:
+            return self
+        server = _Server((self._host, self._port), _Handler)
+        server.fake = self
+        self._server = server
+        self._port = server.server_address[1]
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            name="fake-openai",
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port; safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """The URL to give an OpenAI client (``…/v1``, like ``https://api.openai.com/v1``)."""
+        if self._server is None:
+            raise RuntimeError("FakeOpenAIServer is not started")
+        return f"http://{self._host}:{self._port}/v1"
+
+    # -- state set-up and inspection -----------------------------------------------------------
+
+    def add_project(self, project_id: str | None = None, name: str = "Default project") -> str:
+        project = _Project(project_id or _random_id("proj_"), name, int(time.time()))
+        with self._lock:
+            self._projects[project.id] = project
+        return project.id
+
+    def add_service_account(self, project_id: str, name: str = "rotator") -> str:
+        """A service account in ``project_id``; returns its ``svc_acct_…`` id."""
+        with self._lock:
+            if project_id not in self._projects:
+                raise KeyError(f"no project {project_id}")
+            sa = _ServiceAccount(_random_id("svc_acct_"), name, project_id, int(time.time()))
+            self._service_accounts[sa.id] = sa
+        return sa.id
+
+    def seed_key(
+        self,
+        project_id: str,
+        service_account_id: str,
+        name: str = "legacy",
+        value: str | None = None,
+    ) -> tuple[str, str]:
+        """A pre-existing key rotator did not create: ``(key_id, value)``.
+
+        ``value`` lets a test choose it (two keys redacted alike make ``identify`` ambiguous).
+        """
+        with self._lock:
+            key = self._mint(project_id, service_account_id, name, value=value)
+        return key.id, key.value
+
+    def is_valid(self, value: str) -> bool:
+        """Whether ``GET /v1/models`` would accept ``value`` right now."""
+        with self._lock:
+            key = self._lookup_value(value)
+            return key is not None and key.usable(time.time())
+
+    def live_keys(self, project_id: str | None = None) -> list[dict[str, Any]]:
+        """Non-deleted keys (never their values), in creation order."""
+        with self._lock:
+            return [
+                {
+                    "id": k.id,
+                    "name": k.name,
+                    "service_account_id": k.service_account_id,
+                    "project_id": k.project_id,
+                    "created_at": k.created_at,
+                }
+                for k in self._keys.values()
+                if not k.deleted and (project_id is None or k.project_id == project_id)
+            ]
+
+    def issued_values(self) -> list[str]:
+        """Every key value this fake ever issued, deleted ones included (for leak scans)."""
+        with self._lock:
+            return [k.value for k in self._keys.values()]
+
+    # -- fault injection -----------------------------------------------------------------------
+
+    def inject_fault(
+        self,
+        status: int,
+        count: int = 1,
+        path_contains: str = "",
+        method: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        """The next ``count`` requests matching ``method`` and ``path_contains`` get ``status``.
+
+        Faults are answered before authentication, in OpenAI's error shape; ``retry_after`` sets
+        the ``Retry-After`` header (OpenAI sends it with 429s).
+        """
+        with self._lock:
+            self._faults.append(
+                _Fault(
+                    status, count, path_contains, method.upper() if method else None, retry_after
+                )
+            )
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every response by ``seconds`` (for client timeout tests)."""
+        with self._lock:
+            self._latency = seconds
+
+    def reset_faults(self) -> None:
+        """Forget pending faults and latency."""
+        with self._lock:
+            self._faults.clear()
+            self._latency = 0.0
+
+    def request_count(self, method: str | None = None, path_contains: str = "") -> int:
+        """How many requests (query string included in the path) matched so far."""
+        wanted = method.upper() if method else None
+        with self._lock:
+            return sum(
+                1
+                for m, p in self._requests
+                if (wanted is None or m == wanted) and path_contains in p
+            )
+
+    # -- HTTP handling (called from server threads) --------------------------------------------
+
+    def _handle(
+        self, method: str, target: str, authorization: str | None, raw_body: bytes
+    ) -> tuple[int, Any, dict[str, str]]:
+        path = urlsplit(target).path.rstrip("/") or "/"
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
+        with self._lock:
+            self._requests.append((method, target))
+            latency = self._latency
+            fault = next((f for f in self._faults if f.matches(method, target)), None)
+            if fault is not None:
+                fault.remaining -= 1
+        log.debug("fake OpenAI: %s %s", method, path)
+        if latency:
+            time.sleep(latency)
+        try:
+            if fault is not None:
+                raise _fault_error(fault)
+            return 200, self._route(method, path, query, authorization, raw_body), {}
+        except _ApiError as exc:
+            return exc.status, exc.body, exc.headers
+
+    def _route(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        authorization: str | None,
+        raw_body: bytes,
+    ) -> Any:
+        for route_method, pattern, handler_name in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match and route_method == method:
+                handler = getattr(self, handler_name)
+                with self._lock:
+                    if handler_name != "_list_models":
+                        self._check_admin(authorization)
+                    return handler(
+                        authorization=authorization,
+                        query=query,
+                        body=_parse_body(raw_body),
+                        **match.groupdict(),
+                    )
+        raise _ApiError(404, f"Invalid URL ({method} {path})")
+
+    # The handlers below run with self._lock held.
+
+    def _check_admin(self, authorization: str | None) -> None:
+        token = _bearer(authorization)
+        if token is None:
+            raise _ApiError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), "
+                "or as the password field (with blank username) if you're accessing the API "
+                "from your browser and are prompted for a username and password. You can obtain "
+                "an API key from https://platform.openai.com/account/api-keys.",
+            )
+        if hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            return
+        key = self._lookup_value(token)
+        if key is not None and key.usable(time.time()):
+            raise _ApiError(
+                403,
+                "You have insufficient permissions for this operation. Missing scopes: "
+                "api.management.read. Check that you have the correct role in your organization "
+                "(Owner), and if you're using a restricted API key, that it has the necessary "
+                "scopes.",
+            )
+        raise _invalid_key(token)
+
+    def _list_models(self, authorization: str | None, **_: Any) -> Any:
+        token = _bearer(authorization)
+        if token is None:
+            raise _ApiError(401, "You didn't provide an API key.")
+        key = self._lookup_value(token)
+        now = time.time()
+        if key is None or not key.usable(now):
+            raise _invalid_key(token)
+        key.last_used_at = int(now)
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
+                for m in _MODELS
+            ],
+        }
+
+    def _get_project(self, project_id: str, **_: Any) -> Any:
+        project = self._project(project_id)
+        return {
+            "id": project.id,
+            "object": "organization.project",
+            "name": project.name,
+            "created_at": project.created_at,
+            "archived_at": None,
+            "status": "active",
+        }
+
+    def _get_service_account(self, project_id: str, sa_id: str, **_: Any) -> Any:
+        sa = self._service_account(project_id, sa_id)
+        return {
+            "object": "organization.project.service_account",
+            "id": sa.id,
+            "name": sa.name,
+            "role": sa.role,
+            "created_at": sa.created_at,
+        }
+
+    def _create_key(self, project_id: str, sa_id: str, body: dict[str, Any], **_: Any) -> Any:
+        self._service_account(project_id, sa_id)
+        name = body.get("name", "Secret key")
+        if not isinstance(name, str):
+            raise _ApiError(400, "Invalid type for 'name': expected a string.", param="name")
+        expires_in = body.get("expires_in_seconds")
+        if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
+            raise _ApiError(
+                400,
+                "Invalid 'expires_in_seconds': expected a positive integer.",
+                param="expires_in_seconds",
+            )
+        scopes = body.get("scopes") or []
+        key = self._mint(project_id, sa_id, name, expires_in=expires_in, scopes=list(scopes))
+        return {
+            "object": "organization.project.service_account.api_key",
+            "value": key.value,
+            "name": key.name,
+            "created_at": key.created_at,
+            "id": key.id,
+            "expires_at": key.expires_at,
+        }
+
+    def _list_keys(self, project_id: str, query: dict[str, str], **_: Any) -> Any:
+        self._project(project_id)
+        try:
+            limit = int(query.get("limit", _DEFAULT_LIMIT))
+        except ValueError:
+            raise _ApiError(400, "Invalid 'limit': expected an integer.", param="limit") from None
+        if not 1 <= limit <= _MAX_LIMIT:
+            raise _ApiError(
+                400, f"Invalid 'limit': must be between 1 and {_MAX_LIMIT}.", param="limit"
+            )
+        access = query.get("owner_project_access")
+        if access not in (None, "active", "inactive", "any"):
+            raise _ApiError(
+                400,
+                "Invalid 'owner_project_access': expected active, inactive or any.",
+                param="owner_project_access",
+            )
+        ordered = [k for k in self._keys.values() if k.project_id == project_id]
+        after = query.get("after")
+        if after:
+            position = next((i for i, k in enumerate(ordered) if k.id == after), None)
+            if position is None:
+                raise _ApiError(400, f"Invalid 'after': no API key {after}.", param="after")
+            ordered = ordered[position + 1 :]
+        live = [k for k in ordered if not k.deleted]
+        if access == "inactive":  # every owner in the fake has project access
+            live = []
+        page = live[:limit]
+        return {
+            "object": "list",
+            "data": [self._key_object(k) for k in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(live) > limit,
+        }
+
+    def _get_key(self, project_id: str, key_id: str, **_: Any) -> Any:
+        return self._key_object(self._key(project_id, key_id))
+
+    def _delete_key(self, project_id: str, key_id: str, **_: Any) -> Any:
+        key = self._key(project_id, key_id)
+        key.deleted = True
+        return {"object": "organization.project.api_key.deleted", "id": key.id, "deleted": True}
+
+    # -- helpers (lock held) -------------------------------------------------------------------
+
+    def _project(self, project_id: str) -> _Project:
+        project = self._projects.get(project_id)
+        if project is None:
+            raise _ApiError(404, f"Project with id '{project_id}' not found.")
+        return project
+
+    def _service_account(self, project_id: str, sa_id: str) -> _ServiceAccount:
+        self._project(project_id)
+        sa = self._service_accounts.get(sa_id)
+        if sa is None or sa.project_id != project_id:
+            raise _ApiError(404, f"Service account with id '{sa_id}' not found.")
+        return sa
+
+    def _key(self, project_id: str, key_id: str) -> _Key:
+        self._project(project_id)
+        key = self._keys.get(key_id)
+        if key is None or key.deleted or key.project_id != project_id:
+            raise _ApiError(404, f"API key with id '{key_id}' not found.")
+        return key
+
+    def _lookup_value(self, value: str) -> _Key | None:
+        key_id = self._by_value.get(value)
+        return self._keys.get(key_id) if key_id else None
+
+    def _mint(
+        self,
+        project_id: str,
+        sa_id: str,
+        name: str,
+        *,
+        value: str | None = None,
+        expires_in: int | None = None,
+        scopes: list[str] | None = None,
+    ) -> _Key:
+        sa = self._service_accounts.get(sa_id)
+        if sa is None or sa.project_id != project_id:
+            raise KeyError(f"no service account {sa_id} in project {project_id}")
+        value = value or "sk-svcacct-" + secrets.token_urlsafe(48)
+        if value in self._by_value:
+            raise ValueError("that key value is already in use")
+        now = int(time.time())
+        key = _Key(
+            id=_random_id("key_", 16),
+            name=name,
+            value=value,
+            project_id=project_id,
+            service_account_id=sa_id,
+            created_at=now,
+            expires_at=now + expires_in if expires_in else None,
+            scopes=scopes or [],
+        )
+        self._keys[key.id] = key
+        self._by_value[value] = key.id
+        return key
+
+    def _key_object(self, key: _Key) -> dict[str, Any]:
+        sa = self._service_accounts[key.service_account_id]
+        return {
+            "object": "organization.project.api_key",
+            "redacted_value": redact(key.value),
+            "name": key.name,
+            "created_at": key.created_at,
+            "last_used_at": key.last_used_at,
+            "expires_at": key.expires_at,
+            "id": key.id,
+            "owner": {
+                "type": "service_account",
+                "service_account": {
+                    "id": sa.id,
+                    "name": sa.name,
+                    "created_at": sa.created_at,
+                    "role": sa.role,
+                },
+            },
+            "owner_project_access": "active",
+        }
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _invalid_key(token: str) -> _ApiError:
+    return _ApiError(
+        401,
+        f"Incorrect API key provided: {_mask_for_error(token)}. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        code="invalid_api_key",
+    )
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly.)",
+        ) from None
+    if not isinstance(body, dict):
+        raise _ApiError(400, "The request body must be a JSON object.")
+    return body

@@ -1,0 +1,683 @@
+"""HashiCorp Vault and OpenBao, KV version 2.
+
+A rotated key becomes a new version of the secret at ``path``, written with check-and-set over
+the other fields so a concurrent writer is never overwritten. KV v2 custom metadata belongs to the
+whole secret, not to a version, and several credentials may share one secret, so rotator records
+per field: ``<field>.key_id``, ``<field>.rotation_id``, ``<field>.rotated_at`` and
+``<field>.version`` (the version it wrote). Those apply to the current version only while the
+field still holds the value rotator wrote; a key written by hand afterwards reads as adopted.
+
+New keys are staged at ``<staging_path>/<path>/<rotation_id>`` in the same mount before they are
+promoted, so a crash never leaves a created key only in process memory. Metadata is updated with
+a JSON merge patch (the ``patch`` capability), so two credentials of one secret rotating at once
+cannot erase each other's records; without that capability rotator falls back to read-and-update.
+
+Policy the daemon's token needs, for credentials under ``agents/`` and the default staging path::
+
+    path "secret/data/agents/*"             { capabilities = ["create", "read", "update"] }
+    path "secret/metadata/agents/*"         { capabilities = ["read", "update", "patch"] }
+    path "secret/data/rotator/pending/*"    { capabilities = ["create", "read", "update"] }
+    path "secret/metadata/rotator/pending/*" { capabilities = ["delete"] }
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
+from urllib.parse import quote
+
+from pydantic import Field, field_validator, model_validator
+
+from rotator import redaction
+from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
+from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+
+if TYPE_CHECKING:
+    import hvac
+
+__all__ = ["AppRoleAuth", "HashiCorpVault", "HashiCorpVaultSettings", "KubernetesAuth"]
+
+T = TypeVar("T")
+
+CAS_ATTEMPTS = 10
+"""Writes lost to another writer of the same secret before giving up (each loss is progress)."""
+_META_KEYS = ("key_id", "rotation_id", "rotated_at")
+_DEFAULT_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+_NO_ROUTE = "no handler for route"
+_CAS_MISMATCH = "check-and-set"
+
+
+class AppRoleAuth(PluginSettings):
+    """AppRole login: the role id from an environment variable, the secret id from a file."""
+
+    role_id_env: str
+    secret_id_file: str
+    mount: str = "approle"
+
+
+class KubernetesAuth(PluginSettings):
+    """Kubernetes auth login with the pod's service-account token."""
+
+    role: str
+    jwt_file: str = _DEFAULT_JWT
+    mount: str = "kubernetes"
+
+
+class HashiCorpVaultSettings(PluginSettings):
+    """``[vaults.NAME]`` with ``type = "vault"``; exactly one way to authenticate."""
+
+    url: str
+    mount: str = "secret"
+    token_env: str | None = None
+    token_file: str | None = None
+    approle: AppRoleAuth | None = None
+    kubernetes: KubernetesAuth | None = None
+    namespace: str | None = None
+    staging_path: str = "rotator/pending"
+    timeout: float = Field(default=10, gt=0)
+    verify_tls: bool | str = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("mount", "staging_path")
+    @classmethod
+    def _vault_path(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_auth_method(self) -> HashiCorpVaultSettings:
+        chosen = [name for name in ("token_env", "token_file", "approle", "kubernetes")
+                  if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            found = f" (found {', '.join(chosen)})" if chosen else ""
+            raise ValueError(
+                f"set exactly one of token_env, token_file, approle, kubernetes{found}")
+        return self
+
+    @property
+    def auth_method(self) -> Literal["token_env", "token_file", "approle", "kubernetes"]:
+        if self.token_env is not None:
+            return "token_env"
+        if self.token_file is not None:
+            return "token_file"
+        return "approle" if self.approle is not None else "kubernetes"
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One version of a KV v2 secret as read; ``data`` is None when deleted or destroyed."""
+
+    number: int
+    data: dict[str, Any] | None
+    custom: dict[str, str]
+
+
+class _CasConflict(Exception):
+    """Another writer created a version between our read and our write."""
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _as_text(value: Any) -> str | None:
+    """A field's value as text, or None when it is absent or empty (KV values may be JSON)."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _errors_text(exc: Any) -> str:
+    """Vault's own error strings, single-lined and scrubbed of any remembered secret."""
+    errors = getattr(exc, "errors", None) or []
+    text = "; ".join(" ".join(str(e).replace("*", " ").split()) for e in errors)
+    return redaction.scrub(text)
+
+
+class HashiCorpVault(Vault):
+    """KV v2 on HashiCorp Vault or OpenBao; see the module docstring for the layout it keeps.
+
+    Thread-safe: each thread gets its own ``hvac.Client`` (a ``requests`` session is not meant to
+    be shared), all of them using one token obtained under a lock and renewed by logging in again
+    when Vault answers 403 (an AppRole or Kubernetes token that expired, a token file rewritten).
+    """
+
+    type_name: ClassVar[str] = "vault"
+    settings_model: ClassVar[type[PluginSettings]] = HashiCorpVaultSettings
+
+    def __init__(self, name: str, settings: PluginSettings) -> None:
+        super().__init__(name, settings)
+        self.cfg = cast(HashiCorpVaultSettings, settings)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._token: Secret | None = None
+        self._generation = 0
+        self._clients: list[hvac.Client] = []
+
+    # -- Vault contract ---------------------------------------------------------------------------
+
+    def read(self, path: str, field: str) -> VaultValue:
+        path, field = self._check(path, field)
+        current = self._get(path, what=f"reading {self._where(path)}")
+        if current is None or current.data is None:
+            raise NotFound(f"vault {self.name!r}: no secret at {self._where(path)}")
+        value = _as_text(current.data.get(field))
+        metadata = self._field_metadata(path, field, current)
+        return VaultValue(secret=Secret(value) if value is not None else None,
+                          version=str(current.number), metadata=metadata)
+
+    def read_version(self, path: str, field: str, version: str) -> Secret | None:
+        path, field = self._check(path, field)
+        number = self._version_number(version)
+        found = self._get(path, number, what=f"reading version {number} of {self._where(path)}")
+        if found is None:
+            raise NotFound(f"vault {self.name!r}: no version {number} of {self._where(path)}")
+        if found.data is None:
+            return None
+        value = _as_text(found.data.get(field))
+        return Secret(value) if value is not None else None
+
+    def stage(self, path: str, field: str, secret: Secret, rotation_id: str) -> None:
+        path, field = self._check(path, field)
+        staged = self._staged_path(path, rotation_id)
+        payload = {"value": secret.reveal(), "rotation_id": rotation_id, "field": field}
+        self._write(staged, payload, cas=None, what=f"staging a new key at {self._where(staged)}")
+
+    def read_staged(self, path: str, field: str, rotation_id: str) -> Secret | None:
+        path, field = self._check(path, field)
+        staged = self._staged_path(path, rotation_id)
+        found = self._get(staged, what=f"reading the staged key at {self._where(staged)}")
+        if found is None or found.data is None:
+            return None
+        data = found.data
+        if data.get("rotation_id") != rotation_id or data.get("field") != field:
+            return None
+        value = _as_text(data.get("value"))
+        return Secret(value) if value is not None else None
+
+    def discard_staged(self, path: str, rotation_id: str) -> None:
+        path = self._check_path(path)
+        staged = self._staged_path(path, rotation_id)
+        mount = self.cfg.mount
+
+        def delete(client: hvac.Client) -> None:
+            import hvac.exceptions
+
+            try:
+                client.secrets.kv.v2.delete_metadata_and_all_versions(staged, mount_point=mount)
+            except hvac.exceptions.InvalidPath as exc:
+                if _NO_ROUTE in _errors_text(exc):
+                    raise
+                # nothing staged: already discarded
+
+        self._call(delete, what=f"discarding the staged key at {self._where(staged)}",
+                   capability=f'"delete" on "{mount}/metadata/{staged}"')
+
+    def promote(
+        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
+    ) -> str:
+        path, field = self._check(path, field)
+        where = self._where(path)
+        staged: Secret | None = None
+        for attempt in range(CAS_ATTEMPTS):
+            current = self._get(path, what=f"reading {where}")
+            live = current if current is not None and current.data is not None else None
+            if live is not None:
+                recorded = self._field_metadata(path, field, live)
+                if recorded.get("rotation_id") == rotation_id:
+                    return str(live.number)
+            if staged is None:
+                staged = self.read_staged(path, field, rotation_id)
+                if staged is None:
+                    raise PermanentError(
+                        f"vault {self.name!r}: no key staged by rotation {rotation_id} for "
+                        f"{where}#{field}; it cannot be promoted")
+            old_value = _as_text(live.data.get(field)) if live and live.data else None
+            if live is not None and old_value is not None and _same(old_value, staged.reveal()):
+                # Written before a crash, metadata not yet: finish the record only.
+                self._set_field_metadata(path, field, live.number, metadata, rotation_id)
+                return str(live.number)
+            data = dict(live.data or {}) if live is not None else {}
+            data[field] = staged.reveal()
+            try:
+                number = self._write(path, data, cas=current.number if current else 0,
+                                     what=f"writing field {field!r} of {where}")
+            except _CasConflict:
+                self._backoff(attempt)
+                continue
+            finally:
+                data.clear()
+            self._set_field_metadata(path, field, number, metadata, rotation_id)
+            return str(number)
+        raise TransientError(
+            f"vault {self.name!r}: {where} changed {CAS_ATTEMPTS} times while field {field!r} "
+            "was being written; retrying later")
+
+    def restore(
+        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str]
+    ) -> str:
+        path, field = self._check(path, field)
+        where = self._where(path)
+        number = self._version_number(version)
+        old = self._get(path, number, what=f"reading version {number} of {where}")
+        if old is None or old.data is None:
+            raise PermanentError(
+                f"vault {self.name!r}: version {number} of {where} is missing, deleted or "
+                "destroyed; the old key cannot be restored from it (undelete it, or raise "
+                "max_versions)")
+        old_value = _as_text(old.data.get(field))
+        if old_value is None:
+            raise PermanentError(
+                f"vault {self.name!r}: version {number} of {where} has no field {field!r} "
+                "to restore")
+        for attempt in range(CAS_ATTEMPTS):
+            current = self._get(path, what=f"reading {where}")
+            live = current if current is not None and current.data is not None else None
+            value = _as_text(live.data.get(field)) if live and live.data else None
+            if live is not None and value is not None and _same(value, old_value):
+                recorded = self._field_metadata(path, field, live)
+                if recorded.get("rotation_id") != rotation_id:
+                    self._set_field_metadata(path, field, live.number, metadata, rotation_id)
+                return str(live.number)
+            data = dict(live.data or {}) if live is not None else {}
+            data[field] = old_value
+            try:
+                new_number = self._write(path, data, cas=current.number if current else 0,
+                                         what=f"restoring field {field!r} of {where}")
+            except _CasConflict:
+                self._backoff(attempt)
+                continue
+            finally:
+                data.clear()
+            self._set_field_metadata(path, field, new_number, metadata, rotation_id)
+            return str(new_number)
+        raise TransientError(
+            f"vault {self.name!r}: {where} changed {CAS_ATTEMPTS} times while field {field!r} "
+            "was being restored; retrying later")
+
+    def health(self) -> None:
+        """Reachable, unsealed, our credentials accepted, and ``mount`` really is KV v2."""
+        where = f"vault {self.name!r} at {self.cfg.url}"
+
+        def status(client: hvac.Client) -> None:
+            answer = client.sys.read_health_status(method="GET")
+            if isinstance(answer, dict):
+                return
+            try:
+                body = answer.json()
+            except ValueError:
+                body = {}
+            if body.get("sealed"):
+                raise PermanentError(f"{where} is sealed: unseal it (bao/vault operator unseal)")
+            if body.get("initialized") is False:
+                raise PermanentError(f"{where} is not initialized: run `operator init`")
+            if answer.status_code >= 500:
+                raise TransientError(f"{where} reports itself unhealthy "
+                                     f"(HTTP {answer.status_code})")
+            # 429/472/473: a standby that forwards requests to the active node is fine.
+
+        self._call(status, what="checking health", capability='"read" on "sys/health"')
+        self._call(lambda c: c.auth.token.lookup_self(), what="checking the daemon's token",
+                   capability='"read" on "auth/token/lookup-self" (the default policy)')
+        self._check_mount()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.adapter.close()
+        self._local = threading.local()
+
+    # -- reading and writing ----------------------------------------------------------------------
+
+    def _get(self, path: str, version: int | None = None, *, what: str) -> _Version | None:
+        """One version (latest if None); None when the secret or the version never existed."""
+        mount = self.cfg.mount
+
+        def get(client: hvac.Client) -> _Version | None:
+            import hvac.exceptions
+
+            try:
+                answer = client.secrets.kv.v2.read_secret_version(
+                    path, version=version, mount_point=mount, raise_on_deleted_version=True)
+            except hvac.exceptions.InvalidPath as exc:
+                body = exc.json if isinstance(exc.json, dict) else {}
+                meta = ((body.get("data") or {}).get("metadata")) if body else None
+                if meta:  # a deleted or destroyed version: it exists, without data
+                    return _Version(int(meta["version"]), None, meta.get("custom_metadata") or {})
+                if _NO_ROUTE in _errors_text(exc):
+                    raise
+                return None
+            meta = answer["data"]["metadata"]
+            return _Version(int(meta["version"]), dict(answer["data"]["data"] or {}),
+                            dict(meta.get("custom_metadata") or {}))
+
+        return self._call(get, what=what, capability=f'"read" on "{mount}/data/{path}"')
+
+    def _write(self, path: str, data: dict[str, Any], *, cas: int | None, what: str) -> int:
+        """Write a new version; raises :class:`_CasConflict` if ``cas`` is no longer current."""
+        mount = self.cfg.mount
+
+        def write(client: hvac.Client) -> int:
+            import hvac.exceptions
+
+            try:
+                answer = client.secrets.kv.v2.create_or_update_secret(
+                    path, secret=data, cas=cas, mount_point=mount)
+            except hvac.exceptions.InvalidRequest as exc:
+                if _CAS_MISMATCH in _errors_text(exc):
+                    raise _CasConflict from None
+                raise
+            return int(answer["data"]["version"])
+
+        return self._call(write, what=what,
+                          capability=f'"create" and "update" on "{mount}/data/{path}"')
+
+    def _field_metadata(self, path: str, field: str, current: _Version) -> dict[str, str]:
+        """What rotator recorded for ``field``, if it still describes the current value.
+
+        The record names the version rotator wrote; a later version written for another field
+        keeps this field's value, so the record holds as long as the value is unchanged.
+        """
+        custom = current.custom
+        recorded = custom.get(f"{field}.version")
+        if recorded is None:
+            return {}
+        metadata = {k: custom[f"{field}.{k}"] for k in _META_KEYS if f"{field}.{k}" in custom}
+        if recorded == str(current.number):
+            return metadata
+        try:
+            number = int(recorded)
+        except ValueError:
+            return {}
+        if number > current.number or current.data is None:
+            return {}
+        then = self._get(path, number, what=f"reading version {number} of {self._where(path)}")
+        if then is None or then.data is None:
+            return {}
+        before, now = _as_text(then.data.get(field)), _as_text(current.data.get(field))
+        if before is None or now is None or not _same(before, now):
+            return {}
+        return metadata
+
+    def _set_field_metadata(self, path: str, field: str, version: int,
+                            metadata: Mapping[str, str], rotation_id: str) -> None:
+        """Record ``field``'s metadata for ``version``, leaving other fields' records alone."""
+        values: dict[str, str | None] = {k: (metadata.get(k) or None) for k in _META_KEYS}
+        values["rotation_id"] = rotation_id
+        values["version"] = str(version)
+        patch = {f"{field}.{k}": v for k, v in values.items()}
+        mount = self.cfg.mount
+        where = self._where(path)
+
+        def merge(client: hvac.Client) -> bool:
+            import hvac.exceptions
+
+            try:
+                client.adapter.request(
+                    "PATCH", f"/v1/{mount}/metadata/{quote(path)}",
+                    json={"custom_metadata": patch},
+                    headers={"Content-Type": "application/merge-patch+json"})
+            except (hvac.exceptions.Forbidden, hvac.exceptions.UnexpectedError):
+                return False  # no "patch" capability, or a server without PATCH (405)
+            return True
+
+        def read_and_update(client: hvac.Client) -> None:
+            kv = client.secrets.kv.v2
+            answer = kv.read_secret_metadata(path, mount_point=mount)
+            custom = dict(answer["data"].get("custom_metadata") or {})
+            for key, value in patch.items():
+                if value is None:
+                    custom.pop(key, None)
+                else:
+                    custom[key] = value
+            kv.update_metadata(path, custom_metadata=custom, mount_point=mount)
+
+        metadata_path = f"{mount}/metadata/{path}"
+        if not self._call(merge, what=f"recording metadata of {where}",
+                          capability=f'"patch" on "{metadata_path}"'):
+            self._call(read_and_update, what=f"recording metadata of {where}",
+                       capability=f'"patch" (or "read" and "update") on "{metadata_path}"')
+
+    def _check_mount(self) -> None:
+        """Fail clearly if ``mount`` is missing or is KV version 1 (writes would go astray)."""
+        import hvac.exceptions
+
+        mount = self.cfg.mount
+
+        def describe(client: hvac.Client) -> dict[str, Any] | None:
+            try:
+                answer = client.adapter.get(f"/v1/sys/internal/ui/mounts/{quote(mount)}")
+            except hvac.exceptions.Forbidden:
+                # Vault answers 403 both for a missing mount and for one the token cannot use.
+                raise NotFound(
+                    f"vault {self.name!r}: no KV v2 mount {mount!r} at {self.cfg.url} that "
+                    "this token can use; check `mount` and the token's policy") from None
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+                return None  # an older server without this endpoint: reads will tell
+            return answer.get("data") if isinstance(answer, dict) else None
+
+        info = self._call(describe, what=f"looking up mount {mount!r}",
+                          capability=f'"read" on "sys/internal/ui/mounts/{mount}"')
+        if not info:
+            return
+        kind = info.get("type")
+        version = str((info.get("options") or {}).get("version", ""))
+        if kind != "kv" or version != "2":
+            found = f"{kind} version {version}" if kind == "kv" else str(kind)
+            raise PermanentError(
+                f"vault {self.name!r}: mount {mount!r} at {self.cfg.url} is {found}, not KV "
+                "version 2; check `mount`")
+
+    # -- calls, errors and authentication -------------------------------------------------------
+
+    def _call(self, fn: Callable[[hvac.Client], T], *, what: str, capability: str) -> T:
+        """Run ``fn`` with this thread's client; translate failures; log in again once on 403."""
+        import hvac.exceptions
+
+        relogged = False
+        while True:
+            generation, client = self._client()
+            try:
+                return fn(client)
+            except hvac.exceptions.Forbidden as exc:
+                if not relogged and self._relogin(generation):
+                    relogged = True
+                    continue
+                raise PermanentError(
+                    f"vault {self.name!r} at {self.cfg.url} denied {what}: permission denied; "
+                    f"the token's policy needs {capability} (or the token has expired, or mount "
+                    f"{self.cfg.mount!r} does not exist)") from exc
+            except (hvac.exceptions.VaultError, OSError) as exc:  # requests' errors are OSErrors
+                raise self._translate(exc, what) from exc
+
+    def _translate(self, exc: Exception, what: str) -> RotatorError:
+        """An hvac or requests exception as a rotator error; never quotes a request body."""
+        import hvac.exceptions as hx
+        import requests
+
+        where = f"vault {self.name!r} at {self.cfg.url}"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return PermanentError(
+                f"{where}: TLS verification failed while {what}; set verify_tls to the CA "
+                "bundle that signed the server's certificate")
+        if isinstance(exc, requests.Timeout):
+            return TransientError(f"{where} did not answer within {self.cfg.timeout:g}s while "
+                                  f"{what}")
+        if isinstance(exc, requests.RequestException):
+            return TransientError(f"{where} is unreachable while {what} "
+                                  f"({type(exc).__name__}); is it running?")
+        if isinstance(exc, OSError):  # e.g. verify_tls names a CA bundle that is not there
+            return PermanentError(f"{where}: {what} failed: {redaction.scrub(str(exc))}")
+        detail = _errors_text(exc)
+        suffix = f": {detail}" if detail else ""
+        if isinstance(exc, hx.InvalidPath):
+            if _NO_ROUTE in detail:
+                return NotFound(f"{where}: no KV v2 mount {self.cfg.mount!r} (while {what}); "
+                                "check `mount`")
+            return NotFound(f"{where}: not found while {what}")
+        if isinstance(exc, hx.VaultDown):
+            if "sealed" in detail.lower():
+                return PermanentError(f"{where} is sealed: unseal it (bao/vault operator unseal)")
+            return TransientError(f"{where} is unavailable while {what}{suffix}")
+        if isinstance(exc, hx.RateLimitExceeded):
+            return TransientError(f"{where} rate-limited {what}{suffix}")
+        if isinstance(exc, hx.InternalServerError | hx.BadGateway | hx.PreconditionFailed):
+            return TransientError(f"{where} failed {what}{suffix}")
+        if isinstance(exc, hx.Unauthorized):
+            return PermanentError(f"{where} refused the daemon's credentials while {what}"
+                                  f"{suffix}")
+        if isinstance(exc, hx.VaultNotInitialized):
+            return PermanentError(f"{where} is not initialized: run `operator init`")
+        return PermanentError(f"{where} rejected {what}{suffix}")
+
+    def _client(self) -> tuple[int, hvac.Client]:
+        """This thread's client, carrying the current token (logging in first if needed)."""
+        import hvac
+
+        client = getattr(self._local, "client", None)
+        if client is None:
+            # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token on its own.
+            client = hvac.Client(url=self.cfg.url, token="", timeout=self.cfg.timeout,
+                                 verify=self.cfg.verify_tls, namespace=self.cfg.namespace)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        with self._lock:
+            if self._token is None:
+                self._token = self._obtain_token()
+                self._generation += 1
+            token, generation = self._token, self._generation
+        client.token = token.reveal()
+        return generation, client
+
+    def _relogin(self, generation: int) -> bool:
+        """Get a fresh token after a 403; False when that cannot change anything."""
+        with self._lock:
+            if generation != self._generation:
+                return True  # another thread already logged in again
+            fresh = self._obtain_token()
+            if self.cfg.auth_method in ("token_env", "token_file") and self._token is not None \
+                    and fresh == self._token:
+                return False
+            self._token = fresh
+            self._generation += 1
+            return True
+
+    def _obtain_token(self) -> Secret:
+        """A token from the configured source; called with ``self._lock`` held."""
+        cfg = self.cfg
+        if cfg.token_env is not None:
+            return Secret(self._from_env(cfg.token_env, "token_env", "the Vault token"))
+        if cfg.token_file is not None:
+            return Secret(self._from_file(cfg.token_file, "token_file", "the Vault token"))
+        if cfg.approle is not None:
+            approle = cfg.approle
+            role_id = self._from_env(approle.role_id_env, "approle.role_id_env", "the role id")
+            secret_id = Secret(self._from_file(approle.secret_id_file, "approle.secret_id_file",
+                                               "the AppRole secret id"))
+            return self._login(
+                lambda c: c.auth.approle.login(role_id, secret_id.reveal(), use_token=False,
+                                               mount_point=approle.mount),
+                f"AppRole login (auth mount {approle.mount!r})",
+                "check approle.role_id_env and approle.secret_id_file (a secret id may have "
+                "expired or reached its use limit)")
+        assert cfg.kubernetes is not None
+        kube = cfg.kubernetes
+        jwt = Secret(self._from_file(kube.jwt_file, "kubernetes.jwt_file",
+                                     "the service-account token"))
+        return self._login(
+            lambda c: c.auth.kubernetes.login(kube.role, jwt.reveal(), use_token=False,
+                                              mount_point=kube.mount),
+            f"Kubernetes login as role {kube.role!r} (auth mount {kube.mount!r})",
+            "check that the role exists and binds this pod's service account and namespace")
+
+    def _login(self, fn: Callable[[hvac.Client], Any], what: str, fix: str) -> Secret:
+        import hvac
+        import hvac.exceptions
+
+        client = hvac.Client(url=self.cfg.url, token="", timeout=self.cfg.timeout,
+                             verify=self.cfg.verify_tls, namespace=self.cfg.namespace)
+        try:
+            answer = fn(client)
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden,
+                hvac.exceptions.Unauthorized) as exc:
+            raise PermanentError(f"vault {self.name!r} at {self.cfg.url} refused the {what}"
+                                 f": {_errors_text(exc) or 'denied'}; {fix}") from exc
+        except hvac.exceptions.InvalidPath as exc:
+            raise PermanentError(f"vault {self.name!r} at {self.cfg.url}: {what} failed, no "
+                                 "such auth mount; check `mount` of the auth settings") from exc
+        except (hvac.exceptions.VaultError, OSError) as exc:  # requests' errors are OSErrors
+            raise self._translate(exc, what) from exc
+        finally:
+            client.adapter.close()
+        return Secret(str(answer["auth"]["client_token"]))
+
+    def _from_env(self, variable: str, setting: str, thing: str) -> str:
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            raise PermanentError(
+                f"vault {self.name!r}: environment variable {variable} ({setting}) is not set "
+                f"or empty; export {thing} in it")
+        return value
+
+    def _from_file(self, path: str, setting: str, thing: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                value = handle.read().strip()
+        except OSError as exc:
+            raise PermanentError(
+                f"vault {self.name!r}: cannot read {setting} {path} ({exc.strerror}); put "
+                f"{thing} there or fix the path") from exc
+        if not value:
+            raise PermanentError(f"vault {self.name!r}: {setting} {path} is empty; put {thing} "
+                                 "there")
+        return value
+
+    # -- small helpers --------------------------------------------------------------------------
+
+    def _where(self, path: str) -> str:
+        return f"{self.cfg.mount}/{path}"
+
+    def _staged_path(self, path: str, rotation_id: str) -> str:
+        if not rotation_id:
+            raise PermanentError("a rotation id is needed to stage a key")
+        return f"{self.cfg.staging_path}/{path}/{quote(rotation_id, safe='')}"
+
+    def _check_path(self, path: str) -> str:
+        clean = path.strip("/")
+        if not clean:
+            raise PermanentError(f"vault {self.name!r}: empty secret path")
+        return clean
+
+    def _check(self, path: str, field: str) -> tuple[str, str]:
+        if not field:
+            raise PermanentError(f"vault {self.name!r}: empty field name for {path}")
+        return self._check_path(path), field
+
+    def _version_number(self, version: str) -> int:
+        try:
+            number = int(version)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            raise PermanentError(f"vault {self.name!r}: {version!r} is not a KV v2 version number")
+        return number
+
+    @staticmethod
+    def _backoff(attempt: int) -> None:
+        time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
