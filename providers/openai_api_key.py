@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from pydantic import Field, field_validator
 
 from rotator import redaction
+from rotator.config import SecretRef
 from rotator.errors import (
     CredentialRejected,
     NotFound,
@@ -60,7 +61,7 @@ class OpenAISettings(PluginSettings):
     """``[providers.NAME]`` for ``type = "openai"``."""
 
     project_id: str = Field(min_length=1, description="The project whose keys are rotated.")
-    admin_key: dict[str, str] = Field(
+    admin_key: SecretRef = Field(
         description="Reference to the OpenAI admin key: {vault, path, field}, {env} or {file}."
     )
     base_url: str = "https://api.openai.com/v1"

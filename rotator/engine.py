@@ -44,6 +44,7 @@ from rotator.errors import (
 from rotator.events import Listener, RotationFinished, StepFinished
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StateStore, lock_owner_id
+from rotator.testing.crashpoints import crashpoint
 
 if TYPE_CHECKING:
     from rotator.config import CredentialConfig, Policies
@@ -258,6 +259,9 @@ class Engine:
         now = self.clock()
         done = 0
         credentials = {r.credential for r in self.store.pending_revocations(due_by=now)}
+        # ... and rotations whose last revocation was done just before a crash
+        credentials |= {r.credential for r in self.store.rotations_in_grace()
+                        if not any(v.status == "pending" for v in self.store.revocations(r.id))}
         for name in sorted(credentials):
             cred = self._credential_or_none(name)
             if cred is None:
@@ -338,8 +342,10 @@ class Engine:
                 self.store.update_rotation(rid, outcome=outcome, step="rollback")
                 rotation = self._reload(rid)
                 continue
+            crashpoint(f"effect:{step}")
             self.store.step_finished(rid, step, "succeeded", self.clock(), step=next_step,
                                      **fields)
+            crashpoint(f"after:{step}")
             self._emit_step(rotation, step, "succeeded", t0, None)
             rotation = self._reload(rid)
             if step == "rollback":
@@ -409,6 +415,7 @@ class Engine:
             for key_id in self._retry(provider.find_by_rotation, info, rot.id):
                 if key_id != key.key_id:
                     self._retry(provider.revoke, info, key_id)
+        crashpoint("created:create")  # the key exists at the provider, nowhere else yet
         self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id)
         return "verify", {"new_key_id": key.key_id}
 
@@ -423,7 +430,7 @@ class Engine:
         retrying = Retrying(
             retry=retry_if_exception_type((TransientError, CredentialRejected)),
             stop=stop_after_attempt(VERIFY_ATTEMPTS) | self._stop_deadline(),
-            wait=wait_exponential_jitter(initial=0.2, max=5), sleep=self._sleep, reraise=True,
+            wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._sleep, reraise=True,
         )
         info = self.runtime.info(cred)
         retrying(provider.verify, info, secret)
@@ -567,11 +574,13 @@ class Engine:
             log.error("%s: revoking old key %s failed (attempt %d, next try in %s): %s",
                       cred.name, rev.key_id, attempts, backoff, message)
             return False
+        crashpoint("effect:revoke")
         self.store.update_revocation(rev.id, status="done", done_at=self.clock(),
                                      attempts=rev.attempts + 1, last_error=None)
         self.store.step_finished(rev.rotation_id, "revoke", "succeeded", self.clock(),
                                  message=f"revoked {rev.key_id}", step="revoke")
         self._emit_step(rotation, "revoke", "succeeded", t0, None)
+        crashpoint("after:revoke")
         log.info("%s: old key %s revoked", cred.name, rev.key_id)
         return True
 
@@ -584,8 +593,7 @@ class Engine:
         raise TransientError(f"old key {key_id} is still accepted after revocation")
 
     def _grace_rotations(self, credential: str) -> list[str]:
-        return [r.id for r in self.store.rotations(credential, limit=20)
-                if r.status == "grace"]
+        return [r.id for r in self.store.rotations_in_grace() if r.credential == credential]
 
     def _finish_if_clear(self, rotation_id: str, cred: CredentialConfig) -> None:
         rotation = self.store.rotation(rotation_id)
@@ -608,7 +616,12 @@ class Engine:
         for key_id in sorted(key_ids):
             self._retry(provider.revoke, info, key_id)
             log.info("%s: key %s created by rotation %s revoked", cred.name, key_id, rot.id)
-        self._retry(self.runtime.vault(cred.vault).discard_staged, cred.path, rot.id)
+        try:
+            self._retry(self.runtime.vault(cred.vault).discard_staged, cred.path, rot.id)
+        except RotatorError as exc:
+            # Harmless once the keys above are revoked: the staged copy holds a dead key.
+            log.warning("%s: staged copy of rotation %s not removed (its key is revoked): %s",
+                        cred.name, rot.id, exc)
 
     def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
                         new_key_kept: bool = False) -> None:
@@ -708,7 +721,7 @@ class Engine:
                 log.exception("event listener failed")
 
 
-_exponential = wait_exponential_jitter(initial=0.5, max=10)
+_exponential = wait_exponential_jitter(multiplier=0.5, max=10)
 
 
 def _wait_retry_after(state: RetryCallState) -> float:

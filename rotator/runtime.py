@@ -6,6 +6,7 @@ every provider's SDK or log in to every vault.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -84,9 +85,7 @@ class Runtime:
     def close(self) -> None:
         with self._lock:
             for plugin in [*self._providers.values(), *self._vaults.values()]:
-                try:
+                with contextlib.suppress(Exception):  # closing must never mask the outcome
                     plugin.close()
-                except Exception:  # closing must never mask the real outcome
-                    pass
             self._providers.clear()
             self._vaults.clear()

@@ -1,13 +1,22 @@
-"""Shared fixtures: real servers on free loopback ports, started per session, stopped by pid."""
+"""Shared fixtures: real servers on free loopback ports, stopped by pid; and the leak scan.
+
+Every secret value the fake providers ever issued is collected; when the session ends, every
+file the tests wrote (command output, daemon logs, state databases, audit exports) is searched
+for them, and the run fails if any appears.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
+
+ISSUED_SECRETS: set[str] = set()
 
 
 @pytest.fixture(scope="session")
@@ -29,4 +38,68 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
     try:
         yield server
     finally:
+        ISSUED_SECRETS.update(server.issued_values())
         server.stop()
+
+
+HASHES_FILE = "issued-secret-hashes.txt"
+
+
+def _session_root(config: pytest.Config) -> Path:
+    """The directory every xdist worker's tmp_path lives under (the controller's basetemp)."""
+    base = Path(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def _record_issued(config: pytest.Config) -> None:
+    """Write length and SHA-256 of each issued secret (never the value) for the leak scan."""
+    if not ISSUED_SECRETS:
+        return
+    with (_session_root(config) / HASHES_FILE).open("a") as fh:
+        for secret in ISSUED_SECRETS:
+            fh.write(f"{len(secret)} {hashlib.sha256(secret.encode()).hexdigest()}\n")
+
+
+def _leaks(root: Path) -> tuple[int, list[str]]:
+    hashes_path = root / HASHES_FILE
+    if not hashes_path.exists():
+        return 0, []
+    wanted: dict[int, set[str]] = {}
+    for line in hashes_path.read_text().splitlines():
+        length, digest = line.split()
+        wanted.setdefault(int(length), set()).add(digest)
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink() or path.name == HASHES_FILE:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        pos = data.find(b"sk-")
+        while pos != -1:
+            if any(hashlib.sha256(data[pos:pos + n]).hexdigest() in digests
+                   for n, digests in wanted.items()):
+                found.append(f"{path}: contains a secret value issued by a fake provider")
+                break
+            pos = data.find(b"sk-", pos + 1)
+    return sum(len(v) for v in wanted.values()), found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if not hasattr(config, "_tmp_path_factory"):
+        return
+    _record_issued(config)
+    if hasattr(config, "workerinput"):
+        return  # the controller scans once every worker is done
+    root = _session_root(config)
+    searched, leaks = _leaks(root)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"leak scan: {searched} issued secret(s) searched for in every "
+                            f"file under {root}: {len(leaks)} leak(s)")
+        for leak in leaks:
+            reporter.write_line(f"LEAK {leak}", red=True)
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -40,20 +40,25 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> None:
-    """Apply every migration up to head; refuse a database from a newer release."""
-    current = current_revision(engine)
+    """Apply every migration up to head; refuse a database from a newer release.
+
+    The check and the migration share one transaction that holds the database's write lock
+    (SQLite's BEGIN IMMEDIATE), so two processes starting at once on a new file do not both
+    try to create the tables.
+    """
     script = ScriptDirectory(str(MIGRATIONS))
-    known = {rev.revision for rev in script.walk_revisions()}
-    if current is not None and current not in known:
-        raise PermanentError(
-            f"the state database is at schema revision {current!r}, which this rotator release "
-            f"does not know (head is {head_revision()!r}): it was written by a newer rotator; "
-            "upgrade rotator instead of pointing an old one at it"
-        )
-    if current == head_revision():
-        return
-    cfg = alembic_config(engine)
+    head = head_revision()
     with engine.begin() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == head:
+            return
+        known = {rev.revision for rev in script.walk_revisions()}
+        if current is not None and current not in known:
+            raise PermanentError(
+                f"the state database is at schema revision {current!r}, which this rotator "
+                f"release does not know (head is {head!r}): it was written by a newer "
+                "rotator; upgrade rotator instead of pointing an old one at it")
+        cfg = alembic_config(engine)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

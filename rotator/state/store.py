@@ -139,6 +139,11 @@ class StateStore:
                 q = q.where(Rotation.credential == credential)
             return list(s.scalars(q.order_by(Rotation.started_at)))
 
+    def rotations_in_grace(self) -> list[Rotation]:
+        """Rotations whose new key is live and whose old key awaits (or just got) revocation."""
+        with self.session() as s:
+            return list(s.scalars(select(Rotation).where(Rotation.status == "grace")))
+
     def rotations(self, credential: str | None = None, limit: int = 50) -> list[Rotation]:
         with self.session() as s:
             q = select(Rotation)
@@ -171,7 +176,7 @@ class StateStore:
             return bool(earlier)
 
     def step_finished(
-        self, rotation_id: str, step: str, status: str, now: datetime,
+        self, rotation_id: str, step: str, status: str, now: datetime, /,
         message: str | None = None, **rotation_fields: Any,
     ) -> None:
         """Close the step's latest record and apply ``rotation_fields`` in the same transaction."""

@@ -1,0 +1,378 @@
+"""Thin click layer: parse, call :mod:`rotator.service`, render with rich or as ``--json``.
+
+Heavy modules (SQLAlchemy, the engine, provider SDKs) are imported inside the commands so that
+``rotator --help`` stays fast. Exit codes: 0 success, 1 a rotation failed, 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from rotator import __version__
+
+if TYPE_CHECKING:
+    from rotator.config import Policies
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+config_option = click.option(
+    "-c", "--config", "config_path", metavar="PATH", default=None,
+    help="Policy file (default ./rotation-policies.toml, or $ROTATOR_CONFIG).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Machine-readable output (documented, stable).")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # A pipe or a log file gets the whole table rather than 80 columns of ellipses.
+    width = None if stream.isatty() else 250
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"rotator: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str | None) -> Policies:
+    """Load and validate the policy file, or print every problem and exit 2."""
+    from rotator.config import load_policies, resolve_config_path
+    from rotator.errors import ConfigError
+
+    try:
+        return load_policies(resolve_config_path(config_path))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"rotator: {len(exc.problems)} problem(s); nothing was changed", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _guard(fn: Callable[[], int | None]) -> None:
+    """Run a command body; a known error is one clean line, never a traceback."""
+    from rotator.errors import PermanentError, RotatorError
+
+    try:
+        code = fn()
+    except PermanentError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except RotatorError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    sys.exit(code or 0)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ago(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    from rotator.durations import format_duration
+
+    return format_duration(timedelta(seconds=max(seconds, 0)))
+
+
+def _when(iso: str | None) -> str:
+    return iso.replace("T", " ")[:16] + " UTC" if iso else "-"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rotator")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
+def main(verbose: bool) -> None:
+    """rotator: rotates the API keys an AI-agent fleet depends on, with no outage."""
+    from rotator.log import setup_logging
+
+    setup_logging(logging.DEBUG if verbose else logging.WARNING)
+
+
+@main.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the daemon: rotate due credentials, resume interrupted ones, reload on SIGHUP."""
+    from rotator.config import resolve_config_path
+    from rotator.log import setup_logging
+    from rotator.scheduling import Daemon
+
+    policies = _load(config_path)
+    if logging.getLogger().level > logging.INFO:
+        setup_logging(logging.INFO)
+
+    def body() -> int:
+        daemon = Daemon(resolve_config_path(config_path), policies)
+        daemon.install_signal_handlers()
+        daemon.run()
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@config_option
+@click.option("--online", is_flag=True,
+              help="Also reach every vault and provider and check rotator's own access.")
+def check(config_path: str | None, online: bool) -> None:
+    """Validate the policy file (exit 0), or print each problem with its place (exit 2)."""
+    policies = _load(config_path)
+    if online:
+        from rotator.runtime import Runtime
+        from rotator.service import online_check
+
+        runtime = Runtime(policies)
+        try:
+            problems = online_check(policies, runtime)
+        finally:
+            runtime.close()
+        if problems:
+            for problem in problems:
+                click.echo(f"{policies.source}: {problem}", err=True)
+            sys.exit(EXIT_USAGE)
+    click.echo(f"{policies.source}: OK: {len(policies.credentials)} credential(s), "
+               f"{len(policies.providers)} provider(s), {len(policies.vaults)} vault(s)"
+               + (", all reachable" if online else ""))
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """One row per credential: agent, provider, key age, last rotation, next due, step."""
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.service import open_context, status_rows
+
+        with open_context(policies) as ctx:
+            rows = status_rows(ctx, _now())
+        if as_json:
+            _print_json(rows)
+            return 0
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} credential(s)")
+        for col in ("credential", "agent", "provider", "key id", "key age", "last rotation",
+                    "outcome", "next due", "rotating"):
+            table.add_column(col)
+        for r in rows:
+            outcome = r["last_outcome"] or "-"
+            style = {"success": "green", "failed": "red", "rolled_back": "yellow"}.get(outcome)
+            table.add_row(r["credential"], r["agent"], r["provider"], r["key_id"] or "-",
+                          _ago(r["key_age_seconds"]), _when(r["last_rotated_at"]),
+                          f"[{style}]{outcome}[/]" if style else outcome,
+                          _when(r["next_due_at"]) + (f" ({r['due_reason']})"
+                                                     if r["due_reason"] else ""),
+                          r["rotating_step"] or "")
+        _console().print(table)
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--within", default="30d", show_default=True, metavar="DURATION",
+              help="How far ahead to look.")
+def plan(config_path: str | None, as_json: bool, within: str) -> None:
+    """What will rotate when."""
+    from rotator.durations import parse_duration
+
+    try:
+        horizon = parse_duration(within)
+    except ValueError as exc:
+        _fail(f"--within: {exc}")
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.service import open_context, plan_rows
+
+        with open_context(policies) as ctx:
+            rows = plan_rows(ctx, _now(), horizon)
+        if as_json:
+            _print_json(rows)
+            return 0
+        from rich.table import Table
+
+        table = Table(title=f"rotations due within {within}: {len(rows)}")
+        for col in ("due", "credential", "agent", "provider", "reason"):
+            table.add_column(col)
+        for r in rows:
+            due = _when(r["due_at"]) + (" [red](overdue)[/]" if r["overdue"] else "")
+            table.add_row(due, r["credential"], r["agent"], r["provider"], r["reason"])
+        _console().print(table)
+        return 0
+
+    _guard(body)
+
+
+@main.command("rotate-now")
+@config_option
+@click.argument("names", nargs=-1)
+@click.option("--agent", help="Every credential this agent consumes.")
+@click.option("--provider", help="Every credential of this provider.")
+@click.option("--all", "all_", is_flag=True, help="Every credential in the policy file.")
+@click.option("--revoke-immediately", is_flag=True,
+              help="Skip the grace period: the old key dies as soon as the new one is live.")
+@click.option("--revoke-first", is_flag=True,
+              help="Kill the old key before anything else (a key being abused right now).")
+@click.option("--reason", help="Why: recorded in the history and the audit trail.")
+@click.option("--dry-run", is_flag=True, help="Show what would rotate; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | None,
+               provider: str | None, all_: bool, revoke_immediately: bool, revoke_first: bool,
+               reason: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Rotate now: for emergency revocation runbooks. Exits 1 if any rotation failed."""
+    chosen_ways = sum([bool(names), agent is not None, provider is not None, all_])
+    if chosen_ways != 1:
+        _fail("say what to rotate: NAME..., --agent A, --provider P or --all (exactly one)")
+    if revoke_immediately and revoke_first:
+        _fail("--revoke-immediately and --revoke-first exclude each other")
+    mode = "first" if revoke_first else "immediately" if revoke_immediately else "grace"
+    policies = _load(config_path)
+    from rotator.service import select_credentials
+
+    try:
+        creds = select_credentials(policies, names, agent, provider, all_)
+    except KeyError as exc:
+        _fail(f"no credential named {exc.args[0]} in {policies.source}; "
+              "`rotator status` lists them")
+    if not creds:
+        what = f"agent {agent!r}" if agent else f"provider {provider!r}"
+        _fail(f"no credential in {policies.source} matches {what}")
+    err = _console(stderr=True)
+    mode_text = {"grace": "old keys revoked after their grace period",
+                 "immediately": "old keys revoked as soon as the new ones are live",
+                 "first": "old keys revoked FIRST (agents may fail until the new key is stored)"}
+    if dry_run:
+        rows = [{"credential": c.name, "agent": c.agent, "provider": c.provider,
+                 "revoke_mode": mode, "grace_seconds": int(c.grace.total_seconds())}
+                for c in creds]
+        if as_json:
+            _print_json({"dry_run": True, "rotations": rows})
+        else:
+            for r in rows:
+                click.echo(f"would rotate {r['credential']} (agent {r['agent']}, provider "
+                           f"{r['provider']})")
+            click.echo(f"{len(rows)} credential(s); {mode_text[mode]}; nothing changed (dry run)")
+        sys.exit(0)
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(f"about to rotate {len(creds)} credential(s) with no terminal to confirm; "
+                  "pass --yes")
+        err.print(f"About to rotate {len(creds)} credential(s): "
+                  + ", ".join(c.name for c in creds[:10]) + (" ..." if len(creds) > 10 else ""))
+        err.print(f"Mode: {mode_text[mode]}.")
+        if not click.confirm("Proceed?", err=True):
+            _fail("nothing rotated", EXIT_USAGE)
+
+    def body() -> int:
+        from rotator.service import open_context
+        from rotator.service import rotate_now as do_rotate
+
+        marks = {"success": "[green]✓[/]", "rolled_back": "[yellow]↺[/]",
+                 "skipped": "[yellow]…[/]", "interrupted": "[yellow]…[/]"}
+
+        def progress(result: Any) -> None:
+            if not as_json:
+                mark = marks.get(result.outcome, "[red]✗[/]")
+                err.print(f"{mark} {result.credential}: {result.outcome}: {result.message}")
+
+        with open_context(policies) as ctx:
+            results = do_rotate(ctx, creds, revoke_mode=mode, reason=reason,
+                                on_result=progress)
+        failed = [r for r in results if not r.ok]
+        if as_json:
+            _print_json({"rotations": [{
+                "credential": r.credential, "rotation_id": r.rotation_id, "outcome": r.outcome,
+                "message": r.message,
+                "revoke_at": r.revoke_at.isoformat().replace("+00:00", "Z")
+                if r.revoke_at else None,
+                "manual_revoke": r.manual_revoke} for r in results],
+                "succeeded": len(results) - len(failed), "failed": len(failed)})
+        else:
+            for r in results:
+                if r.manual_revoke:
+                    err.print(f"[bold red]ACTION NEEDED[/] {r.credential}: {r.manual_revoke}")
+            click.echo(f"{len(results) - len(failed)} rotated, {len(failed)} failed")
+            for r in failed:
+                click.echo(f"FAILED {r.credential}: {r.outcome}: {r.message}")
+        return EXIT_FAILED if failed else 0
+
+    _guard(body)
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("name", required=False)
+@click.option("--limit", default=50, show_default=True, help="How many rotations to show.")
+def history(config_path: str | None, as_json: bool, name: str | None, limit: int) -> None:
+    """Past rotations with their steps, durations, outcomes and reasons."""
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.service import history_rows, open_context
+
+        with open_context(policies) as ctx:
+            rows = history_rows(ctx, name, limit)
+        if as_json:
+            _print_json(rows)
+            return 0
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} rotation(s)")
+        for col in ("started", "credential", "rotation", "trigger", "outcome", "took",
+                    "steps", "reason / error"):
+            table.add_column(col)
+        for r in rows:
+            steps = " ".join(f"{s['step']}{'' if s['status'] == 'succeeded' else '!'}"
+                             for s in r["steps"])
+            took = f"{r['duration_seconds']:.1f}s" if r["duration_seconds"] is not None else "-"
+            table.add_row(_when(r["started_at"]), r["credential"], r["rotation_id"],
+                          r["trigger"], r["outcome"] or r["status"], took, steps,
+                          r["error"] or r["reason"] or "")
+        _console().print(table)
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@click.option("--duration", default=None, metavar="DURATION",
+              help="Stop by itself after this long (default: run until Ctrl-C).")
+@click.option("--workdir", default=None, metavar="DIR",
+              help="Where the demo keeps its files (default: a new temporary directory).")
+def demo(duration: str | None, workdir: str | None) -> None:
+    """A self-contained demo: OpenBao, the fake OpenAI API, a sample agent, the daemon."""
+    from rotator.demo import run_demo
+    from rotator.durations import parse_duration
+
+    limit = None
+    if duration:
+        try:
+            limit = parse_duration(duration).total_seconds()
+        except ValueError as exc:
+            _fail(f"--duration: {exc}")
+    _guard(lambda: run_demo(duration=limit, workdir=Path(workdir) if workdir else None))
+
+
+if __name__ == "__main__":
+    main()

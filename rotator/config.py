@@ -1,0 +1,1141 @@
+"""The policy file (``rotation-policies.toml``) as validated, immutable models.
+
+:func:`load_policies` reads the file, checks everything that can be checked offline (syntax,
+types, durations, names, references between sections, every plugin's own settings and params),
+and either returns :class:`Policies` or raises :class:`~rotator.errors.ConfigError` carrying
+*every* problem at once, each with its file, line and key path, so an operator fixes the file in
+one pass (cert-manager's habit). Nothing else ever escapes it: whatever the input, the caller
+gets ``Policies`` or ``ConfigError``.
+
+Secrets never belong in this file. Anything that looks like one (a well-known key prefix, or a
+plain string where a secret-bearing setting is expected) is an error whose message does not
+repeat the value; secret-bearing settings take a :class:`SecretRef` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rotator import plugins
+from rotator.durations import parse_duration
+from rotator.errors import ConfigError, PluginError
+from rotator.interfaces import PluginSettings
+from rotator.policy import ScheduleSpec, Window, validate_cron
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_FILE",
+    "CredentialConfig",
+    "Duration",
+    "HealthCheck",
+    "Hook",
+    "Policies",
+    "Problem",
+    "ProviderConfig",
+    "RotatorSettings",
+    "SecretRef",
+    "VaultConfig",
+    "WindowField",
+    "load_policies",
+    "parse_policies",
+    "resolve_config_path",
+]
+
+SECRET_REF_HINT = (
+    "use { vault = ..., path = ..., field = ... } or { env = ... } or { file = ... }"
+)
+SECRETS_NEVER_HERE = f"secrets never go in the policy file: {SECRET_REF_HINT}"
+
+
+class SecretRef(BaseModel):
+    """Where a secret the daemon itself needs (an admin key, a token) can be read.
+
+    Secrets never go in the policy file, only references to them: ``{ vault, path, field }``
+    (a secret in one of the ``[vaults]``), ``{ env }`` (an environment variable) or ``{ file }``
+    (a file, e.g. a mounted Kubernetes secret). Exactly one form must be given. ``str()`` names
+    the reference, never a value, so it is safe in messages. Plugins use it as the type of any
+    secret-bearing setting; ``rotator check`` then also confirms that ``vault`` names a vault.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    vault: str | None = None
+    path: str | None = None
+    field: str | None = None
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string_is_a_secret(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            # Never echo the value: it may be the secret itself.
+            raise ValueError(SECRETS_NEVER_HERE)
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> SecretRef:
+        vault_form = any(v is not None for v in (self.vault, self.path, self.field))
+        forms = sum([vault_form, self.env is not None, self.file is not None])
+        if forms != 1:
+            raise ValueError(f"a secret reference needs exactly one form: {SECRET_REF_HINT}")
+        if vault_form:
+            missing = [k for k in ("vault", "path", "field") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"a vault secret reference needs vault, path and field (missing: "
+                    f"{', '.join(missing)})")
+        elif self.env is not None and not self.env:
+            raise ValueError("env must name an environment variable")
+        elif self.file is not None and not self.file:
+            raise ValueError("file must be a path")
+        return self
+
+    def __str__(self) -> str:
+        if self.env is not None:
+            return f"env {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        return f"vault {self.vault}:{self.path}#{self.field}"
+
+
+# -- field types -----------------------------------------------------------------------------
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        if value < timedelta(0):
+            raise ValueError("durations cannot be negative")
+        return value
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError('a duration is a string with a unit, like "30d", "12h", "15m" or "1h30m"')
+
+
+Duration = Annotated[timedelta, PlainValidator(_duration)]
+"""A ``timedelta`` written as ``"90d"``/``"1h30m"`` in the file; plugins may use it too."""
+
+
+def _window(value: Any) -> Window:
+    if isinstance(value, Window):
+        return value
+    if isinstance(value, str):
+        return Window.parse(value)
+    raise ValueError('a window is a string like "Mon-Fri 09:00-17:00 UTC"')
+
+
+WindowField = Annotated[Window, PlainValidator(_window)]
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
+_NAME_RULE = "use letters, digits and - _ . / (starting with a letter or digit)"
+
+
+def _check_name(value: str, what: str = "name") -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise ValueError(f'{what} "{shown}" is not allowed: {_NAME_RULE}')
+    return value
+
+
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})")
+
+
+def _positive(value: timedelta, what: str) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"{what} must be longer than 0s")
+    return value
+
+
+class _Model(BaseModel):
+    """Base of the policy models: unknown keys are errors, TOML types are taken strictly
+    (``attempts = "5"`` or ``verify = 1`` are mistakes worth reporting), values immutable, and
+    an input never appears in an error (it might be a misplaced secret)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True,
+                              hide_input_in_errors=True)
+
+
+# -- the models ------------------------------------------------------------------------------
+
+
+class RotatorSettings(_Model):
+    """``[rotator]``: the daemon's own settings; every key is optional."""
+
+    state_url: str = "sqlite:///rotator-state.db"
+    """SQLAlchemy URL of the state store: sqlite for one daemon, PostgreSQL for replicas."""
+    metrics_address: str = "127.0.0.1:9464"
+    """``host:port`` of the Prometheus endpoint; port 0 picks a free port (tests)."""
+    max_concurrent_rotations: int = Field(default=8, ge=1, le=256)
+    default_interval: Duration = timedelta(days=90)
+    default_grace: Duration = timedelta(hours=1)
+    jitter: Duration = timedelta(minutes=10)
+    """Due rotations are spread over ``[0, jitter)`` so a fleet does not rotate at once."""
+    poll_interval: Duration = timedelta(seconds=15)
+    """How often the daemon looks for due work (rotations, revocations, interrupted runs)."""
+    lock_ttl: Duration = timedelta(minutes=2)
+    """Lease on a credential's rotation lock; a crashed holder's lock expires after this."""
+    retry_deadline: Duration = timedelta(minutes=2)
+    """How long transient errors are retried within one step before it fails."""
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str) -> str:
+        if not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", value):
+            raise ValueError('state_url is a database URL like "sqlite:///var/lib/rotator/'
+                             'state.db" or "postgresql+psycopg://rotator@db/rotator"')
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str) -> str:
+        match = _ADDRESS.fullmatch(value)
+        if match is None or int(match.group(1)) > 65535:
+            raise ValueError('metrics_address is "host:port", like "127.0.0.1:9464"')
+        return value
+
+    @field_validator("default_interval", "poll_interval", "lock_ttl", "retry_deadline")
+    @classmethod
+    def _not_zero(cls, value: timedelta, info: Any) -> timedelta:
+        return _positive(value, info.field_name)
+
+
+class VaultConfig(_Model):
+    """``[vaults.NAME]``: ``type`` picks the plugin, the other keys are its ``settings_model``."""
+
+    name: str
+    type: str
+    settings: PluginSettings
+
+
+class ProviderConfig(_Model):
+    """``[providers.NAME]``: ``type`` picks the plugin, the other keys are its
+    ``settings_model``."""
+
+    name: str
+    type: str
+    settings: PluginSettings
+
+
+def _url(value: str | None, what: str) -> None:
+    if value is not None and not re.match(r"https?://[^/\s]", value):
+        raise ValueError(f"{what} must be an http:// or https:// URL")
+
+
+def _argv(value: list[str] | None, what: str) -> None:
+    if value is not None and (not value or not value[0]):
+        raise ValueError(f'{what} is a command as a list, like ["systemctl", "reload", "agent"]')
+
+
+class HealthCheck(_Model):
+    """``[credentials.health_check]``: how rotator knows the consuming agent still works.
+
+    ``http`` GETs ``url`` and wants ``expect_status``; ``expect_json`` additionally names JSON
+    fields of the response (dotted paths, like ``auth.key_id``) and the value each must have,
+    where ``{key_id}`` is replaced by the new key's id: ``expect_json = { key_id = "{key_id}" }``
+    proves the agent has *loaded* the new key, not merely that it is up. ``command`` runs
+    ``run`` (exit 0 = healthy). Up to ``attempts`` tries, ``delay`` apart, each bounded by
+    ``timeout``; a failing check rolls the rotation back. ``none`` trusts the agent.
+    """
+
+    type: Literal["http", "command", "none"] = "none"
+    url: str | None = None
+    expect_status: int = Field(default=200, ge=100, le=599)
+    expect_json: dict[str, str] | None = None
+    run: list[str] | None = None
+    timeout: Duration = timedelta(seconds=10)
+    attempts: int = Field(default=5, ge=1, le=1000)
+    delay: Duration = timedelta(seconds=2)
+    """Pause between attempts."""
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> HealthCheck:
+        _url(self.url, "url")
+        _argv(self.run, "run")
+        _positive(self.timeout, "timeout")
+        if self.type == "http" and not self.url:
+            raise ValueError('a health check of type "http" needs url')
+        if self.type == "command" and not self.run:
+            raise ValueError('a health check of type "command" needs run = ["command", ...]')
+        if self.type != "http" and (self.url is not None or self.expect_json is not None):
+            raise ValueError(f'url and expect_json are for type "http", not "{self.type}"')
+        if self.type != "command" and self.run is not None:
+            raise ValueError(f'run is for type "command", not "{self.type}"')
+        return self
+
+
+class Hook(_Model):
+    """``[credentials.on_rotate]``: tell the consumer to reload after the vault holds the new
+    key (``command``: run ``run``; ``http``: send ``method`` to ``url`` with a JSON body of
+    ids). A hook that fails rolls the rotation back, like a failed health check."""
+
+    type: Literal["command", "http"]
+    run: list[str] | None = None
+    url: str | None = None
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> Hook:
+        _url(self.url, "url")
+        _argv(self.run, "run")
+        _positive(self.timeout, "timeout")
+        if self.type == "command" and (not self.run or self.url is not None):
+            raise ValueError('an on_rotate hook of type "command" needs run = ["command", ...] '
+                             "and no url")
+        if self.type == "http" and (not self.url or self.run is not None):
+            raise ValueError('an on_rotate hook of type "http" needs url and no run')
+        return self
+
+
+class CredentialConfig(_Model):
+    """One ``[[credentials]]`` entry: a key one agent uses, where it lives, when it rotates.
+
+    After loading, exactly one of ``interval``/``schedule`` is set, unless ``manual_only``
+    (for providers that cannot create keys: only ``rotate-now --revoke-first`` applies), in
+    which case neither is. ``grace`` always has a value. ``line`` is where the entry starts in
+    the file, for messages.
+    """
+
+    name: str
+    agent: str
+    provider: str
+    vault: str
+    path: str = Field(min_length=1)
+    field: str = Field(min_length=1)
+    interval: Duration | None = None
+    schedule: str | None = None
+    grace: Duration = timedelta(hours=1)
+    window: WindowField | None = None
+    manual_only: bool = False
+    params: PluginSettings = PluginSettings()
+    health_check: HealthCheck = HealthCheck()
+    on_rotate: Hook | None = None
+    line: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, value: str) -> str:
+        return _check_name(value, "agent")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: timedelta | None) -> timedelta | None:
+        return None if value is None else _positive(value, "interval")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            validate_cron(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> CredentialConfig:
+        if self.manual_only:
+            if self.interval is not None or self.schedule is not None or self.window:
+                raise ValueError("manual_only credentials are never rotated by schedule: "
+                                 "remove interval, schedule and window")
+        elif self.interval is not None and self.schedule is not None:
+            raise ValueError("give interval or schedule, not both")
+        return self
+
+    def schedule_spec(self, jitter: timedelta) -> ScheduleSpec:
+        """What :func:`rotator.policy.decide` needs, with the daemon-wide ``jitter``."""
+        return ScheduleSpec(credential=self.name, interval=self.interval, cron=self.schedule,
+                            window=self.window, jitter=jitter, manual_only=self.manual_only)
+
+
+class Policies(_Model):
+    """A whole validated policy file. Immutable: a reload builds a new one."""
+
+    source: Path
+    settings: RotatorSettings
+    vaults: dict[str, VaultConfig]
+    providers: dict[str, ProviderConfig]
+    credentials: tuple[CredentialConfig, ...]
+
+    def credential(self, name: str) -> CredentialConfig:
+        """The credential called ``name``; ``KeyError`` if the file has none."""
+        for cred in self.credentials:
+            if cred.name == name:
+                return cred
+        raise KeyError(f"no credential named {name!r} in {self.source}")
+
+    def by_agent(self, agent: str) -> tuple[CredentialConfig, ...]:
+        return tuple(c for c in self.credentials if c.agent == agent)
+
+    def by_provider(self, provider: str) -> tuple[CredentialConfig, ...]:
+        return tuple(c for c in self.credentials if c.provider == provider)
+
+
+# -- problems --------------------------------------------------------------------------------
+
+KeyPath = tuple[str | int, ...]
+_BARE_KEY = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def format_key(path: Sequence[str | int]) -> str:
+    """``("credentials", 2, "params", "x")`` -> ``credentials[2].params.x`` (TOML quoting)."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = part if _BARE_KEY.fullmatch(part) else '"' + part.replace('"', '\\"') + '"'
+        out += f".{text}" if out else text
+    return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the policy file, and where: printed as ``file:line: key: message``."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        place = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{place}: {self.key}: {self.message}" if self.key else f"{place}: {self.message}"
+
+
+# -- locating keys in the source -------------------------------------------------------------
+
+
+class _Locator:
+    """Maps key paths to the line they are written on, from the raw TOML text.
+
+    ``tomllib`` keeps no positions, so this scans the (already syntax-checked) source: table
+    and array-of-tables headers with their indices, ``key = value`` lines with dotted and
+    quoted keys, and the keys of inline tables and the elements of arrays, each at the line
+    where it starts. An unknown path falls back to its nearest enclosing table or key.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[KeyPath, int] = {}
+        self._text = text
+        self._pos = 0
+        self._line = 1
+        self._arrays: dict[KeyPath, int] = {}
+        # Best effort: a scanner bug must cost line numbers, never the check itself.
+        with contextlib.suppress(Exception):
+            self._scan()
+
+    def line_for(self, path: Sequence[str | int]) -> int | None:
+        key = tuple(path)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return None
+
+    # The scanner proper: only ever run on text tomllib accepted.
+
+    def _peek(self, n: int = 1) -> str:
+        return self._text[self._pos:self._pos + n]
+
+    def _advance(self, n: int = 1) -> None:
+        self._line += self._text.count("\n", self._pos, self._pos + n)
+        self._pos += n
+
+    def _skip_blank(self, newlines: bool) -> None:
+        while self._pos < len(self._text):
+            ch = self._text[self._pos]
+            if ch in " \t\r" or (newlines and ch == "\n"):
+                self._advance()
+            elif ch == "#":
+                end = self._text.find("\n", self._pos)
+                self._advance((len(self._text) if end < 0 else end) - self._pos)
+            else:
+                return
+
+    def _record(self, path: KeyPath, line: int) -> None:
+        self.lines.setdefault(path, line)
+
+    def _scan(self) -> None:
+        table: KeyPath = ()
+        while True:
+            self._skip_blank(newlines=True)
+            if self._pos >= len(self._text):
+                return
+            line = self._line
+            if self._peek() == "[":
+                is_array = self._peek(2) == "[["
+                self._advance(2 if is_array else 1)
+                keys = self._keys()
+                self._advance(2 if is_array else 1)
+                table = self._header(keys, is_array, line)
+            else:
+                keys = self._keys()
+                path = table
+                for key in keys:
+                    path = (*path, key)
+                    self._record(path, line)
+                self._skip_blank(newlines=False)
+                self._advance()  # "="
+                self._value(path)
+
+    def _header(self, keys: list[str], is_array: bool, line: int) -> KeyPath:
+        path: KeyPath = ()
+        for i, key in enumerate(keys):
+            path = (*path, key)
+            last = i == len(keys) - 1
+            if last and is_array:
+                index = self._arrays.get(path, -1) + 1
+                self._arrays[path] = index
+                self._record(path, line)
+                path = (*path, index)
+            elif path in self._arrays:
+                path = (*path, self._arrays[path])
+            self._record(path, line)
+        return path
+
+    def _keys(self) -> list[str]:
+        keys = []
+        while True:
+            self._skip_blank(newlines=False)
+            ch = self._peek()
+            if ch in "\"'":
+                keys.append(self._string())
+            else:
+                start = self._pos
+                while self._pos < len(self._text) and (self._text[self._pos].isalnum()
+                                                       or self._text[self._pos] in "_-"):
+                    self._pos += 1
+                keys.append(self._text[start:self._pos])
+            self._skip_blank(newlines=False)
+            if self._peek() != ".":
+                return keys
+            self._advance()
+
+    def _string(self) -> str:
+        """Consume a string of any of the four kinds; return its raw contents (keys only
+        use the single-line kinds, where escapes other than \\" are rare enough to ignore)."""
+        quote = self._peek()
+        multi = self._peek(3) == quote * 3
+        self._advance(3 if multi else 1)
+        start = self._pos
+        text = self._text
+        while self._pos < len(text):
+            ch = text[self._pos]
+            if ch == "\\" and quote == '"':
+                self._advance(2)
+                continue
+            if multi and text.startswith(quote * 3, self._pos):
+                end = self._pos
+                self._advance(3)
+                while self._peek() == quote:  # up to two quotes may close the content
+                    end += 1
+                    self._advance()
+                return text[start:end]
+            if not multi and ch == quote:
+                self._advance()
+                return text[start:self._pos - 1].replace('\\"', '"')
+            self._advance()
+        return text[start:]
+
+    def _value(self, path: KeyPath) -> None:
+        self._skip_blank(newlines=False)
+        ch = self._peek()
+        if ch in "\"'":
+            self._string()
+        elif ch == "[":
+            self._advance()
+            index = 0
+            while True:
+                self._skip_blank(newlines=True)
+                if self._peek() in ("]", ""):
+                    self._advance()
+                    return
+                if self._peek() == ",":
+                    index += 1
+                    self._advance()
+                    continue
+                self._record((*path, index), self._line)
+                self._value((*path, index))
+        elif ch == "{":
+            self._advance()
+            while True:
+                self._skip_blank(newlines=False)
+                if self._peek() in ("}", ""):
+                    self._advance()
+                    return
+                if self._peek() == ",":
+                    self._advance()
+                    continue
+                line = self._line
+                sub = path
+                for key in self._keys():
+                    sub = (*sub, key)
+                    self._record(sub, line)
+                self._skip_blank(newlines=False)
+                self._advance()  # "="
+                self._value(sub)
+        else:  # number, boolean, date-time: runs to a delimiter
+            while self._pos < len(self._text) and self._text[self._pos] not in ",]}\n#":
+                self._pos += 1
+
+
+# -- secret detection ------------------------------------------------------------------------
+
+_SECRET_VALUE = re.compile(
+    r"(?:^|[^A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{4,}|sk_live_|sk_test_|rk_live_|rk_test_|whsec_|"
+    r"AKIA[A-Z0-9]{8,}|ghp_|github_pat_|glpat-|xox[abposr]-|hvs\.|-----BEGIN)")
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:[^/\s@]+@")
+_SECRET_WORDS = {"key", "token", "password", "passwd", "secret", "apikey", "authorization",
+                 "credential", "credentials", "pat"}
+_REFERENCE_WORDS = {"env", "file", "path", "id", "url", "name", "field", "header", "mount",
+                    "type", "ref", "ttl", "role", "prefix", "suffix", "format", "version",
+                    "label", "description", "template", "kind", "mode"}
+_FREE_FORM = {"expect_json"}
+"""Tables whose keys the user chooses (JSON field names): key names there mean nothing."""
+
+
+def _secret_key_name(name: str) -> bool:
+    words = [w for w in re.split(r"[_\-.\s]+", name.lower()) if w]
+    return (bool(words) and any(w in _SECRET_WORDS for w in words)
+            and words[-1] not in _REFERENCE_WORDS)
+
+
+def _looks_secret(value: str) -> bool:
+    return bool(_SECRET_VALUE.search(value) or _URL_PASSWORD.search(value))
+
+
+def _find_secrets(node: Any, path: KeyPath = (), free: bool = False
+                  ) -> Iterator[tuple[KeyPath, str]]:
+    """Every string in the document that is, or stands where one expects, a secret."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = (*path, key)
+            if isinstance(value, str):
+                if _looks_secret(value) or (not free and _secret_key_name(key)):
+                    yield child, value
+            else:
+                yield from _find_secrets(value, child, key in _FREE_FORM)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            if isinstance(value, str):
+                if _looks_secret(value):
+                    yield (*path, index), value
+            else:
+                yield from _find_secrets(value, (*path, index), free)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+_TOP_KEYS = ("rotator", "vaults", "providers", "credentials")
+_SECRET_REF_KEYS = frozenset(SecretRef.model_fields)
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f'unknown key "{key}" (did you mean "{close[0]}"?)'
+    return f'unknown key "{key}" (known keys: {", ".join(sorted(known))})'
+
+
+def _unknown_name(what: str, name: str, known: Sequence[str], where: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f'did you mean "{close[0]}"? ' if close else ""
+    listed = ", ".join(sorted(known)) or "none defined"
+    return f'no {what} named "{name}" in [{where}] ({hint}known: {listed})'
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``Annotated``/``Optional``/unions down to a model, dict or list type."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if (isinstance(inner, type) and issubclass(inner, BaseModel)) or \
+                    typing.get_origin(inner) in (dict, list, tuple):
+                return inner
+        return None
+    return annotation
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class that validates the table at ``loc`` inside ``model`` (for suggestions)."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list, tuple):
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _model_keys(model: type[BaseModel]) -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(field.alias or name)
+    return keys
+
+
+class _Checker:
+    """Collects problems while walking the raw document; builds the models if none."""
+
+    def __init__(self, source: Path, text: str, doc: dict[str, Any]) -> None:
+        self.source = source
+        self.file = str(source)
+        self.doc = doc
+        self.locator = _Locator(text)
+        self.problems: list[tuple[KeyPath, str]] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        self.problems.append((path, message))
+
+    def validate(self, model: type[BaseModel], data: Any, path: KeyPath,
+                 extra_keys: Sequence[str] = ()) -> Any:
+        """``model.model_validate(data)``; on failure record each error at its key path.
+
+        ``extra_keys`` are keys the caller already consumed (``type``), offered as
+        suggestions for misspellings. A plugin model that raises anything but a validation
+        error is reported as a problem of that plugin, never propagated.
+        """
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            found: dict[KeyPath, list[str]] = {}
+            for err in exc.errors(include_url=False, include_input=False):
+                loc, message = self._translate(model, data, err, extra_keys)
+                messages = found.setdefault((*path, *loc), [])
+                if message not in messages:
+                    messages.append(message)
+            for where, messages in found.items():
+                self.add(where, " or ".join(messages) if len(messages) > 1 else messages[0])
+        except Exception as exc:
+            self.add(path, f"{model.__module__}.{model.__qualname__} failed while validating "
+                           f"({type(exc).__name__}); this is a bug in that plugin")
+        return None
+
+    @staticmethod
+    def _translate(model: type[BaseModel], data: Any, err: Mapping[str, Any],
+                   extra_keys: Sequence[str]) -> tuple[KeyPath, str]:
+        # Keep only the parts of pydantic's location that exist in the data: the rest are
+        # union member tags and validator names, meaningless to someone editing TOML.
+        loc: list[str | int] = []
+        node: Any = data
+        raw_loc = list(err["loc"])
+        for i, part in enumerate(raw_loc):
+            if (isinstance(node, dict) and part in node) or (
+                    isinstance(node, list) and isinstance(part, int) and part < len(node)):
+                loc.append(part)
+                node = node[part]
+            elif i == len(raw_loc) - 1 and isinstance(node, dict):
+                loc.append(part)  # a missing key
+                node = None
+        kind = err["type"]
+        message = str(err["msg"])
+        if kind == "extra_forbidden" and loc:
+            owner = _model_at(model, loc[:-1])
+            known = [*(_model_keys(owner) if owner else []), *(extra_keys if len(loc) == 1
+                                                               else ())]
+            message = _unknown_key(str(loc[-1]), [k for k in known if k != "line"])
+        elif kind == "missing" and loc:
+            message = f'missing required key "{loc[-1]}"'
+        elif kind in ("value_error", "assertion_error"):
+            message = re.sub(r"^(Value|Assertion) error, ", "", message)
+        elif kind == "model_type" or kind == "dict_type":
+            message = "must be a table"
+        return tuple(loc), message
+
+    # The sections, in file order.
+
+    def run(self) -> Policies | None:
+        doc = self.doc
+        for key in doc:
+            if key not in _TOP_KEYS:
+                self.add((key,), _unknown_key(key, _TOP_KEYS))
+        settings = self._settings()
+        vault_names = self._names("vaults")
+        provider_names = self._names("providers")
+        vaults = self._vaults(vault_names)
+        providers, provider_classes = self._providers(provider_names)
+        self._secret_refs(vault_names)
+        credentials = self._credentials(settings, vault_names, provider_names, provider_classes)
+        if self.problems:
+            return None
+        return Policies(source=self.source, settings=settings, vaults=vaults,
+                        providers=providers, credentials=tuple(credentials))
+
+    def _table(self, key: str) -> dict[str, Any]:
+        value = self.doc.get(key, {})
+        if not isinstance(value, dict):
+            self.add((key,), f"[{key}] must be a table")
+            return {}
+        return value
+
+    def _settings(self) -> RotatorSettings:
+        raw = self._table("rotator")
+        settings = self.validate(RotatorSettings, raw, ("rotator",))
+        if settings is None:
+            # Keep checking the credentials with whatever defaults did validate.
+            good = {k: v for k, v in raw.items()
+                    if k in RotatorSettings.model_fields
+                    and self.validate_quietly(RotatorSettings, {k: v})}
+            settings = RotatorSettings.model_validate(good)
+        return settings
+
+    @staticmethod
+    def validate_quietly(model: type[BaseModel], data: Any) -> bool:
+        try:
+            model.model_validate(data)
+        except Exception:
+            return False
+        return True
+
+    def _names(self, section: str) -> list[str]:
+        table = self._table(section)
+        names = []
+        for name, body in table.items():
+            try:
+                _check_name(name)
+            except ValueError as exc:
+                self.add((section, name), str(exc))
+            if not isinstance(body, dict):
+                self.add((section, name), f"[{section}.{name}] must be a table with a type")
+                continue
+            names.append(name)
+        return names
+
+    def _plugin_class(self, section: str, name: str, body: dict[str, Any]) -> type | None:
+        kind = "vault" if section == "vaults" else "provider"
+        known = plugins.vault_types() if kind == "vault" else plugins.provider_types()
+        type_name = body.get("type")
+        if type_name is None:
+            self.add((section, name), f"missing required key \"type\" (the {kind} type; "
+                                      f"known: {', '.join(known) or 'none installed'})")
+            return None
+        if not isinstance(type_name, str) or type_name not in known:
+            shown = f'"{type_name}"' if isinstance(type_name, str) else "this"
+            close = (difflib.get_close_matches(type_name, known, n=1)
+                     if isinstance(type_name, str) else [])
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            self.add((section, name, "type"),
+                     f"unknown {kind} type {shown} ({hint}known: "
+                     f"{', '.join(known) or 'none installed'})")
+            return None
+        try:
+            if kind == "vault":
+                return plugins.vault_class(type_name)
+            return plugins.provider_class(type_name)
+        except PluginError as exc:
+            self.add((section, name, "type"), str(exc))
+        except Exception as exc:
+            self.add((section, name, "type"),
+                     f"{kind} plugin {type_name!r} failed to load ({type(exc).__name__})")
+        return None
+
+    def _vaults(self, names: list[str]) -> dict[str, VaultConfig]:
+        table = self._table("vaults")
+        out: dict[str, VaultConfig] = {}
+        for name in names:
+            body = table[name]
+            cls = self._plugin_class("vaults", name, body)
+            if cls is None:
+                continue
+            rest = {k: v for k, v in body.items() if k != "type"}
+            settings = self.validate(cls.settings_model, rest, ("vaults", name), ("type",))
+            if settings is not None:
+                out[name] = VaultConfig(name=name, type=body["type"], settings=settings)
+        return out
+
+    def _providers(self, names: list[str]
+                   ) -> tuple[dict[str, ProviderConfig], dict[str, type]]:
+        table = self._table("providers")
+        out: dict[str, ProviderConfig] = {}
+        classes: dict[str, type] = {}
+        for name in names:
+            body = table[name]
+            cls = self._plugin_class("providers", name, body)
+            if cls is None:
+                continue
+            classes[name] = cls
+            rest = {k: v for k, v in body.items() if k != "type"}
+            settings = self.validate(cls.settings_model, rest, ("providers", name), ("type",))
+            if settings is not None:
+                out[name] = ProviderConfig(name=name, type=body["type"], settings=settings)
+        return out, classes
+
+    def _secret_refs(self, vault_names: list[str]) -> None:
+        """Secret references in plugin settings are well formed and name a defined vault.
+
+        Checked here, not only by the plugins, so that a plugin typing its setting loosely
+        (a plain dict) still gets them checked; identical messages are merged in the report.
+        """
+        for section in ("vaults", "providers"):
+            for name, body in self._table(section).items():
+                if not isinstance(body, dict):
+                    continue
+                for key, value in body.items():
+                    if isinstance(value, dict) and _secret_key_name(key):
+                        self.validate(SecretRef, value, (section, name, key))
+                for path, ref in _refs_in(body, (section, name)):
+                    target = ref.get("vault")
+                    if not isinstance(target, str):
+                        continue
+                    if target not in vault_names:
+                        self.add((*path, "vault"),
+                                 _unknown_name("vault", target, vault_names, "vaults"))
+                    elif section == "vaults" and target == name:
+                        self.add((*path, "vault"), f'vault "{name}" cannot read its own login '
+                                                   "secret from itself; use env or file")
+
+    def _credentials(self, settings: RotatorSettings, vault_names: list[str],
+                     provider_names: list[str], provider_classes: dict[str, type]
+                     ) -> list[CredentialConfig]:
+        raw_list = self.doc.get("credentials", [])
+        if not isinstance(raw_list, list):
+            self.add(("credentials",), "credentials must be an array of tables: write each "
+                                       "as [[credentials]]")
+            return []
+        out: list[CredentialConfig] = []
+        names: dict[str, int] = {}
+        targets: dict[tuple[str, str, str], int] = {}
+        for i, raw in enumerate(raw_list):
+            path: KeyPath = ("credentials", i)
+            if not isinstance(raw, dict):
+                self.add(path, "each credential must be a table ([[credentials]])")
+                continue
+            data = dict(raw)
+            if "line" in data:
+                self.add((*path, "line"), _unknown_key("line", [
+                    k for k in CredentialConfig.model_fields if k != "line"]))
+                del data["line"]
+            data["line"] = self.locator.line_for(path) or 0
+
+            name = data.get("name")
+            if isinstance(name, str):
+                if name in names:
+                    first = self.locator.line_for(("credentials", names[name]))
+                    at = f" (first at line {first})" if first else ""
+                    self.add((*path, "name"), f'duplicate credential name "{name}"{at}')
+                else:
+                    names[name] = i
+
+            provider = data.get("provider")
+            cls = None
+            if isinstance(provider, str):
+                if provider not in provider_names:
+                    self.add((*path, "provider"),
+                             _unknown_name("provider", provider, provider_names, "providers"))
+                cls = provider_classes.get(provider)
+            vault = data.get("vault")
+            if isinstance(vault, str) and vault not in vault_names:
+                self.add((*path, "vault"), _unknown_name("vault", vault, vault_names, "vaults"))
+            target = (vault, data.get("path"), data.get("field"))
+            if all(isinstance(t, str) for t in target):
+                key = typing.cast(tuple[str, str, str], target)
+                if key in targets:
+                    self.add((*path, "field"), "another credential (credentials"
+                             f"[{targets[key]}]) already rotates this vault path and field")
+                else:
+                    targets[key] = i
+
+            manual = data.get("manual_only") is True
+            if cls is not None and not cls.capabilities.create and not manual:
+                self.add((*path, "provider"),
+                         f'provider "{provider}" (type {cls.type_name}) cannot create keys, so '
+                         "scheduled rotation is impossible: set manual_only = true (without "
+                         "interval or schedule) and revoke it with "
+                         "rotator rotate-now --revoke-first")
+
+            params = data.get("params", {})
+            if cls is not None:
+                if isinstance(params, dict):
+                    validated = self.validate(cls.params_model, params, (*path, "params"))
+                else:
+                    validated = None
+                    self.add((*path, "params"), "params must be a table")
+                data["params"] = validated if validated is not None else PluginSettings()
+            else:
+                data["params"] = PluginSettings()
+
+            # Cross-field rules are checked here rather than only in the model, so they are
+            # reported even when another field of the same credential is also wrong.
+            if manual:
+                for key in ("interval", "schedule", "window"):
+                    if key in data:
+                        self.add((*path, key), "manual_only credentials are never rotated by "
+                                               f"schedule: remove {key}")
+                        del data[key]
+            elif "interval" in data and "schedule" in data:
+                self.add((*path, "schedule"), "give interval or schedule, not both")
+                del data["schedule"]
+            if not manual and data.get("interval") is None and data.get("schedule") is None:
+                data["interval"] = settings.default_interval
+            data.setdefault("grace", settings.default_grace)
+            cred = self.validate(CredentialConfig, data, path)
+            if cred is not None:
+                out.append(cred)
+        return out
+
+    def report(self, scrub: Sequence[str] = ()) -> list[Problem]:
+        """The problems as sorted :class:`Problem`, with any secret value blanked out."""
+        problems = []
+        for path, message in self.problems:
+            for value in scrub:
+                if value and len(value) >= 4:
+                    message = message.replace(value, "<redacted>")
+            problems.append(Problem(self.file, self.locator.line_for(path), format_key(path),
+                                    message))
+        unique = list(dict.fromkeys(problems))
+        unique.sort(key=lambda p: (p.line is None, p.line or 0, p.key))
+        return unique
+
+
+def _refs_in(node: Any, path: KeyPath) -> Iterator[tuple[KeyPath, dict[str, Any]]]:
+    """Tables shaped like a :class:`SecretRef` with a ``vault`` key, anywhere under ``node``."""
+    if isinstance(node, dict):
+        if "vault" in node and set(node) <= _SECRET_REF_KEYS:
+            yield path, node
+            return
+        for key, value in node.items():
+            yield from _refs_in(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _refs_in(value, (*path, index))
+
+
+def _under(path: KeyPath, prefixes: Sequence[KeyPath]) -> bool:
+    return any(path[:len(p)] == p for p in prefixes)
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+CONFIG_ENV = "ROTATOR_CONFIG"
+DEFAULT_CONFIG_FILE = "rotation-policies.toml"
+
+
+def resolve_config_path(option: str | None) -> Path:
+    """The policy file to use: ``-c PATH`` if given, else ``$ROTATOR_CONFIG``, else
+    ``./rotation-policies.toml``."""
+    if option:
+        return Path(option)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(DEFAULT_CONFIG_FILE)
+
+
+def load_policies(path: Path | str) -> Policies:
+    """Read and validate the policy file at ``path``.
+
+    Returns :class:`Policies`, or raises :class:`~rotator.errors.ConfigError` whose
+    ``problems`` (:class:`Problem`, sorted by line) list everything wrong. Never raises
+    anything else, whatever the file holds.
+    """
+    source = Path(path)
+    file = str(source)
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([Problem(file, None, "", (
+            f"no policy file at {source}: create it (the repository's rotation-policies.toml "
+            f"is a commented example), or point at yours with -c PATH or ${CONFIG_ENV}"))]
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError([Problem(file, None, "", "is a directory, not a policy file; "
+                                   "point at the file with -c PATH or $ROTATOR_CONFIG")]
+                          ) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError([Problem(file, None, "", f"cannot read the policy file: {reason}")]
+                          ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError([Problem(file, line, "", "the policy file is not UTF-8 text")]
+                          ) from None
+    return parse_policies(text, source)
+
+
+def parse_policies(text: str, source: Path | str = DEFAULT_CONFIG_FILE) -> Policies:
+    """Validate policy-file ``text`` as if read from ``source`` (which is not opened)."""
+    source = Path(source)
+    file = str(source)
+    try:
+        return _parse(text, source)
+    except ConfigError:
+        raise
+    except Exception as exc:  # never a traceback: the promise of this module
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+                 if tb is not None else "")
+        raise ConfigError([Problem(file, None, "", (
+            f"rotator could not validate this file ({type(exc).__name__}{where}); this is a "
+            "bug in rotator, please report it"))]) from None
+
+
+def _parse(text: str, source: Path) -> Policies:
+    file = str(source)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_POSITION.search(message)
+        line = int(match.group(1)) if match else None
+        if match is None and "end of document" in message:
+            line = text.count("\n") + 1
+        detail = _TOML_POSITION.sub("", message).replace(" (at end of document)", "")
+        column = f" (column {match.group(2)})" if match else ""
+        raise ConfigError([Problem(file, line, "", f"invalid TOML: {detail}{column}")]
+                          ) from None
+    except RecursionError:
+        raise ConfigError([Problem(file, None, "", "invalid TOML: nested too deeply")]
+                          ) from None
+    checker = _Checker(source, text, doc)
+    secrets = list(_find_secrets(doc))
+    policies = checker.run()
+    if secrets:
+        secret_paths = [path for path, _value in secrets]
+        # Whatever else was said about a secret's key may quote it: only this problem stays.
+        checker.problems = [(p, m) for p, m in checker.problems if not _under(p, secret_paths)]
+        for path, _value in secrets:
+            checker.add(path, SECRETS_NEVER_HERE)
+        policies = None
+    if policies is None:
+        raise ConfigError(checker.report(scrub=[value for _path, value in secrets]))
+    return policies

@@ -1,0 +1,169 @@
+"""Builds a small fleet on the real OpenBao and the fake OpenAI server, and drives the CLI.
+
+Every command's stdout and stderr go to files under the test's tmp_path, so the end-of-session
+leak scan (conftest.py) searches them for secret values along with the state databases.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from rotator.testing.fake_openai import FakeOpenAIServer
+from rotator.testing.openbao import OpenBaoDevServer
+
+ROTATOR = [sys.executable, "-m", "rotator.cli"]
+
+
+@dataclass
+class Fleet:
+    tmp: Path
+    bao: OpenBaoDevServer
+    fake: FakeOpenAIServer
+    project: str
+    prefix: str
+    config: Path
+    credentials: list[dict[str, Any]] = field(default_factory=list)
+    legacy_keys: dict[str, str] = field(default_factory=dict)
+    """credential -> key id of the key seeded before rotator ran (adopted)."""
+    _runs: int = 0
+
+    @property
+    def state_db(self) -> Path:
+        return self.tmp / "state.db"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
+        env.update(VAULT_TOKEN=self.bao.root_token, ROTATOR_CONFIG=str(self.config),
+                   PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+    def _outputs(self, label: str) -> tuple[Path, Path]:
+        self._runs += 1
+        base = self.tmp / "out"
+        base.mkdir(exist_ok=True)
+        stem = base / f"{self._runs:03d}-{label}"
+        return stem.with_suffix(".stdout"), stem.with_suffix(".stderr")
+
+    def cli(self, *args: str, timeout: float = 120,
+            **env: str) -> subprocess.CompletedProcess[str]:
+        """Run ``rotator ARGS`` to completion; output is kept on disk and returned."""
+        out, err = self._outputs(args[0] if args else "rotator")
+        with out.open("w") as fo, err.open("w") as fe:
+            proc = subprocess.run([*ROTATOR, *args], env=self.env(**env), stdout=fo, stderr=fe,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.tmp)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(),
+                                           err.read_text())
+
+    def start_daemon(self, **env: str) -> subprocess.Popen[bytes]:
+        out, err = self._outputs("run")
+        return subprocess.Popen([*ROTATOR, "run"], env=self.env(**env),
+                                stdout=out.open("w"), stderr=err.open("w"),
+                                stdin=subprocess.DEVNULL, cwd=self.tmp)
+
+    def vault_secret(self, cred: dict[str, Any]) -> dict[str, Any]:
+        client = self.bao.client()
+        data = client.secrets.kv.v2.read_secret_version(path=cred["path"], mount_point="secret",
+                                                        raise_on_deleted_version=True)
+        return data["data"]["data"]
+
+    def vault_value(self, cred: dict[str, Any]) -> str:
+        return self.vault_secret(cred)[cred["field"]]
+
+    def live_keys(self, cred: dict[str, Any]) -> list[dict[str, Any]]:
+        return [k for k in self.fake.live_keys(self.project)
+                if k["service_account_id"] == cred["service_account_id"]]
+
+    def assert_settled(self) -> None:
+        """The invariants after every rotation finished: the vault holds a key the provider
+        accepts, it is the only live key of that agent, and other fields were kept."""
+        for cred in self.credentials:
+            secret = self.vault_secret(cred)
+            assert self.fake.is_valid(secret[cred["field"]]), f"{cred['name']}: vault key rejected"
+            assert secret.get("OTHER") == "keep-me", f"{cred['name']}: other field lost"
+            live = self.live_keys(cred)
+            assert len(live) == 1, f"{cred['name']}: live keys {[k['id'] for k in live]}"
+
+
+def make_fleet(tmp: Path, bao: OpenBaoDevServer, fake: FakeOpenAIServer, n: int = 1, *,
+               grace: str = "0s", interval: str = "30d", health: dict[str, Any] | None = None,
+               settings: dict[str, Any] | None = None, seed: bool = True,
+               extra: Callable[[dict[str, Any]], None] | None = None) -> Fleet:
+    """``n`` credentials, each with its own service account and (if ``seed``) a legacy key
+    already in the vault, and a policy file at ``tmp/rotation-policies.toml``."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    project = fake.add_project()
+    client = bao.client()
+    client.secrets.kv.v2.create_or_update_secret(path=f"{prefix}/openai-admin",
+                                                 secret={"key": fake.admin_key},
+                                                 mount_point="secret")
+    fleet = Fleet(tmp=tmp, bao=bao, fake=fake, project=project, prefix=prefix,
+                  config=tmp / "rotation-policies.toml")
+    creds = []
+    for i in range(n):
+        account = fake.add_service_account(project, name=f"agent-{i}")
+        cred = {
+            "name": f"agent-{i}/openai", "agent": f"agent-{i}", "provider": "openai-test",
+            "vault": "main", "path": f"{prefix}/agents/agent-{i}", "field": "OPENAI_API_KEY",
+            "interval": interval, "grace": grace,
+            "params": {"service_account_id": account},
+            "health_check": health or {"type": "none"},
+        }
+        fleet.credentials.append({**cred, "service_account_id": account})
+        if seed:
+            key_id, value = fake.seed_key(project, account, name="legacy")
+            fleet.legacy_keys[cred["name"]] = key_id
+            client.secrets.kv.v2.create_or_update_secret(
+                path=cred["path"], secret={"OPENAI_API_KEY": value, "OTHER": "keep-me"},
+                mount_point="secret")
+        else:
+            client.secrets.kv.v2.create_or_update_secret(
+                path=cred["path"], secret={"OTHER": "keep-me"}, mount_point="secret")
+        creds.append(cred)
+    doc: dict[str, Any] = {
+        "rotator": {"state_url": f"sqlite:///{fleet.state_db}", "jitter": "0s",
+                    "poll_interval": "1s", "lock_ttl": "30s", "retry_deadline": "20s",
+                    "metrics_address": "127.0.0.1:0", **(settings or {})},
+        "vaults": {"main": {"type": "vault", "url": bao.url, "token_env": "VAULT_TOKEN"}},
+        "providers": {"openai-test": {
+            "type": "openai", "project_id": project, "base_url": fake.base_url,
+            "admin_key": {"vault": "main", "path": f"{prefix}/openai-admin", "field": "key"}}},
+        "credentials": creds,
+    }
+    if extra is not None:
+        extra(doc)
+    fleet.config.write_text(tomli_w.dumps(doc))
+    return fleet
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition",
+             interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("daemon did not stop within 30s of SIGTERM") from None

@@ -1,0 +1,105 @@
+"""`rotator run` as operators run it: a subprocess, signals, reloads, and agents probing it."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from rotator.state.store import StateStore
+from rotator.testing.agent import SampleAgent
+from tests.support import make_fleet, stop_daemon, wait_for
+
+
+def _successes(store: StateStore, name: str) -> int:
+    return sum(1 for r in store.rotations(name, limit=1000) if r.outcome == "success")
+
+
+@pytest.mark.slow
+def test_agents_never_see_a_rejected_key_during_many_rotations(tmp_path, openbao, fake_openai):
+    """The no-outage invariant, probed: each agent reads the vault and calls the provider in a
+    loop while the daemon rotates every credential every few seconds."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=6, interval="2s", grace="1s",
+                       settings={"max_concurrent_rotations": 3})
+    agents = [SampleAgent(vault_url=openbao.url, vault_token=openbao.root_token,
+                          path=c["path"], field=c["field"], provider_base_url=fake_openai.base_url,
+                          period=0.02) for c in fleet.credentials]
+    for agent in agents:
+        agent.start()
+    daemon = fleet.start_daemon()
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    try:
+        wait_for(lambda: all(_successes(store, c["name"]) >= 4 for c in fleet.credentials),
+                 timeout=120, what="four rotations of every credential")
+        # Stop scheduling by reloading a policy with a long interval, then let grace end.
+        fleet.config.write_text(fleet.config.read_text().replace('"2s"', '"30d"'))
+        wait_for(lambda: not store.pending_revocations() and not store.unfinished_rotations(),
+                 timeout=60, what="the last revocations")
+        time.sleep(0.5)
+    finally:
+        code = stop_daemon(daemon)
+        for agent in agents:
+            agent.stop()
+    assert code == 0
+    total = sum(_successes(store, c["name"]) for c in fleet.credentials)
+    store.close()
+    assert total >= 24
+    assert sum(a.successes for a in agents) > 100
+    assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
+    fleet.assert_settled()
+
+
+@pytest.mark.slow
+def test_reload_with_invalid_file_keeps_running_policies(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    daemon = fleet.start_daemon()
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    try:
+        wait_for(lambda: _successes(store, "agent-0/openai") == 1, what="first rotation")
+        good = fleet.config.read_text()
+        fleet.config.write_text(good.replace('interval = "30d"', 'interval = "30x"'))
+        daemon.send_signal(signal.SIGHUP)
+        errlog = sorted((tmp_path / "out").glob("*-run.stderr"))[-1]
+        wait_for(lambda: "policy reload rejected" in errlog.read_text(), what="reload refusal")
+        assert "30x" in errlog.read_text() and "is not a duration" in errlog.read_text()
+        assert daemon.poll() is None, "an invalid reload must not stop the daemon"
+        fleet.config.write_text(good.replace("agent-0", "agent-zero", 1))
+        wait_for(lambda: "policies reloaded" in errlog.read_text(), what="good reload")
+    finally:
+        assert stop_daemon(daemon) == 0
+        store.close()
+
+
+def test_daemon_refuses_to_start_on_invalid_file(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    fleet.config.write_text(fleet.config.read_text() + "\n[bogus]\nx = 1\n")
+    result = fleet.cli("run", timeout=60)
+    assert result.returncode == 2
+    assert "bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_step_in_flight(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    fake_openai.set_latency(1.5)
+    daemon = fleet.start_daemon()
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    wait_for(lambda: store.unfinished_rotations(), what="a rotation to start")
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    unfinished = store.unfinished_rotations()
+    fake_openai.set_latency(0)
+    # Whatever step it stopped after, a restart finishes the same rotation.
+    daemon = fleet.start_daemon()
+    try:
+        wait_for(lambda: _successes(store, "agent-0/openai") == 1, what="resumed rotation")
+    finally:
+        stop_daemon(daemon)
+    rotations = store.rotations()
+    store.close()
+    assert len(rotations) == 1
+    if unfinished:
+        assert rotations[0].id == unfinished[0].id
+    fleet.assert_settled()
