@@ -23,7 +23,8 @@ FIELD = "OPENAI_API_KEY"
 
 
 def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as fh:
+        spec = json.loads(fh.read())
     local = threading.local()
 
     def vault() -> hvac.Client:

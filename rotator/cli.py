@@ -107,6 +107,14 @@ def main(verbose: bool) -> None:
 @config_option
 def run(config_path: str | None) -> None:
     """Run the daemon: rotate due credentials, resume interrupted ones, reload on SIGHUP."""
+    import signal
+
+    # Until the daemon's own handlers are in place, a SIGTERM must still mean "stop cleanly".
+    early: dict[str, str] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda num, _f: early.setdefault("stop", signal.Signals(num).name))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     from rotator.config import resolve_config_path
     from rotator.log import setup_logging
     from rotator.scheduling import Daemon
@@ -118,6 +126,8 @@ def run(config_path: str | None) -> None:
     def body() -> int:
         daemon = Daemon(resolve_config_path(config_path), policies)
         daemon.install_signal_handlers()
+        if "stop" in early:
+            daemon.stop(early["stop"])
         daemon.run()
         return 0
 

@@ -68,7 +68,7 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
             agent.start()
             stack.append(agent)
             spec["agent"] = agent
-            out.line(f"  sample agent {agent_name:<12}{agent.health_url}")
+            out.line(f"  agent {agent_name:<17} {agent.health_url}")
         for cred in demo_doc["credentials"]:
             cred["health_check"]["url"] = agents[cred["agent"]]["agent"].health_url
         demo_file = work / "rotation-policies.demo.toml"
@@ -196,8 +196,8 @@ class _Printer:
     def __init__(self) -> None:
         from rich.console import Console
 
-        self.console = Console(highlight=False)
         self.tty = sys.stdout.isatty()
+        self.console = Console(highlight=False, width=None if self.tty else 160)
         self._live: Any = None
         self._last: list[dict[str, str]] | None = None
 

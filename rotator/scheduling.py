@@ -160,11 +160,12 @@ class Daemon:
 
     # -- reload --------------------------------------------------------------------------------
 
-    def _file_mtime(self) -> float | None:
+    def _file_mtime(self) -> tuple[int, int] | None:
         try:
-            return self.config_path.stat().st_mtime
+            st = self.config_path.stat()
         except OSError:
             return None
+        return st.st_mtime_ns, st.st_size
 
     def _check_reload(self) -> None:
         mtime = self._file_mtime()
