@@ -93,7 +93,7 @@ def world(fake_openai: FakeOpenAIServer) -> Iterator[World]:
 def test_create_names_the_key_with_the_rotation_id(world: World) -> None:
     assert world.resolved == []  # the admin key is resolved on first use, not at construction
     new = world.provider.create(world.cred, "rot-123")
-    assert world.resolved == [{"env": "OPENAI_ADMIN_KEY"}]
+    assert [ref.env for ref in world.resolved] == ["OPENAI_ADMIN_KEY"]
     [row] = world.fake.live_keys(world.project)
     assert row["id"] == new.key_id
     assert row["name"] == key_name_for("rot-123")
