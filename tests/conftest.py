@@ -8,6 +8,7 @@ for them, and the run fails if any appears.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,24 @@ from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
 
 ISSUED_SECRETS: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_everything_to_a_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """In-process log records go to a file too, so the leak scan searches them."""
+    handler = logging.FileHandler(tmp_path_factory.mktemp("logs") / "in-process.log")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
 
 
 @pytest.fixture(scope="session")

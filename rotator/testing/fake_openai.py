@@ -366,9 +366,10 @@ class FakeOpenAIServer:
             ]
 
     def issued_values(self) -> list[str]:
-        """Every key value this fake ever issued, deleted ones included (for leak scans)."""
+        """Every key value this fake ever issued, deleted ones included, and its admin key
+        (for leak scans)."""
         with self._lock:
-            return [k.value for k in self._keys.values()]
+            return [self.admin_key, *(k.value for k in self._keys.values())]
 
     # -- fault injection -----------------------------------------------------------------------
 
