@@ -37,6 +37,11 @@ def main() -> None:
                                          raise_on_deleted_version=True)["data"]["data"]["key"]
     admin = openai.OpenAI(api_key="", admin_api_key=admin_key, base_url=spec["base_url"],
                           max_retries=0)
+    shared = openai.DefaultHttpxClient()  # one transport for every verify, as rotator does
+
+    def verify(key: str) -> None:
+        openai.OpenAI(api_key=key, base_url=spec["base_url"], max_retries=0,
+                      http_client=shared).models.list()
 
     def rotate(cred: dict[str, Any]) -> None:
         path = cred["path"]
@@ -49,21 +54,22 @@ def main() -> None:
         kv().create_or_update_secret(path=staged, secret={"value": key.value, "field": FIELD})
         value = kv().read_secret_version(path=staged,
                                          raise_on_deleted_version=True)["data"]["data"]["value"]
-        with openai.OpenAI(api_key=value, base_url=spec["base_url"], max_retries=0) as c:
-            c.models.list()
+        verify(value)
         live = kv().read_secret_version(path=path, raise_on_deleted_version=True)["data"]
         data = {**live["data"], FIELD: value}
         version = kv().create_or_update_secret(path=path, secret=data,
                                                cas=live["metadata"]["version"])["data"]["version"]
-        kv().patch_metadata(path=path, custom_metadata={
-            f"{FIELD}.key_id": key.id, f"{FIELD}.version": str(version)})
+        vault().adapter.request(
+            "PATCH", f"/v1/secret/metadata/{path}",
+            json={"custom_metadata": {f"{FIELD}.key_id": key.id,
+                                      f"{FIELD}.version": str(version)}},
+            headers={"Content-Type": "application/merge-patch+json"})
         kv().delete_metadata_and_all_versions(path=staged)
         admin.admin.organization.projects.api_keys.delete(old_id, project_id=spec["project_id"])
         old = kv().read_secret_version(path=path, version=old_version,
                                        raise_on_deleted_version=True)["data"]["data"][FIELD]
         try:
-            with openai.OpenAI(api_key=old, base_url=spec["base_url"], max_retries=0) as c:
-                c.models.list()
+            verify(old)
         except openai.AuthenticationError:
             return
         raise SystemExit("old key still accepted")

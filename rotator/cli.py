@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -384,5 +386,27 @@ def demo(duration: str | None, workdir: str | None) -> None:
     _guard(lambda: run_demo(duration=limit, workdir=Path(workdir) if workdir else None))
 
 
+def console_main() -> None:
+    """The ``rotator`` console script: run the command, then leave without the interpreter's
+    module teardown, which costs half a second with the SDKs loaded. By then every command
+    has committed and closed what it opened; output and logs are flushed here."""
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if isinstance(code, str):
+        click.echo(code, err=True)
+        code = 1
+    if threading.active_count() > 1 and any(
+            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a non-daemon thread still runs: let the interpreter wait for it
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

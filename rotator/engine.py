@@ -182,15 +182,16 @@ class Engine:
     def sync_credentials(self) -> None:
         """Make the store know every credential of the policy file and its next due time."""
         now = self.clock()
-        for cred in self.policies.credentials:
-            self.store.ensure_credential(cred.name, cred.agent, cred.provider, now)
-            state = self.store.credential(cred.name)
-            assert state is not None
+        by_name = {c.name: c for c in self.policies.credentials}
+
+        def next_due(state: Any) -> tuple[datetime | None, str] | None:
             if state.failures and state.next_due_at is not None:
-                continue  # keep the failure backoff
-            due, reason = self._next_due(cred, state.last_rotated_at, state.first_seen_at, now)
-            if (due, reason) != (state.next_due_at, state.due_reason):
-                self.store.update_credential(cred.name, next_due_at=due, due_reason=reason)
+                return None  # keep the failure backoff
+            first_seen = state.first_seen_at or now
+            return self._next_due(by_name[state.name], state.last_rotated_at, first_seen, now)
+
+        self.store.sync_credentials(
+            [(c.name, c.agent, c.provider) for c in self.policies.credentials], now, next_due)
 
     def rotate(self, request: RotationRequest, *, wait: float = 0.0) -> RotationResult:
         """Rotate one credential now, after finishing any rotation of it left unfinished.
@@ -206,7 +207,8 @@ class Engine:
                     log.info("%s: resuming rotation %s at step %s first", cred.name,
                              unfinished.id, unfinished.step)
                     earlier = self._drive(unfinished, cred)
-                    if self._reload(unfinished.id).status == "running":
+                    if earlier.outcome == "interrupted" or \
+                            self._reload(unfinished.id).status == "running":
                         return earlier  # its clean-up is still pending: do not pile on
                 now = self.clock()
                 rotation = Rotation(
@@ -216,13 +218,14 @@ class Engine:
                     requested_by=request.requested_by, status="running", step="prepare",
                     started_at=now,
                 )
-                self.store.add_rotation(rotation)
+                step_row = self.store.start_rotation(rotation)
                 log.info("%s: rotation %s started (trigger %s, revoke %s)", cred.name,
                          rotation.id, request.trigger, request.revoke_mode)
-                result = self._drive(rotation, cred)
-                if request.revoke_mode != "grace" and result.outcome == "success":
-                    self.store.expedite_revocations(cred.name, self.clock())
-                    self._revoke_due(cred, self.clock())
+                result = self._drive(rotation, cred, step_row=step_row)
+                # An emergency also kills keys still in the grace of earlier rotations.
+                if (request.revoke_mode != "grace" and result.outcome == "success"
+                        and self.store.expedite_revocations(cred.name, self.clock())):
+                    self._revoke_credential(cred)
                 return result
         except LockHeld as exc:
             return RotationResult(cred.name, None, "skipped", str(exc))
@@ -255,20 +258,22 @@ class Engine:
         return [r for r in (self.resume(name) for name in names) if r is not None]
 
     def process_revocations(self) -> int:
-        """Revoke every old key whose grace period is over; returns how many were revoked."""
+        """Revoke every old key whose grace period is over; returns how many were revoked.
+
+        Also finishes rotations whose last revocation was done just before a crash.
+        """
         now = self.clock()
-        done = 0
         credentials = {r.credential for r in self.store.pending_revocations(due_by=now)}
-        # ... and rotations whose last revocation was done just before a crash
         credentials |= {r.credential for r in self.store.rotations_in_grace()
                         if not any(v.status == "pending" for v in self.store.revocations(r.id))}
+        done = 0
         for name in sorted(credentials):
             cred = self._credential_or_none(name)
             if cred is None:
                 continue
             try:
                 with self._locked(name, 0):
-                    done += self._revoke_due(cred, self.clock())
+                    done += self._revoke_credential(cred)
             except LockHeld:
                 continue
         return done
@@ -293,9 +298,13 @@ class Engine:
         finally:
             self.leases.release(name)
 
-    def _drive(self, rotation: Rotation, cred: CredentialConfig) -> RotationResult:
-        """Run ``rotation`` from its recorded step until it is done, in grace, or failed."""
-        started = time.monotonic()
+    def _drive(self, rotation: Rotation, cred: CredentialConfig, *,
+               step_row: int | None = None) -> RotationResult:
+        """Run ``rotation`` from its recorded step until it is done, in grace, or failed.
+
+        ``step_row`` is the open record of the step about to run (None when resuming: the
+        step then counts as a re-run, and cleans up after a crashed run of itself).
+        """
         rid = rotation.id
         while True:
             if self.stop_event.is_set():
@@ -304,21 +313,12 @@ class Engine:
                 return self._interrupted(rotation, "the lease was lost to another worker")
             step = rotation.step
             if step == "revoke":
-                self._revoke_due(cred, self.clock(), rotation_id=rid)
-                rotation = self._reload(rid)
-                if rotation.status == "succeeded":
-                    return self._result(rotation, "success")
-                if rotation.status != "succeeded":
-                    pending = self.store.revocations(rid)
-                    when = min((r.not_before for r in pending if r.status == "pending"),
-                               default=None)
-                    return self._result(rotation, "success", revoke_at=when,
-                                        extra=f"old key revoked at {when:%Y-%m-%d %H:%M:%S} UTC"
-                                        if when else None)
-                return self._finish(rotation, cred, "success", started)
+                return self._revoke_phase(rotation, cred)
             if rotation.status != "running":
                 return self._result(rotation, rotation.outcome or rotation.status)
-            rerun = self.store.step_started(rid, step, self.clock())
+            rerun = step_row is None
+            if step_row is None:
+                step_row = self.store.resume_step(rid, step, self.clock())
             t0 = time.monotonic()
             try:
                 next_step, fields = getattr(self, f"_step_{step}")(rotation, cred, rerun)
@@ -328,28 +328,30 @@ class Engine:
                 if self.stop_event.is_set():
                     return self._interrupted(rotation, "the daemon is stopping")
                 message = _describe(exc)
-                self.store.step_finished(rid, step, "failed", self.clock(), message=message,
-                                         error=message)
                 self._emit_step(rotation, step, "failed", t0, message)
                 if step == "rollback":
+                    self.store.step_transition(rid, step_row, "failed", self.clock(),
+                                               message=message, error=message)
                     log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
                               rid, message)
-                    return self._result(self._reload(rid), "failed",
+                    return self._result(rotation, "failed",
                                         extra=f"clean-up pending, will retry: {message}")
                 outcome = "rolled_back" if step == "health" else "failed"
                 log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
                           message)
-                self.store.update_rotation(rid, outcome=outcome, step="rollback")
-                rotation = self._reload(rid)
+                fields = {"outcome": outcome, "error": message}
+                step_row = self.store.step_transition(rid, step_row, "failed", self.clock(),
+                                                      message, "rollback", **fields)
+                _apply(rotation, fields, "rollback")
                 continue
             crashpoint(f"effect:{step}")
-            self.store.step_finished(rid, step, "succeeded", self.clock(), step=next_step,
-                                     **fields)
+            step_row = self.store.step_transition(rid, step_row, "succeeded", self.clock(),
+                                                  None, next_step, **fields)
             crashpoint(f"after:{step}")
+            _apply(rotation, fields, next_step)
             self._emit_step(rotation, step, "succeeded", t0, None)
-            rotation = self._reload(rid)
             if step == "rollback":
-                return self._finish(rotation, cred, rotation.outcome or "failed", started)
+                return self._finish(rotation, cred, rotation.outcome or "failed")
 
     # -- the steps: each returns (next step, rotation fields to record) ------------------------
 
@@ -392,7 +394,10 @@ class Engine:
             log.warning("%s: old key %s revoked before anything else (--revoke-first)",
                         cred.name, rot.old_key_id)
         if not provider.capabilities.create:
-            return "done", {}
+            # Emergency revocation is all such a provider can do: the rotation ends here.
+            self.store.enter_grace(rot.id, cred.name, self.clock(), None, current_key_id=None,
+                                   last_outcome="success", last_rotation_id=rot.id)
+            return "revoke", {"status": "grace"}
         return "create", {}
 
     def _step_create(self, rot: Rotation, cred: CredentialConfig,
@@ -470,23 +475,14 @@ class Engine:
                     rerun: bool) -> tuple[str, dict[str, Any]]:
         now = self.clock()
         grace = cred.grace if rot.revoke_mode == "grace" else timedelta(0)
+        revocation = None
         if rot.old_key_id and rot.revoke_mode != "first":
-            self.store.schedule_revocation(rot.id, cred.name, rot.old_key_id, rot.old_version,
-                                           now + grace)
-        state = self.store.credential(cred.name)
-        first_seen = state.first_seen_at if state else now
-        due, reason = self._next_due(cred, now, first_seen, now)
-        self.store.update_credential(
-            cred.name, last_rotated_at=now, last_rotation_id=rot.id, last_outcome="success",
-            last_error=None, current_key_id=rot.new_key_id, next_due_at=due, due_reason=reason,
-            failures=0)
-        return "revoke", {"status": "grace"}
-
-    def _step_done(self, rot: Rotation, cred: CredentialConfig,
-                   rerun: bool) -> tuple[str, dict[str, Any]]:
-        # Only reached by --revoke-first on a provider that cannot create keys.
-        self.store.update_credential(cred.name, current_key_id=None, last_outcome="success",
-                                     last_rotation_id=rot.id)
+            revocation = (rot.old_key_id, rot.old_version, now + grace)
+        due, reason = self._next_due(cred, now, now, now)
+        self.store.enter_grace(
+            rot.id, cred.name, now, revocation, last_rotated_at=now, last_rotation_id=rot.id,
+            last_outcome="success", last_error=None, current_key_id=rot.new_key_id,
+            next_due_at=due, due_reason=reason, failures=0)
         return "revoke", {"status": "grace"}
 
     def _step_rollback(self, rot: Rotation, cred: CredentialConfig,
@@ -529,31 +525,35 @@ class Engine:
 
     # -- revocation ----------------------------------------------------------------------------
 
-    def _revoke_due(self, cred: CredentialConfig, now: datetime,
-                    rotation_id: str | None = None) -> int:
-        """Revoke ``cred``'s old keys whose time has come; finish their rotations when clear."""
+    def _revoke_phase(self, rotation: Rotation, cred: CredentialConfig) -> RotationResult:
+        """Revoke this rotation's old keys that are due; finish it once none is pending."""
+        now = self.clock()
+        pending = [r for r in self.store.revocations(rotation.id) if r.status == "pending"]
+        for rev in [r for r in pending if r.not_before <= now]:
+            if self._revoke_one(cred, rotation, rev):
+                pending.remove(rev)
+        if pending:
+            when = min(r.not_before for r in pending)
+            return self._result(rotation, "success", revoke_at=when,
+                                extra=f"old key revoked after {when:%Y-%m-%d %H:%M:%S} UTC")
+        return self._finish(rotation, cred, "success")
+
+    def _revoke_credential(self, cred: CredentialConfig) -> int:
+        """Run the revoke phase of every rotation of ``cred`` in its grace period."""
         count = 0
-        for rev in self.store.pending_revocations(due_by=now, credential=cred.name):
-            if rotation_id is not None and rev.rotation_id != rotation_id \
-                    and rev.not_before > now:
+        for rotation in self.store.rotations_in_grace():
+            if rotation.credential != cred.name:
                 continue
-            if self._revoke_one(cred, rev):
-                count += 1
-        for rid in {r.rotation_id for r in self.store.pending_revocations(credential=cred.name)}\
-                | ({rotation_id} if rotation_id else set()):
-            self._finish_if_clear(rid, cred)
-        # rotations whose last revocation just completed
-        for rid in self._grace_rotations(cred.name):
-            self._finish_if_clear(rid, cred)
+            before = self.store.count_pending_revocations()
+            self._revoke_phase(rotation, cred)
+            count += before - self.store.count_pending_revocations()
         return count
 
-    def _revoke_one(self, cred: CredentialConfig, rev: Revocation) -> bool:
+    def _revoke_one(self, cred: CredentialConfig, rotation: Rotation, rev: Revocation) -> bool:
         provider = self.runtime.provider(cred.provider)
         vault = self.runtime.vault(cred.vault)
         info = self.runtime.info(cred)
-        self.store.step_started(rev.rotation_id, "revoke", self.clock())
-        t0 = time.monotonic()
-        rotation = self._reload(rev.rotation_id)
+        started, t0 = self.clock(), time.monotonic()
         try:
             self._retry(provider.revoke, info, rev.key_id)
             if provider.capabilities.verify_revoked and rev.vault_version:
@@ -566,21 +566,17 @@ class Engine:
             message = _describe(exc)
             attempts = rev.attempts + 1
             backoff = min(FAILURE_BACKOFF_BASE * 2 ** (attempts - 1), FAILURE_BACKOFF_MAX)
-            self.store.update_revocation(rev.id, attempts=attempts, last_error=message,
-                                         not_before=self.clock() + backoff)
-            self.store.step_finished(rev.rotation_id, "revoke", "failed", self.clock(),
-                                     message=message, step="revoke")
+            self.store.record_revocation(rev.id, rotation.id, started, self.clock(), ok=False,
+                                         message=message, retry_at=self.clock() + backoff)
             self._emit_step(rotation, "revoke", "failed", t0, message)
             log.error("%s: revoking old key %s failed (attempt %d, next try in %s): %s",
                       cred.name, rev.key_id, attempts, backoff, message)
             return False
         crashpoint("effect:revoke")
-        self.store.update_revocation(rev.id, status="done", done_at=self.clock(),
-                                     attempts=rev.attempts + 1, last_error=None)
-        self.store.step_finished(rev.rotation_id, "revoke", "succeeded", self.clock(),
-                                 message=f"revoked {rev.key_id}", step="revoke")
-        self._emit_step(rotation, "revoke", "succeeded", t0, None)
+        self.store.record_revocation(rev.id, rotation.id, started, self.clock(), ok=True,
+                                     message=f"revoked {rev.key_id}")
         crashpoint("after:revoke")
+        self._emit_step(rotation, "revoke", "succeeded", t0, None)
         log.info("%s: old key %s revoked", cred.name, rev.key_id)
         return True
 
@@ -591,17 +587,6 @@ class Engine:
         except CredentialRejected:
             return
         raise TransientError(f"old key {key_id} is still accepted after revocation")
-
-    def _grace_rotations(self, credential: str) -> list[str]:
-        return [r.id for r in self.store.rotations_in_grace() if r.credential == credential]
-
-    def _finish_if_clear(self, rotation_id: str, cred: CredentialConfig) -> None:
-        rotation = self.store.rotation(rotation_id)
-        if rotation is None or rotation.status != "grace":
-            return
-        if any(r.status == "pending" for r in self.store.revocations(rotation_id)):
-            return
-        self._finish(rotation, cred, "success", None)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -637,14 +622,14 @@ class Engine:
             fields.update(current_key_id=rot.new_key_id)
         self.store.update_credential(cred.name, **fields)
 
-    def _finish(self, rotation: Rotation, cred: CredentialConfig, outcome: str,
-                started: float | None) -> RotationResult:
+    def _finish(self, rotation: Rotation, cred: CredentialConfig,
+                outcome: str) -> RotationResult:
         now = self.clock()
-        if rotation.status in ("grace", "running"):
+        if rotation.status in ("grace", "running") or rotation.finished_at is None:
             status = "succeeded" if outcome == "success" else outcome
-            self.store.update_rotation(rotation.id, status=status, outcome=outcome,
-                                       step="done", finished_at=now)
-            rotation = self._reload(rotation.id)
+            fields = {"status": status, "outcome": outcome, "step": "done", "finished_at": now}
+            self.store.update_rotation(rotation.id, **fields)
+            _apply(rotation, fields, "done")
         duration = (rotation.finished_at or now) - rotation.started_at
         event = RotationFinished(rotation.id, rotation.credential, rotation.agent,
                                  rotation.provider, rotation.trigger, outcome,
@@ -719,6 +704,14 @@ class Engine:
                 listener(event)
             except Exception:  # an observer must never break a rotation
                 log.exception("event listener failed")
+
+
+def _apply(rotation: Rotation, fields: dict[str, Any], step: str | None) -> None:
+    """Mirror what was just recorded onto the in-memory row (saves reading it back)."""
+    for key, value in fields.items():
+        setattr(rotation, key, value)
+    if step is not None:
+        rotation.step = step
 
 
 _exponential = wait_exponential_jitter(multiplier=0.5, max=10)

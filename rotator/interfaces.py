@@ -164,6 +164,10 @@ class Provider(ABC):
     def check_access(self) -> None:
         """Confirm the provider's admin credential works (``rotator check --online``)."""
 
+    def warm_up(self) -> None:
+        """Import the SDK now, on the main thread, before rotations run on worker threads
+        (concurrent first imports of one package from several threads are not safe)."""
+
     def close(self) -> None:
         """Release connections; called once when the daemon or command ends."""
 
@@ -237,6 +241,9 @@ class Vault(ABC):
 
     def health(self) -> None:
         """Raise if the vault is unreachable, sealed or refuses the daemon's credentials."""
+
+    def warm_up(self) -> None:
+        """Import the SDK now, on the main thread (see ``Provider.warm_up``)."""
 
     def close(self) -> None:
         """Release connections."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,13 @@ class Runtime:
                                                             self.resolve_secret)
                 self._providers[name] = provider
             return provider
+
+    def warm_up(self, credentials: Iterable[CredentialConfig]) -> None:
+        """Build the plugins these credentials use and let them import their SDKs, on the
+        calling thread, before worker threads need them."""
+        for cred in credentials:
+            self.vault(cred.vault).warm_up()
+            self.provider(cred.provider).warm_up()
 
     def info(self, credential: CredentialConfig) -> CredentialInfo:
         return CredentialInfo(name=credential.name, agent=credential.agent,

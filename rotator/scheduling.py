@@ -63,6 +63,7 @@ class Daemon:
     def run(self) -> None:
         """Block until ``stop``; then wait for the steps in flight and return."""
         self.engine.sync_credentials()
+        self.runtime.warm_up(self.policies.credentials)
         settings = self.policies.settings
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
                  len(self.policies.credentials), _safe_url(settings.state_url),
@@ -189,6 +190,7 @@ class Daemon:
         self.policies = policies
         self.runtime = Runtime(policies)
         self.engine.policies = policies
+        self.runtime.warm_up(policies.credentials)
         self.engine.runtime = self.runtime
         self.engine.sync_credentials()
         log.info("policies reloaded: %d credential(s)", len(policies.credentials))

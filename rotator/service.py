@@ -170,6 +170,7 @@ def rotate_now(ctx: Context, credentials: list[CredentialConfig], *, revoke_mode
     user = _os_user()
     wait = ctx.policies.settings.lock_ttl.total_seconds() + 60
     results: list[RotationResult] = []
+    ctx.runtime.warm_up(credentials)
     workers = min(ctx.policies.settings.max_concurrent_rotations, max(len(credentials), 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="rotate-now") as pool:
         futures = {

@@ -13,6 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from rotator.errors import PermanentError
+from rotator.state import schema
 from rotator.state.models import Base
 from rotator.state.store import StateStore, lock_owner_id
 
@@ -25,6 +26,10 @@ def test_migrations_create_exactly_the_models(tmp_path):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     store.close()
     assert diff == [], "a model changed without a migration"
+
+
+def test_head_constant_matches_the_migrations():
+    assert schema.head_revision() == schema.HEAD
 
 
 def test_state_file_is_owner_only(tmp_path):

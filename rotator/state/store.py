@@ -7,14 +7,16 @@ several replicas changes the URL, not the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +24,23 @@ from rotator.state import schema
 from rotator.state.models import CredentialState, Lock, Revocation, Rotation, RotationStep
 
 __all__ = ["StateStore", "lock_owner_id"]
+
+_NOT_RUN = frozenset({"revoke", "done"})
+"""Rotation states that are not a step run by ``_drive`` (revocations record their own rows)."""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CREDENTIALS = CredentialState.__table__
+_ROTATIONS = Rotation.__table__
+_STEPS = RotationStep.__table__
+_REVOCATIONS = Revocation.__table__
+_LOCKS = Lock.__table__
+
+
+def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> int:
+    result = conn.execute(insert(_STEPS).values(rotation_id=rotation_id, step=step,
+                                                status="started", started_at=now))
+    return int(result.inserted_primary_key[0])
 
 
 def lock_owner_id(tag: str) -> str:
@@ -64,16 +83,50 @@ class StateStore:
         if migrate:
             schema.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite takes one writer at a time and makes the others sleep in its busy handler
+        # (up to 100 ms a try); queueing this process's threads on a lock instead is far
+        # faster. Other processes still meet SQLite's own lock and busy timeout.
+        self._serial: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext())
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
+        with self._serial, self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        """A Core transaction, for the writes every rotation makes (half the CPU of the ORM,
+        and so half the time the SQLite write lock is held)."""
+        with self._serial, self.engine.begin() as conn:
+            yield conn
+
     # -- credentials ---------------------------------------------------------------------------
+
+    def sync_credentials(
+        self, credentials: Sequence[tuple[str, str, str]], now: datetime,
+        next_due: Callable[[CredentialState], tuple[datetime | None, str] | None],
+    ) -> None:
+        """In one transaction: add (name, agent, provider) rows not yet known, and set each
+        credential's next due time to ``next_due(row)`` unless it returns None."""
+        with self.session() as s:
+            names = [c[0] for c in credentials]
+            rows = {r.name: r for r in s.scalars(
+                select(CredentialState).where(CredentialState.name.in_(names)))}
+            for name, agent, provider in credentials:
+                row = rows.get(name)
+                if row is None:
+                    row = CredentialState(name=name, agent=agent, provider=provider,
+                                          first_seen_at=now, failures=0)
+                    s.add(row)
+                elif (row.agent, row.provider) != (agent, provider):
+                    row.agent, row.provider = agent, provider
+                due = next_due(row)
+                if due is not None and (row.next_due_at, row.due_reason) != due:
+                    row.next_due_at, row.due_reason = due
 
     def ensure_credential(self, name: str, agent: str, provider: str, now: datetime) -> None:
         with self.session() as s:
@@ -93,8 +146,9 @@ class StateStore:
             return list(s.scalars(select(CredentialState).order_by(CredentialState.name)))
 
     def update_credential(self, name: str, **fields: Any) -> None:
-        with self.session() as s:
-            s.execute(update(CredentialState).where(CredentialState.name == name).values(**fields))
+        with self._tx() as conn:
+            conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == name)
+                         .values(**fields))
 
     def due_credentials(self, now: datetime, names: Sequence[str], limit: int) -> list[str]:
         """Names among ``names`` whose next due time has passed, most overdue first."""
@@ -128,8 +182,9 @@ class StateStore:
             return s.get(Rotation, rotation_id)
 
     def update_rotation(self, rotation_id: str, **fields: Any) -> None:
-        with self.session() as s:
-            s.execute(update(Rotation).where(Rotation.id == rotation_id).values(**fields))
+        with self._tx() as conn:
+            conn.execute(update(_ROTATIONS).where(_ROTATIONS.c.id == rotation_id)
+                         .values(**fields))
 
     def unfinished_rotations(self, credential: str | None = None) -> list[Rotation]:
         """Rotations stopped before their grace step (crash, stop, or a failing clean-up)."""
@@ -161,37 +216,76 @@ class StateStore:
             )
             return {name: step for name, step in rows}
 
-    def step_started(self, rotation_id: str, step: str, now: datetime) -> bool:
-        """Record that ``step`` starts; True if an earlier attempt of it was already recorded
-        (so the step must clean up after a crashed run of itself)."""
-        with self.session() as s:
-            earlier = s.scalar(
-                select(func.count()).select_from(RotationStep).where(
-                    RotationStep.rotation_id == rotation_id, RotationStep.step == step
-                )
-            )
-            s.add(RotationStep(rotation_id=rotation_id, step=step, status="started",
-                               started_at=now))
-            s.execute(update(Rotation).where(Rotation.id == rotation_id).values(step=step))
-            return bool(earlier)
+    def start_rotation(self, rotation: Rotation) -> int:
+        """Record a new rotation and the start of its first step; returns that step's row id."""
+        values = {c.name: getattr(rotation, c.name) for c in _ROTATIONS.columns}
+        with self._tx() as conn:
+            conn.execute(insert(_ROTATIONS).values(**values))
+            return _new_step(conn, rotation.id, rotation.step, rotation.started_at)
 
-    def step_finished(
-        self, rotation_id: str, step: str, status: str, now: datetime, /,
-        message: str | None = None, **rotation_fields: Any,
-    ) -> None:
-        """Close the step's latest record and apply ``rotation_fields`` in the same transaction."""
-        with self.session() as s:
-            step_id = s.scalar(
-                select(func.max(RotationStep.id)).where(
-                    RotationStep.rotation_id == rotation_id, RotationStep.step == step
-                )
-            )
-            if step_id is not None:
-                s.execute(update(RotationStep).where(RotationStep.id == step_id).values(
-                    status=status, finished_at=now, message=message))
+    def resume_step(self, rotation_id: str, step: str, now: datetime) -> int:
+        """The step row to close when a resumed rotation runs ``step`` again (reusing the row a
+        crash left open, so the history shows one row per attempt that really ran)."""
+        with self._tx() as conn:
+            row = conn.scalar(select(_STEPS.c.id).where(
+                _STEPS.c.rotation_id == rotation_id, _STEPS.c.step == step,
+                _STEPS.c.status == "started").order_by(_STEPS.c.id.desc()).limit(1))
+            return row if row is not None else _new_step(conn, rotation_id, step, now)
+
+    def step_transition(
+        self, rotation_id: str, step_row: int, status: str, now: datetime, /,
+        message: str | None = None, next_step: str | None = None, **rotation_fields: Any,
+    ) -> int | None:
+        """Close a step and, in the same transaction, record the rotation's new fields and the
+        start of ``next_step`` (if it is a step that runs). Returns the new step row id."""
+        with self._tx() as conn:
+            conn.execute(update(_STEPS).where(_STEPS.c.id == step_row).values(
+                status=status, finished_at=now, message=message))
+            if next_step is not None:
+                rotation_fields["step"] = next_step
             if rotation_fields:
-                s.execute(update(Rotation).where(Rotation.id == rotation_id).values(
-                    **rotation_fields))
+                conn.execute(update(_ROTATIONS).where(_ROTATIONS.c.id == rotation_id)
+                             .values(**rotation_fields))
+            if next_step is None or next_step in _NOT_RUN:
+                return None
+            return _new_step(conn, rotation_id, next_step, now)
+
+    def enter_grace(self, rotation_id: str, credential: str, now: datetime,
+                    revocation: tuple[str, str | None, datetime] | None,
+                    **credential_fields: Any) -> None:
+        """The new key is live: schedule the old key's revocation (key id, vault version, not
+        before) idempotently and update the credential, in one transaction."""
+        revs = _REVOCATIONS
+        with self._tx() as conn:
+            if revocation is not None:
+                key_id, version, not_before = revocation
+                exists = conn.scalar(select(revs.c.id).where(
+                    revs.c.rotation_id == rotation_id, revs.c.key_id == key_id))
+                if exists is None:
+                    conn.execute(insert(revs).values(
+                        rotation_id=rotation_id, credential=credential, key_id=key_id,
+                        vault_version=version, not_before=not_before, status="pending",
+                        attempts=0))
+            conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == credential)
+                         .values(**credential_fields))
+
+    def record_revocation(self, revocation_id: int, rotation_id: str, started: datetime,
+                          now: datetime, *, ok: bool, message: str,
+                          retry_at: datetime | None = None) -> None:
+        """A revocation attempt's outcome and its step row, in one transaction."""
+        revs = _REVOCATIONS
+        values: dict[str, Any] = {"attempts": revs.c.attempts + 1}
+        if ok:
+            values.update(status="done", done_at=now, last_error=None)
+        else:
+            values["last_error"] = message
+            if retry_at is not None:
+                values["not_before"] = retry_at
+        with self._tx() as conn:
+            conn.execute(update(revs).where(revs.c.id == revocation_id).values(**values))
+            conn.execute(insert(_STEPS).values(
+                rotation_id=rotation_id, step="revoke", status="succeeded" if ok else "failed",
+                started_at=started, finished_at=now, message=message))
 
     def steps(self, rotation_id: str) -> list[RotationStep]:
         with self.session() as s:
@@ -254,28 +348,30 @@ class StateStore:
         A lease is free when it expired, or when its holder was a process on this host that no
         longer exists (so a restart after kill -9 resumes at once instead of waiting it out).
         """
-        expires = now + ttl
-        with self.session() as s:
-            taken = s.execute(update(Lock).where(
-                Lock.name == name, or_(Lock.owner == owner, Lock.expires_at < now)
-            ).values(owner=owner, acquired_at=now, expires_at=expires))
-            if taken.rowcount:  # type: ignore[attr-defined]
+        locks = _LOCKS
+        values = {"owner": owner, "acquired_at": now, "expires_at": now + ttl}
+        with self._tx() as conn:
+            taken = conn.execute(update(locks).where(
+                locks.c.name == name, or_(locks.c.owner == owner, locks.c.expires_at < now)
+            ).values(**values))
+            if taken.rowcount:
                 return None
-            holder = s.scalar(select(Lock.owner).where(Lock.name == name))
+            holder = conn.scalar(select(locks.c.owner).where(locks.c.name == name))
             if holder is not None and _holder_is_dead(holder):
-                taken = s.execute(update(Lock).where(Lock.name == name, Lock.owner == holder)
-                                  .values(owner=owner, acquired_at=now, expires_at=expires))
-                if taken.rowcount:  # type: ignore[attr-defined]
+                taken = conn.execute(update(locks).where(
+                    locks.c.name == name, locks.c.owner == holder).values(**values))
+                if taken.rowcount:
                     return None
             if holder is not None:
                 return holder
         try:
-            with self.session() as s:
-                s.add(Lock(name=name, owner=owner, acquired_at=now, expires_at=expires))
+            with self._tx() as conn:
+                conn.execute(insert(locks).values(name=name, **values))
             return None
         except IntegrityError:
-            with self.session() as s:
-                return s.scalar(select(Lock.owner).where(Lock.name == name)) or "unknown"
+            with self._tx() as conn:
+                return conn.scalar(select(locks.c.owner).where(locks.c.name == name)) \
+                    or "unknown"
 
     def renew_locks(self, names: Sequence[str], owner: str, ttl: timedelta,
                     now: datetime) -> set[str]:
@@ -290,8 +386,10 @@ class StateStore:
         return set(names) - held
 
     def unlock(self, name: str, owner: str) -> None:
-        with self.session() as s:
-            s.execute(delete(Lock).where(Lock.name == name, Lock.owner == owner))
+        """Release the lease; the row stays (expired) so the next lock is a single UPDATE."""
+        with self._tx() as conn:
+            conn.execute(update(_LOCKS).where(_LOCKS.c.name == name, _LOCKS.c.owner == owner)
+                         .values(expires_at=_EPOCH))
 
     def lock_holder(self, name: str, now: datetime) -> str | None:
         with self.session() as s:

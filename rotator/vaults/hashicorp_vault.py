@@ -309,6 +309,10 @@ class HashiCorpVault(Vault):
             f"vault {self.name!r}: {where} changed {CAS_ATTEMPTS} times while field {field!r} "
             "was being restored; retrying later")
 
+    def warm_up(self) -> None:
+        import hvac
+        import hvac.exceptions  # noqa: F401
+
     def health(self) -> None:
         """Reachable, unsealed, our credentials accepted, and ``mount`` really is KV v2."""
         where = f"vault {self.name!r} at {self.cfg.url}"
