@@ -7,6 +7,7 @@ Rotations run on a bounded worker pool of ``max_concurrent_rotations`` threads.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import threading
@@ -87,8 +88,15 @@ class Daemon:
         self.engine.stop_event.set()
         self.stopping.set()
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait for the rotations in flight (tests and the demo use it)."""
+        with self._lock:
+            futures = list(self._in_flight.values())
+        concurrent.futures.wait(futures, timeout=timeout)
+
     def _shutdown(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
         self.runtime.close()

@@ -103,3 +103,101 @@ def test_sigterm_stops_after_the_step_in_flight(tmp_path, openbao, fake_openai):
     if unfinished:
         assert rotations[0].id == unfinished[0].id
     fleet.assert_settled()
+
+
+def _max_overlap(rotations) -> int:
+    """The most rotations in flight at one instant, from their recorded start and end."""
+    events = sorted([(r.started_at, 1) for r in rotations] +
+                    [(r.finished_at, -1) for r in rotations])
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.slow
+def test_rotate_now_while_the_daemon_runs_never_overlaps(tmp_path, openbao, fake_openai):
+    """SPEC: rotate-now works with a daemon on the same store and never runs a credential's
+    rotation twice at once."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=3, interval="2s", grace="0s")
+    fake_openai.set_latency(0.1)
+    daemon = fleet.start_daemon()
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    try:
+        wait_for(lambda: all(_successes(store, c["name"]) >= 1 for c in fleet.credentials),
+                 what="the daemon's first rotations")
+        for _ in range(2):
+            result = fleet.cli("rotate-now", "--all", "--yes", "--reason", "overlap test")
+            assert result.returncode == 0, result.stdout + result.stderr
+        fleet.config.write_text(fleet.config.read_text().replace('"2s"', '"30d"'))
+        wait_for(lambda: not store.unfinished_rotations() and not store.pending_revocations(),
+                 what="quiet")
+        time.sleep(2.5)  # a rotation the daemon started just before the reload
+        wait_for(lambda: not store.unfinished_rotations() and not store.pending_revocations(),
+                 what="quiet")
+    finally:
+        assert stop_daemon(daemon) == 0
+    for cred in fleet.credentials:
+        rotations = [r for r in store.rotations(cred["name"], limit=1000)
+                     if r.finished_at is not None]
+        assert sum(r.trigger == "manual" for r in rotations) == 2
+        assert _max_overlap(rotations) == 1, f"{cred['name']} rotated twice at once"
+    store.close()
+    fleet.assert_settled()
+
+
+@pytest.mark.slow
+def test_max_concurrent_rotations_is_respected(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=6,
+                       settings={"max_concurrent_rotations": 2})
+    fake_openai.set_latency(0.2)
+    daemon = fleet.start_daemon()
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    try:
+        wait_for(lambda: all(_successes(store, c["name"]) == 1 for c in fleet.credentials),
+                 timeout=90, what="one rotation each")
+    finally:
+        stop_daemon(daemon)
+    rotations = store.rotations(limit=100)
+    store.close()
+    assert len(rotations) == 6
+    assert _max_overlap(rotations) == 2
+
+
+def test_window_holds_a_due_rotation_until_it_opens(tmp_path, openbao, fake_openai,
+                                                    monkeypatch):
+    """The daemon's tick, driven by an injected clock: a credential due on a Saturday with a
+    Mon-Fri window waits for Monday 09:00, then rotates."""
+    from datetime import UTC, datetime
+
+    from rotator.config import load_policies
+    from rotator.scheduling import Daemon
+
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+
+    def windowed(doc):
+        doc["credentials"][0]["window"] = "Mon-Fri 09:00-17:00 UTC"
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1, extra=windowed)
+    now = [datetime(2026, 11, 28, 12, 0, tzinfo=UTC)]  # a Saturday
+    daemon = Daemon(fleet.config, load_policies(fleet.config), clock=lambda: now[0])
+    try:
+        daemon.engine.sync_credentials()
+        daemon.tick()
+        daemon.wait_idle(60)
+        state = daemon.store.credential("agent-0/openai")
+        assert state.last_rotated_at is None, "no rotation outside the window"
+        assert state.next_due_at == datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+        assert fake_openai.request_count("POST") == 0
+
+        now[0] = datetime(2026, 11, 30, 9, 5, tzinfo=UTC)  # Monday, inside the window
+        daemon.tick()
+        daemon.wait_idle(60)
+        state = daemon.store.credential("agent-0/openai")
+        assert state.last_rotated_at == now[0]
+        assert state.next_due_at > now[0]
+    finally:
+        daemon.stop("test over")
+        daemon._shutdown()
+    fleet.assert_settled()
