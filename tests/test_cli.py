@@ -86,3 +86,13 @@ def test_check_online_reports_unreachable_vault(tmp_path, openbao, fake_openai):
     bad = fleet.cli("check", "--online")
     assert bad.returncode == 2
     assert "vaults.main" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unusable_state_url_is_one_clear_line(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    fleet.config.write_text(fleet.config.read_text().replace(
+        str(fleet.state_db), "/proc/no-such-dir/state.db"))
+    result = fleet.cli("status")
+    assert result.returncode == 2
+    assert "cannot open the state store" in result.stderr and "state_url" in result.stderr
+    assert "Traceback" not in result.stderr

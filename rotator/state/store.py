@@ -17,9 +17,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from rotator.errors import PermanentError
 from rotator.state import schema
 from rotator.state.models import CredentialState, Lock, Revocation, Rotation, RotationStep
 
@@ -79,9 +81,16 @@ class StateStore:
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
-        self.engine = schema.make_engine(url)
-        if migrate:
-            schema.upgrade(self.engine)
+        where = make_url(url).render_as_string(hide_password=True)
+        try:
+            self.engine = schema.make_engine(url)
+            if migrate:
+                schema.upgrade(self.engine)
+        except (OSError, SQLAlchemyError, ImportError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc).split("\n")[0]
+            raise PermanentError(
+                f"cannot open the state store {where}: {reason}; check `state_url` in "
+                "[rotator] and that the directory exists and is writable by rotator") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite takes one writer at a time and makes the others sleep in its busy handler
         # (up to 100 ms a try); queueing this process's threads on a lock instead is far
