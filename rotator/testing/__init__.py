@@ -1,0 +1,17 @@
+"""Test support that ships with rotator, for its own tests, ``rotator demo`` and plugin authors.
+
+Nothing is imported here, so ``import rotator.testing`` (and the engine's crash points) stays
+cheap and never pulls in an SDK or pytest; import the submodule you need:
+
+- :mod:`rotator.testing.provider_contract`: ``ProviderContract``, the pytest suite every
+  provider plugin runs (see ``docs/providers.md``).
+- :mod:`rotator.testing.vault_contract`: ``VaultContract``, the same for vault plugins.
+- :mod:`rotator.testing.fake_openai`: ``FakeOpenAIServer``, a stateful OpenAI Admin API over HTTP.
+- :mod:`rotator.testing.openbao`: ``OpenBaoDevServer``, a real OpenBao dev server on loopback.
+- :mod:`rotator.testing.agent`: a sample agent that reads its key from the vault.
+- :mod:`rotator.testing.crashpoints`: named kill points for crash-recovery tests.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
