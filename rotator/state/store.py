@@ -219,11 +219,12 @@ class StateStore:
         """credential -> current step, for every rotation not yet done."""
         with self.session() as s:
             rows = s.execute(
-                select(Rotation.credential, Rotation.step).where(
+                select(Rotation.credential, Rotation.step, Rotation.status).where(
                     Rotation.status.in_(("running", "grace"))
                 )
             )
-            return {name: step for name, step in rows}
+            # A rotation in its grace period waits for the old key's revocation time.
+            return {name: "grace" if status == "grace" else step for name, step, status in rows}
 
     def start_rotation(self, rotation: Rotation) -> int:
         """Record a new rotation and the start of its first step; returns that step's row id."""
