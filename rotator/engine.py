@@ -117,21 +117,34 @@ class _Leases:
         self._thread: threading.Thread | None = None
 
     def acquire(self, name: str) -> str | None:
+        """Take the lease ``name``; None on success, else who holds it.
+
+        The lease in the store is per process (one owner id), so threads of this process are
+        kept apart here first: a second thread asking for a lease this process holds is told
+        it is taken, exactly like another process would be.
+        """
+        with self._lock:
+            if name in self._held:
+                return f"{self.owner} (another thread of this process)"
+            self._held.add(name)
         holder = self.store.try_lock(name, self.owner, self.ttl, self.clock())
-        if holder is None:
-            with self._lock:
-                self._held.add(name)
-                self.lost.discard(name)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._beat, name="rotator-leases",
-                                                    daemon=True)
-                    self._thread.start()
-        return holder
+        with self._lock:
+            if holder is not None:
+                self._held.discard(name)
+                return holder
+            self.lost.discard(name)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="rotator-leases",
+                                                daemon=True)
+                self._thread.start()
+        return None
 
     def release(self, name: str) -> None:
-        with self._lock:
-            self._held.discard(name)
-        self.store.unlock(name, self.owner)
+        try:
+            self.store.unlock(name, self.owner)
+        finally:
+            with self._lock:
+                self._held.discard(name)
 
     def _beat(self) -> None:
         interval = max(self.ttl.total_seconds() / 3, 0.2)

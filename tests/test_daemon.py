@@ -163,6 +163,8 @@ def test_max_concurrent_rotations_is_respected(tmp_path, openbao, fake_openai):
     store.close()
     assert len(rotations) == 6
     assert _max_overlap(rotations) == 2
+    log = sorted((tmp_path / "out").glob("*-run.stderr"))[-1].read_text()
+    assert log.count("finished: success") == 6, "each rotation finishes exactly once"
 
 
 def test_window_holds_a_due_rotation_until_it_opens(tmp_path, openbao, fake_openai,

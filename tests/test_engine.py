@@ -291,3 +291,28 @@ def test_provider_failing_past_the_deadline_fails_cleanly(tmp_path, openbao, fak
         assert engine.store.rotation(result.rotation_id).status == "failed"
     fake_openai.reset_faults()
     assert len(fleet.live_keys(cred)) == 1
+
+
+def test_threads_of_one_process_never_share_a_credential(tmp_path, openbao, fake_openai):
+    """The store's lease is per process; the engine must still keep its own threads apart
+    (the daemon's revocation tick once finished a rotation a worker was finishing too)."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai)
+    name = fleet.credentials[0]["name"]
+    fake_openai.set_latency(0.3)
+    results = []
+    with engine_for(fleet) as engine:
+        barrier = threading.Barrier(2)
+
+        def go() -> None:
+            barrier.wait()
+            results.append(rotate(engine, name))
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        finished = [e for e in engine.store.steps(results[0].rotation_id or
+                                                  results[1].rotation_id)]
+    assert sorted(r.outcome for r in results) == ["skipped", "success"]
+    assert sum(1 for s in finished if s.step == "revoke") == 1
