@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+_FAST_EXIT = False
+"""Set by one-shot commands (status, plan, history, check, rotate-now) whose resources are all
+closed when they return: they may skip the interpreter's teardown."""
 
 config_option = click.option(
     "-c", "--config", "config_path", metavar="PATH", default=None,
@@ -62,6 +65,11 @@ def _load(config_path: str | None) -> Policies:
         sys.exit(EXIT_USAGE)
 
 
+def _one_shot() -> None:
+    global _FAST_EXIT
+    _FAST_EXIT = True
+
+
 def _guard(fn: Callable[[], int | None]) -> None:
     """Run a command body; a known error is one clean line, never a traceback."""
     from rotator.errors import PermanentError, RotatorError
@@ -89,6 +97,13 @@ def _ago(seconds: int | None) -> str:
     from rotator.durations import format_duration
 
     return format_duration(timedelta(seconds=max(seconds, 0)))
+
+
+def _esc(text: object) -> str:
+    """Stored or user text shown through rich, with its brackets taken literally."""
+    from rich.markup import escape
+
+    return escape("" if text is None else str(text))
 
 
 def _when(iso: str | None) -> str:
@@ -142,6 +157,7 @@ def run(config_path: str | None) -> None:
               help="Also reach every vault and provider and check rotator's own access.")
 def check(config_path: str | None, online: bool) -> None:
     """Validate the policy file (exit 0), or print each problem with its place (exit 2)."""
+    _one_shot()
     policies = _load(config_path)
     if online:
         from rotator.runtime import Runtime
@@ -166,12 +182,13 @@ def check(config_path: str | None, online: bool) -> None:
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
     """One row per credential: agent, provider, key age, last rotation, next due, step."""
+    _one_shot()
     policies = _load(config_path)
 
     def body() -> int:
         from rotator.service import open_context, status_rows
 
-        with open_context(policies) as ctx:
+        with open_context(policies, create=False) as ctx:
             rows = status_rows(ctx, _now())
         if as_json:
             _print_json(rows)
@@ -185,7 +202,8 @@ def status(config_path: str | None, as_json: bool) -> None:
         for r in rows:
             outcome = r["last_outcome"] or "-"
             style = {"success": "green", "failed": "red", "rolled_back": "yellow"}.get(outcome)
-            table.add_row(r["credential"], r["agent"], r["provider"], r["key_id"] or "-",
+            table.add_row(_esc(r["credential"]), _esc(r["agent"]), _esc(r["provider"]),
+                          _esc(r["key_id"] or "-"),
                           _ago(r["key_age_seconds"]), _when(r["last_rotated_at"]),
                           f"[{style}]{outcome}[/]" if style else outcome,
                           _when(r["next_due_at"]) + (f" ({r['due_reason']})"
@@ -204,6 +222,7 @@ def status(config_path: str | None, as_json: bool) -> None:
               help="How far ahead to look.")
 def plan(config_path: str | None, as_json: bool, within: str) -> None:
     """What will rotate when."""
+    _one_shot()
     from rotator.durations import parse_duration
 
     try:
@@ -215,7 +234,7 @@ def plan(config_path: str | None, as_json: bool, within: str) -> None:
     def body() -> int:
         from rotator.service import open_context, plan_rows
 
-        with open_context(policies) as ctx:
+        with open_context(policies, create=False) as ctx:
             rows = plan_rows(ctx, _now(), horizon)
         if as_json:
             _print_json(rows)
@@ -226,8 +245,9 @@ def plan(config_path: str | None, as_json: bool, within: str) -> None:
         for col in ("due", "credential", "agent", "provider", "reason"):
             table.add_column(col)
         for r in rows:
-            due = _when(r["due_at"]) + (" [red](overdue)[/]" if r["overdue"] else "")
-            table.add_row(due, r["credential"], r["agent"], r["provider"], r["reason"])
+            due = _when(r["due_at"]) + (" [red](overdue: rotates now)[/]" if r["overdue"] else "")
+            table.add_row(due, _esc(r["credential"]), _esc(r["agent"]), _esc(r["provider"]),
+                          _esc(r["reason"]))
         _console().print(table)
         return 0
 
@@ -252,6 +272,7 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
                provider: str | None, all_: bool, revoke_immediately: bool, revoke_first: bool,
                reason: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Rotate now: for emergency revocation runbooks. Exits 1 if any rotation failed."""
+    _one_shot()
     chosen_ways = sum([bool(names), agent is not None, provider is not None, all_])
     if chosen_ways != 1:
         _fail("say what to rotate: NAME..., --agent A, --provider P or --all (exactly one)")
@@ -290,7 +311,8 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
             _fail(f"about to rotate {len(creds)} credential(s) with no terminal to confirm; "
                   "pass --yes")
         err.print(f"About to rotate {len(creds)} credential(s): "
-                  + ", ".join(c.name for c in creds[:10]) + (" ..." if len(creds) > 10 else ""))
+                  + _esc(", ".join(c.name for c in creds[:10]))
+                  + (" ..." if len(creds) > 10 else ""))
         err.print(f"Mode: {mode_text[mode]}.")
         if not click.confirm("Proceed?", err=True):
             _fail("nothing rotated", EXIT_USAGE)
@@ -305,7 +327,8 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
         def progress(result: Any) -> None:
             if not as_json:
                 mark = marks.get(result.outcome, "[red]✗[/]")
-                err.print(f"{mark} {result.credential}: {result.outcome}: {result.message}")
+                err.print(f"{mark} {_esc(result.credential)}: {result.outcome}: "
+                          f"{_esc(result.message)}")
 
         with open_context(policies) as ctx:
             results = do_rotate(ctx, creds, revoke_mode=mode, reason=reason,
@@ -322,7 +345,8 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
         else:
             for r in results:
                 if r.manual_revoke:
-                    err.print(f"[bold red]ACTION NEEDED[/] {r.credential}: {r.manual_revoke}")
+                    err.print(f"[bold red]ACTION NEEDED[/] {_esc(r.credential)}: "
+                              f"{_esc(r.manual_revoke)}")
             click.echo(f"{len(results) - len(failed)} rotated, {len(failed)} failed")
             for r in failed:
                 click.echo(f"FAILED {r.credential}: {r.outcome}: {r.message}")
@@ -338,13 +362,18 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
 @click.option("--limit", default=50, show_default=True, help="How many rotations to show.")
 def history(config_path: str | None, as_json: bool, name: str | None, limit: int) -> None:
     """Past rotations with their steps, durations, outcomes and reasons."""
+    _one_shot()
     policies = _load(config_path)
 
     def body() -> int:
         from rotator.service import history_rows, open_context
 
-        with open_context(policies) as ctx:
+        known = {c.name for c in policies.credentials}
+        with open_context(policies, create=False) as ctx:
             rows = history_rows(ctx, name, limit)
+        if name is not None and not rows and name not in known:
+            _fail(f"no credential named {name!r} in {policies.source} and no rotation of it "
+                  "in the state store; `rotator status` lists the credentials")
         if as_json:
             _print_json(rows)
             return 0
@@ -358,9 +387,9 @@ def history(config_path: str | None, as_json: bool, name: str | None, limit: int
             steps = " ".join(f"{s['step']}{'' if s['status'] == 'succeeded' else '!'}"
                              for s in r["steps"])
             took = f"{r['duration_seconds']:.1f}s" if r["duration_seconds"] is not None else "-"
-            table.add_row(_when(r["started_at"]), r["credential"], r["rotation_id"],
+            table.add_row(_when(r["started_at"]), _esc(r["credential"]), r["rotation_id"],
                           r["trigger"], r["outcome"] or r["status"], took, steps,
-                          r["error"] or r["reason"] or "")
+                          _esc(r["error"] or r["reason"] or ""))
         _console().print(table)
         return 0
 
@@ -399,9 +428,9 @@ def console_main() -> None:
     if isinstance(code, str):
         click.echo(code, err=True)
         code = 1
-    if threading.active_count() > 1 and any(
-            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)  # a non-daemon thread still runs: let the interpreter wait for it
+    if not _FAST_EXIT or any(not t.daemon for t in threading.enumerate()
+                             if t is not threading.main_thread()):
+        sys.exit(code)  # long-running commands keep the normal shutdown and its atexit hooks
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

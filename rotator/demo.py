@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -52,6 +53,9 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
     out.line(f"rotator demo: files in {work}; daemon log {log_path}")
 
     stack: list[Any] = []
+    # SIGTERM and SIGHUP stop the demo like Ctrl-C does, so its servers are always stopped.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         bao = OpenBaoDevServer().start()
         stack.append(bao)
@@ -96,15 +100,22 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
         rejected = sum(spec["agent"].rejections for spec in agents.values())
         calls = sum(spec["agent"].successes for spec in agents.values())
         rotations = sum(int(r["rotations"]) for r in rows)
-        out.line(f"{rotations} rotation(s); agents made {calls} successful call(s) and saw "
-                 f"{rejected} rejected key(s)")
+        out.line(f"{rotations} rotation(s) put a new key in place; agents made {calls} "
+                 f"successful call(s) and saw {rejected} rejected key(s)")
         return 0 if rejected == 0 else 1
     finally:
+        # A second Ctrl-C while stopping must not leave a server behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for item in reversed(stack):
             try:
                 item.stop()
-            except Exception:
+            except BaseException:
                 log.exception("stopping %s failed", type(item).__name__)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _demo_policies(doc: dict[str, Any], work: Path, bao: Any, fake: Any
@@ -174,7 +185,7 @@ def _rows(daemon: Any, agents: dict[str, dict[str, Any]]) -> list[dict[str, str]
         state = states.get(cred.name)
         agent = agents[cred.agent]["agent"]
         count = sum(1 for r in daemon.store.rotations(cred.name, limit=1000)
-                    if r.outcome == "success")
+                    if r.outcome == "success" or r.status == "grace")
         last = state.last_rotated_at if state else None
         due = state.next_due_at if state else None
         rows.append({
@@ -242,5 +253,6 @@ def _log_to_file(path: Path) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("apscheduler", "httpx", "httpcore", "urllib3", "openai", "alembic", "hvac"):
+    for noisy in ("apscheduler", "httpx", "httpcore", "httpx2", "httpcore2", "urllib3",
+                  "openai", "alembic", "hvac"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -43,7 +43,7 @@ from rotator.errors import (
 )
 from rotator.events import Listener, RotationFinished, StepFinished
 from rotator.state.models import Revocation, Rotation
-from rotator.state.store import StateStore, lock_owner_id
+from rotator.state.store import StaleRotation, StateStore, lock_owner_id
 from rotator.testing.crashpoints import crashpoint
 
 if TYPE_CHECKING:
@@ -270,26 +270,40 @@ class Engine:
         names = sorted({r.credential for r in self.store.unfinished_rotations()})
         return [r for r in (self.resume(name) for name in names) if r is not None]
 
-    def process_revocations(self) -> int:
-        """Revoke every old key whose grace period is over; returns how many were revoked.
-
-        Also finishes rotations whose last revocation was done just before a crash.
-        """
+    def credentials_with_due_revocations(self) -> list[str]:
+        """Credentials with an old key whose grace is over, or a rotation whose last
+        revocation was done just before a crash (so it only needs finishing)."""
         now = self.clock()
-        credentials = {r.credential for r in self.store.pending_revocations(due_by=now)}
-        credentials |= {r.credential for r in self.store.rotations_in_grace()
-                        if not any(v.status == "pending" for v in self.store.revocations(r.id))}
-        done = 0
-        for name in sorted(credentials):
-            cred = self._credential_or_none(name)
-            if cred is None:
-                continue
-            try:
-                with self._locked(name, 0):
-                    done += self._revoke_credential(cred)
-            except LockHeld:
-                continue
-        return done
+        names = {r.credential for r in self.store.pending_revocations(due_by=now)}
+        names |= {r.credential for r in self.store.rotations_in_grace()
+                  if not any(v.status == "pending" for v in self.store.revocations(r.id))}
+        return sorted(names)
+
+    def revoke_due(self, name: str) -> int:
+        """Revoke ``name``'s old keys whose grace is over; 0 if another worker holds it."""
+        cred = self._credential_or_none(name)
+        if cred is None:
+            return 0
+        try:
+            with self._locked(name, 0):
+                return self._revoke_credential(cred)
+        except LockHeld:
+            return 0
+
+    def process_revocations(self) -> int:
+        """Revoke every old key whose grace period is over; returns how many were revoked."""
+        return sum(self.revoke_due(name) for name in self.credentials_with_due_revocations())
+
+    def orphaned_work(self) -> list[str]:
+        """One line per unfinished rotation or pending revocation of a credential that is no
+        longer in the policy file: rotator cannot act on it, an operator must."""
+        known = {c.name for c in self.policies.credentials}
+        lines = [f"rotation {r.id} of {r.credential} stopped at step {r.step}"
+                 for r in self.store.unfinished_rotations() if r.credential not in known]
+        lines += [f"old key {r.key_id} of {r.credential} awaits revocation (due "
+                  f"{r.not_before:%Y-%m-%d %H:%M} UTC)"
+                  for r in self.store.pending_revocations() if r.credential not in known]
+        return lines
 
     def close(self) -> None:
         self.leases.close()
@@ -318,6 +332,13 @@ class Engine:
         ``step_row`` is the open record of the step about to run (None when resuming: the
         step then counts as a re-run, and cleans up after a crashed run of itself).
         """
+        try:
+            return self._run_steps(rotation, cred, step_row)
+        except Interrupted as exc:
+            return self._interrupted(rotation, str(exc))
+
+    def _run_steps(self, rotation: Rotation, cred: CredentialConfig,
+                   step_row: int | None) -> RotationResult:
         rid = rotation.id
         while True:
             if self.stop_event.is_set():
@@ -343,8 +364,8 @@ class Engine:
                 message = _describe(exc)
                 self._emit_step(rotation, step, "failed", t0, message)
                 if step == "rollback":
-                    self.store.step_transition(rid, step_row, "failed", self.clock(),
-                                               message=message, error=message)
+                    # Keep the root cause in `error`; the clean-up's own failure is the step's.
+                    self._transition(rid, step_row, "failed", message, None, step)
                     log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
                               rid, message)
                     return self._result(rotation, "failed",
@@ -353,13 +374,13 @@ class Engine:
                 log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
                           message)
                 fields = {"outcome": outcome, "error": message}
-                step_row = self.store.step_transition(rid, step_row, "failed", self.clock(),
-                                                      message, "rollback", **fields)
+                step_row = self._transition(rid, step_row, "failed", message, "rollback", step,
+                                            **fields)
                 _apply(rotation, fields, "rollback")
                 continue
             crashpoint(f"effect:{step}")
-            step_row = self.store.step_transition(rid, step_row, "succeeded", self.clock(),
-                                                  None, next_step, **fields)
+            step_row = self._transition(rid, step_row, "succeeded", None, next_step, step,
+                                        **fields)
             crashpoint(f"after:{step}")
             _apply(rotation, fields, next_step)
             self._emit_step(rotation, step, "succeeded", t0, None)
@@ -533,8 +554,17 @@ class Engine:
                     except RotatorError as exc:
                         log.warning("%s: on_rotate after rollback failed: %s", cred.name, exc)
         self._remove_created_keys(rot, cred, info=info, provider=provider)
-        self._record_failure(rot, cred, rot.error or "rotation failed")
-        return "done", {"status": rot.outcome or "failed", "finished_at": self.clock()}
+        message = rot.error or "rotation failed"
+        if rot.revoke_mode == "first" and rot.old_key_id and any(
+                s.step == "revoke_first" and s.status == "succeeded"
+                for s in self.store.steps(rot.id)):
+            message = (f"{message}; the old key {rot.old_key_id} was already revoked "
+                       "(--revoke-first), so the agent has NO working key until a rotation "
+                       f"succeeds: fix the cause and run `rotator rotate-now {cred.name}` "
+                       "(the daemon also retries it)")
+        self._record_failure(rot, cred, message, old_key_dead=rot.revoke_mode == "first")
+        return "done", {"status": rot.outcome or "failed", "finished_at": self.clock(),
+                        "error": message}
 
     # -- revocation ----------------------------------------------------------------------------
 
@@ -622,17 +652,20 @@ class Engine:
                         cred.name, rot.id, exc)
 
     def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
-                        new_key_kept: bool = False) -> None:
+                        new_key_kept: bool = False, old_key_dead: bool = False) -> None:
         state = self.store.credential(cred.name)
         failures = (state.failures if state else 0) + 1
         backoff = min(FAILURE_BACKOFF_BASE * 2 ** (failures - 1), FAILURE_BACKOFF_MAX)
         fields: dict[str, Any] = {"last_outcome": rot.outcome or "failed",
                                   "last_error": message, "last_rotation_id": rot.id,
                                   "failures": failures}
-        if rot.trigger == "schedule":
+        if rot.trigger == "schedule" or old_key_dead:
+            # A dead old key (--revoke-first) cannot wait for the next interval: retry soon.
             fields.update(next_due_at=self.clock() + backoff, due_reason="retry_backoff")
         if new_key_kept:
             fields.update(current_key_id=rot.new_key_id)
+        elif old_key_dead:
+            fields.update(current_key_id=None)
         self.store.update_credential(cred.name, **fields)
 
     def _finish(self, rotation: Rotation, cred: CredentialConfig,
@@ -688,6 +721,16 @@ class Engine:
         if spec.manual_only:
             return None, decision.reason
         return policy.compute_next_due(spec, last, first_seen, now), decision.reason
+
+    def _transition(self, rid: str, step_row: int, outcome: str, message: str | None,
+                    next_step: str | None, step: str, /, **fields: Any) -> int | None:
+        """Record the end of ``step`` (``outcome``: succeeded/failed) and the start of the
+        next; a rotation another worker took over stops this one (``Interrupted``)."""
+        try:
+            return self.store.step_transition(rid, step_row, outcome, self.clock(), message,
+                                              next_step, expect_step=step, **fields)
+        except StaleRotation as exc:
+            raise Interrupted(str(exc)) from exc
 
     def _stop_deadline(self) -> Any:
         deadline = stop_after_delay(self.policies.settings.retry_deadline.total_seconds())

@@ -33,5 +33,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("apscheduler", "httpx", "httpcore", "urllib3", "openai", "alembic"):
+    for noisy in ("apscheduler", "httpx", "httpcore", "httpx2", "httpcore2", "urllib3",
+                  "openai", "alembic", "hvac"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

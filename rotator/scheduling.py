@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from rotator.config import Policies, load_policies
-from rotator.engine import Engine, RotationRequest, utcnow
+from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import ConfigError
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
@@ -29,6 +30,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("rotator.daemon")
 RELOAD_CHECK_SECONDS = 2.0
+ORPHAN_WARNING_SECONDS = 3600.0
 
 
 class Daemon:
@@ -53,6 +55,8 @@ class Daemon:
         self._workers = ThreadPoolExecutor(policies.settings.max_concurrent_rotations,
                                            thread_name_prefix="rotation")
         self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._tick_lock = threading.Lock()
+        self._orphans_warned = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -65,6 +69,8 @@ class Daemon:
         """Block until ``stop``; then wait for the steps in flight and return."""
         self.engine.sync_credentials()
         self.runtime.warm_up(self.policies.credentials)
+        self.preflight()
+        self._warn_orphans(force=True)
         settings = self.policies.settings
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
                  len(self.policies.credentials), _safe_url(settings.state_url),
@@ -106,16 +112,43 @@ class Daemon:
     # -- the work ------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Resume stuck rotations, revoke old keys whose grace is over, start due rotations."""
-        if self.stopping.is_set():
+        """Resume stuck rotations, revoke old keys whose grace is over, start due rotations.
+
+        Only hands work to the pool, so a slow provider never holds up the schedule; one tick
+        at a time (the periodic job, the wake-up and a reload may fire together).
+        """
+        if self.stopping.is_set() or not self._tick_lock.acquire(blocking=False):
             return
         try:
             self._resume_interrupted()
-            self.engine.process_revocations()
+            for name in self.engine.credentials_with_due_revocations():
+                self._submit(name, lambda name=name: self.engine.revoke_due(name))
             self._start_due()
             self._schedule_wakeup()
+            self._warn_orphans()
         except Exception:
             log.exception("scheduler tick failed; retrying at the next tick")
+        finally:
+            self._tick_lock.release()
+
+    def _warn_orphans(self, force: bool = False) -> None:
+        """Say, at start, on reload and hourly, what rotator can no longer finish itself."""
+        now = time.monotonic()
+        if not force and now - self._orphans_warned < ORPHAN_WARNING_SECONDS:
+            return
+        self._orphans_warned = now
+        for line in self.engine.orphaned_work():
+            log.error("%s, but the credential is no longer in %s: put its [[credentials]] "
+                      "back so rotator can finish, or do it by hand", line, self.config_path)
+
+    def preflight(self) -> None:
+        """Log, loudly, every vault and provider the daemon cannot use right now. It keeps
+        running (a vault may come up later) but an operator reading the log knows why."""
+        from rotator.service import online_check
+
+        for problem in online_check(self.policies, self.runtime):
+            log.error("cannot work with %s; rotations needing it will fail until this is "
+                      "fixed", problem)
 
     def _resume_interrupted(self) -> None:
         for rotation in self.store.unfinished_rotations():
@@ -152,7 +185,8 @@ class Daemon:
     def _guard(self, name: str, work: Callable[[], Any]) -> None:
         try:
             result = work()
-            if result is not None and not result.ok and result.outcome != "skipped":
+            if isinstance(result, RotationResult) and not result.ok \
+                    and result.outcome != "skipped":
                 log.warning("%s: %s: %s", name, result.outcome, result.message)
         except Exception:
             log.exception("%s: rotation crashed; it resumes from its last step", name)
@@ -202,6 +236,7 @@ class Daemon:
         self.engine.runtime = self.runtime
         self.engine.sync_credentials()
         log.info("policies reloaded: %d credential(s)", len(policies.credentials))
+        self._warn_orphans(force=True)
         self.tick()
         return True
 

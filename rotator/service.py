@@ -45,9 +45,11 @@ class Context:
 
 
 @contextmanager
-def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow
-                 ) -> Iterator[Context]:
-    store = StateStore(policies.settings.state_url)
+def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
+                 create: bool = True) -> Iterator[Context]:
+    """The store, plugins and engine for one command; ``create=False`` for commands that only
+    read, so a mistyped ``state_url`` is an error rather than a new empty store."""
+    store = StateStore(policies.settings.state_url, create=create)
     runtime = Runtime(policies)
     engine = Engine(policies, runtime, store, clock=clock)
     try:
@@ -111,7 +113,7 @@ def plan_rows(ctx: Context, now: datetime, within: timedelta) -> list[dict[str, 
             "credential": cred.name,
             "agent": cred.agent,
             "provider": cred.provider,
-            "due_at": _iso(max(due, now)),
+            "due_at": _iso(due),
             "overdue": due <= now,
             "reason": (state.due_reason if state and state.due_reason else decision.reason),
             "message": decision.message,
@@ -178,20 +180,31 @@ def rotate_now(ctx: Context, credentials: list[CredentialConfig], *, revoke_mode
                 credential=c.name, trigger=trigger, revoke_mode=revoke_mode, reason=reason,
                 requested_by=user), wait=wait): c for c in credentials
         }
-        for future in as_completed(futures):
-            cred = futures[future]
+        pending = set(futures)
+        while pending:
             try:
-                result = future.result()
-            except Exception as exc:  # one failure never aborts the batch
-                log.exception("%s: rotation crashed", cred.name)
-                result = RotationResult(cred.name, None, "failed",
-                                        f"internal error {type(exc).__name__}")
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+                for future in as_completed(pending):
+                    pending.discard(future)
+                    result = _outcome(future, futures[future])
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+            except KeyboardInterrupt:
+                # Ctrl-C: let every rotation finish the step it is in, then stop; each one
+                # resumes from there on the next rotate-now or in the daemon.
+                log.warning("interrupted: pausing the rotations after their current step")
+                ctx.engine.stop_event.set()
     order = {c.name: i for i, c in enumerate(credentials)}
     results.sort(key=lambda r: order.get(r.credential, 0))
     return results
+
+
+def _outcome(future: Any, cred: CredentialConfig) -> RotationResult:
+    try:
+        return future.result()
+    except Exception as exc:  # one failure never aborts the batch
+        log.exception("%s: rotation crashed", cred.name)
+        return RotationResult(cred.name, None, "failed", f"internal error {type(exc).__name__}")
 
 
 def _os_user() -> str:

@@ -94,5 +94,20 @@ def test_unusable_state_url_is_one_clear_line(tmp_path, openbao, fake_openai):
         str(fleet.state_db), "/proc/no-such-dir/state.db"))
     result = fleet.cli("status")
     assert result.returncode == 2
+    assert "no state store at" in result.stderr and "state_url" in result.stderr
+    assert not (tmp_path / "elsewhere").exists(), "a read-only command creates nothing"
+    result = fleet.cli("rotate-now", "--all", "--yes")
+    assert result.returncode == 2
     assert "cannot open the state store" in result.stderr and "state_url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_history_prints_stored_text_literally(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    reason = "[/] ticket [inc-42] [bold]x"
+    assert fleet.cli("rotate-now", "--all", "--yes", "--reason", reason).returncode == 0
+    result = fleet.cli("history")
+    assert result.returncode == 0, result.stderr
+    assert "[inc-42]" in result.stdout
+    unknown = fleet.cli("history", "no-such-credential")
+    assert unknown.returncode == 2 and "no-such-credential" in unknown.stderr

@@ -12,6 +12,18 @@ from rotator.testing.agent import SampleAgent
 from tests.support import make_fleet, stop_daemon, wait_for
 
 
+def _wait_quiet(store: StateStore) -> None:
+    """Wait until no rotation runs or waits for its revocation, and none started for a few
+    seconds (one may have started just before a reload took effect)."""
+    while True:
+        wait_for(lambda: not store.unfinished_rotations() and not store.pending_revocations()
+                 and not store.rotations_in_grace(), timeout=60, what="quiet")
+        seen = len(store.rotations(limit=10_000))
+        time.sleep(3)
+        if len(store.rotations(limit=10_000)) == seen and not store.unfinished_rotations():
+            return
+
+
 def _successes(store: StateStore, name: str) -> int:
     return sum(1 for r in store.rotations(name, limit=1000) if r.outcome == "success")
 
@@ -34,9 +46,7 @@ def test_agents_never_see_a_rejected_key_during_many_rotations(tmp_path, openbao
                  timeout=120, what="four rotations of every credential")
         # Stop scheduling by reloading a policy with a long interval, then let grace end.
         fleet.config.write_text(fleet.config.read_text().replace('"2s"', '"30d"'))
-        wait_for(lambda: not store.pending_revocations() and not store.unfinished_rotations(),
-                 timeout=60, what="the last revocations")
-        time.sleep(0.5)
+        _wait_quiet(store)
     finally:
         code = stop_daemon(daemon)
         for agent in agents:
@@ -131,11 +141,7 @@ def test_rotate_now_while_the_daemon_runs_never_overlaps(tmp_path, openbao, fake
             result = fleet.cli("rotate-now", "--all", "--yes", "--reason", "overlap test")
             assert result.returncode == 0, result.stdout + result.stderr
         fleet.config.write_text(fleet.config.read_text().replace('"2s"', '"30d"'))
-        wait_for(lambda: not store.unfinished_rotations() and not store.pending_revocations(),
-                 what="quiet")
-        time.sleep(2.5)  # a rotation the daemon started just before the reload
-        wait_for(lambda: not store.unfinished_rotations() and not store.pending_revocations(),
-                 what="quiet")
+        _wait_quiet(store)
     finally:
         assert stop_daemon(daemon) == 0
     for cred in fleet.credentials:

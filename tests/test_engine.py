@@ -259,8 +259,11 @@ def test_revoke_first_still_kills_old_key_when_create_fails(tmp_path, openbao, f
     fake_openai.inject_fault(500, count=1000, path_contains="/service_accounts/", method="POST")
     with engine_for(fleet) as engine:
         result = rotate(engine, cred["name"], revoke_mode="first")
+        state = engine.store.credential(cred["name"])
     assert result.outcome == "failed"
     assert not fake_openai.is_valid(legacy)
+    assert "NO working key" in result.message and "already revoked" in result.message
+    assert state.current_key_id is None and state.due_reason == "retry_backoff"
 
 
 def test_revoke_immediately_also_kills_keys_still_in_grace(tmp_path, openbao, fake_openai):

@@ -82,3 +82,21 @@ def test_two_processes_migrating_a_new_file_at_once(tmp_path):
     code = f"from rotator.state.store import StateStore; StateStore({url!r}).close()"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(4)]
     assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+
+
+def test_a_stale_worker_cannot_move_a_rotation_it_lost(tmp_path):
+    from rotator.state.models import Rotation
+    from rotator.state.store import StaleRotation
+
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    rotation = Rotation(id="r1", credential="c", agent="a", provider="p", trigger="manual",
+                        revoke_mode="grace", status="running", step="create", started_at=NOW)
+    row = store.start_rotation(rotation)
+    nxt = store.step_transition("r1", row, "succeeded", NOW, None, "verify",
+                                expect_step="create", new_key_id="k1")
+    assert nxt is not None
+    with pytest.raises(StaleRotation):  # a worker that still thinks it is at create
+        store.step_transition("r1", row, "succeeded", NOW, None, "verify",
+                              expect_step="create", new_key_id="k2")
+    assert store.rotation("r1").new_key_id == "k1"
+    store.close()

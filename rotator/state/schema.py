@@ -78,22 +78,29 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def _prepare_sqlite_file(url: str) -> None:
-    """Create the SQLite file owner-only (0600) before SQLite creates it world-readable."""
+def _prepare_sqlite_file(url: str, create: bool) -> None:
+    """Create the SQLite file owner-only (0600) before SQLite creates it world-readable; or,
+    for commands that only read, refuse a file that does not exist (a wrong ``state_url``
+    must not quietly become a new, empty state store)."""
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
+    if path.exists():
+        return
+    if not create:
+        raise PermanentError(
+            f"no state store at {path}: nothing has run with this policy file yet (start "
+            "`rotator run` or use `rotator rotate-now`), or `state_url` points elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-        os.close(fd)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, create: bool = True) -> Engine:
     """An engine tuned for the backend: SQLite gets WAL, a busy timeout and write-locking BEGIN."""
     if url.startswith("sqlite"):
-        _prepare_sqlite_file(url)
+        _prepare_sqlite_file(url, create)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")

@@ -21,11 +21,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rotator.errors import PermanentError
+from rotator.errors import PermanentError, RotatorError
 from rotator.state import schema
 from rotator.state.models import CredentialState, Lock, Revocation, Rotation, RotationStep
 
-__all__ = ["StateStore", "lock_owner_id"]
+__all__ = ["StaleRotation", "StateStore", "lock_owner_id"]
+
+
+class StaleRotation(RotatorError):
+    """The rotation moved on without this worker (it lost its lease and another resumed it)."""
+
+    def __init__(self, rotation_id: str, step: str) -> None:
+        super().__init__(f"rotation {rotation_id} is no longer at step {step}: another worker "
+                         "took it over")
 
 _NOT_RUN = frozenset({"revoke", "done"})
 """Rotation states that are not a step run by ``_drive`` (revocations record their own rows)."""
@@ -79,11 +87,11 @@ def _is_zombie(pid: int) -> bool:
 class StateStore:
     """Typed operations on the state database; callers never see a Session."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, create: bool = True) -> None:
         self.url = url
         where = make_url(url).render_as_string(hide_password=True)
         try:
-            self.engine = schema.make_engine(url)
+            self.engine = schema.make_engine(url, create=create)
             if migrate:
                 schema.upgrade(self.engine)
         except (OSError, SQLAlchemyError, ImportError) as exc:
@@ -243,19 +251,25 @@ class StateStore:
             return row if row is not None else _new_step(conn, rotation_id, step, now)
 
     def step_transition(
-        self, rotation_id: str, step_row: int, status: str, now: datetime, /,
-        message: str | None = None, next_step: str | None = None, **rotation_fields: Any,
+        self, rotation_id: str, step_row: int, step_status: str, now: datetime,
+        message: str | None = None, next_step: str | None = None, /, *, expect_step: str,
+        **rotation_fields: Any,
     ) -> int | None:
         """Close a step and, in the same transaction, record the rotation's new fields and the
-        start of ``next_step`` (if it is a step that runs). Returns the new step row id."""
+        start of ``next_step`` (if it is a step that runs). Returns the new step row id.
+
+        Raises ``StaleRotation`` (and records nothing) if the rotation is no longer running at
+        ``expect_step``: another worker took it over, so this one must stop touching it.
+        """
         with self._tx() as conn:
+            rotation_fields["step"] = next_step if next_step is not None else expect_step
+            moved = conn.execute(update(_ROTATIONS).where(
+                _ROTATIONS.c.id == rotation_id, _ROTATIONS.c.step == expect_step,
+                _ROTATIONS.c.status == "running").values(**rotation_fields))
+            if not moved.rowcount:
+                raise StaleRotation(rotation_id, expect_step)
             conn.execute(update(_STEPS).where(_STEPS.c.id == step_row).values(
-                status=status, finished_at=now, message=message))
-            if next_step is not None:
-                rotation_fields["step"] = next_step
-            if rotation_fields:
-                conn.execute(update(_ROTATIONS).where(_ROTATIONS.c.id == rotation_id)
-                             .values(**rotation_fields))
+                status=step_status, finished_at=now, message=message))
             if next_step is None or next_step in _NOT_RUN:
                 return None
             return _new_step(conn, rotation_id, next_step, now)
