@@ -94,6 +94,16 @@ class SecretRef(BaseModel):
             raise ValueError(SECRETS_NEVER_HERE)
         return data
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return None if value is None else _check_vault_path(value)
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, value: str | None) -> str | None:
+        return None if value is None else _check_vault_field(value)
+
     @model_validator(mode="after")
     def _exactly_one_form(self) -> SecretRef:
         vault_form = any(v is not None for v in (self.vault, self.path, self.field))
@@ -158,6 +168,43 @@ def _check_name(value: str, what: str = "name") -> str:
     return value
 
 
+_VAULT_PATH_EXAMPLE = "a vault path like agents/research-agent/openai"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_vault_path(value: str) -> str:
+    """A path inside a vault: relative segments, no control characters, no traversal.
+
+    Messages never repeat the value (it may be something pasted in by mistake).
+    """
+    if not value:
+        raise ValueError(f"path must not be empty: write {_VAULT_PATH_EXAMPLE}")
+    if _CONTROL.search(value):
+        raise ValueError("path must not contain control characters (NUL, tabs, newlines): "
+                         f"write {_VAULT_PATH_EXAMPLE}")
+    if value.startswith("/"):
+        raise ValueError("path must not start with /: it is relative to the vault's mount; "
+                         f"write {_VAULT_PATH_EXAMPLE}")
+    segments = value.split("/")
+    if any(s in (".", "..") for s in segments):
+        raise ValueError(f'path must not contain "." or ".." segments: write '
+                         f"{_VAULT_PATH_EXAMPLE}")
+    if "" in segments:
+        raise ValueError("path must not contain empty segments (// or a trailing /): write "
+                         f"{_VAULT_PATH_EXAMPLE}")
+    return value
+
+
+def _check_vault_field(value: str) -> str:
+    if not value:
+        raise ValueError("field must name a key inside the vault secret, like "
+                         "OPENAI_API_KEY")
+    if _CONTROL.search(value):
+        raise ValueError("field must not contain control characters (NUL, tabs, newlines): "
+                         "name a key inside the vault secret, like OPENAI_API_KEY")
+    return value
+
+
 _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})")
 
 
@@ -183,7 +230,9 @@ class RotatorSettings(_Model):
     """``[rotator]``: the daemon's own settings; every key is optional."""
 
     state_url: str = "sqlite:///rotator-state.db"
-    """SQLAlchemy URL of the state store: sqlite for one daemon, PostgreSQL for replicas."""
+    """SQLAlchemy URL of the state store: sqlite for one daemon, PostgreSQL for replicas.
+    :func:`load_policies` makes a relative SQLite path absolute, against the policy file's
+    directory, so every command run with the same file uses the same store."""
     metrics_address: str = "127.0.0.1:9464"
     """``host:port`` of the Prometheus endpoint; port 0 picks a free port (tests)."""
     max_concurrent_rotations: int = Field(default=8, ge=1, le=256)
@@ -202,7 +251,7 @@ class RotatorSettings(_Model):
     @classmethod
     def _state_url(cls, value: str) -> str:
         if not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", value):
-            raise ValueError('state_url is a database URL like "sqlite:///var/lib/rotator/'
+            raise ValueError('state_url is a database URL like "sqlite:////var/lib/rotator/'
                              'state.db" or "postgresql+psycopg://rotator@db/rotator"')
         return value
 
@@ -321,8 +370,10 @@ class CredentialConfig(_Model):
     agent: str
     provider: str
     vault: str
-    path: str = Field(min_length=1)
-    field: str = Field(min_length=1)
+    path: str
+    """Where the key lives inside the vault: relative segments like ``agents/x/openai``."""
+    field: str
+    """The key inside the vault secret that holds the credential (others are preserved)."""
     interval: Duration | None = None
     schedule: str | None = None
     grace: Duration = timedelta(hours=1)
@@ -342,6 +393,16 @@ class CredentialConfig(_Model):
     @classmethod
     def _agent(cls, value: str) -> str:
         return _check_name(value, "agent")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_vault_path(value)
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, value: str) -> str:
+        return _check_vault_field(value)
 
     @field_validator("interval")
     @classmethod
@@ -427,6 +488,8 @@ class Problem:
 
 
 # -- locating keys in the source -------------------------------------------------------------
+
+_BASIC_STRING_STOP = re.compile(r'["\\]')
 
 
 class _Locator:
@@ -537,29 +600,38 @@ class _Locator:
 
     def _string(self) -> str:
         """Consume a string of any of the four kinds; return its raw contents (keys only
-        use the single-line kinds, where escapes other than \\" are rare enough to ignore)."""
+        use the single-line kinds, where escapes other than \\" are rare enough to ignore).
+        Jumps from quote to quote (``str.find``/a regex), so a huge value costs little."""
         quote = self._peek()
         multi = self._peek(3) == quote * 3
         self._advance(3 if multi else 1)
         start = self._pos
         text = self._text
-        while self._pos < len(text):
-            ch = text[self._pos]
-            if ch == "\\" and quote == '"':
-                self._advance(2)
-                continue
-            if multi and text.startswith(quote * 3, self._pos):
-                end = self._pos
-                self._advance(3)
-                while self._peek() == quote:  # up to two quotes may close the content
+        pos = start
+        while True:
+            if quote == '"':
+                match = _BASIC_STRING_STOP.search(text, pos)
+                at = -1 if match is None else match.start()
+                if at >= 0 and text[at] == "\\":
+                    pos = at + 2
+                    continue
+            else:
+                at = text.find(quote, pos)
+            if at < 0:
+                self._advance(len(text) - self._pos)
+                return text[start:]
+            if not multi:
+                self._advance(at + 1 - self._pos)
+                return text[start:at].replace('\\"', '"')
+            if text.startswith(quote * 3, at):
+                end = at
+                pos = at + 3
+                while text.startswith(quote, pos):  # up to two quotes may close the content
                     end += 1
-                    self._advance()
+                    pos += 1
+                self._advance(pos - self._pos)
                 return text[start:end]
-            if not multi and ch == quote:
-                self._advance()
-                return text[start:self._pos - 1].replace('\\"', '"')
-            self._advance()
-        return text[start:]
+            pos = at + 1
 
     def _value(self, path: KeyPath) -> None:
         self._skip_blank(newlines=False)
@@ -608,7 +680,12 @@ class _Locator:
 _SECRET_VALUE = re.compile(
     r"(?:^|[^A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{4,}|sk_live_|sk_test_|rk_live_|rk_test_|whsec_|"
     r"AKIA[A-Z0-9]{8,}|ghp_|github_pat_|glpat-|xox[abposr]-|hvs\.|-----BEGIN)")
-_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:[^/\s@]+@")
+# A URL with a password (scheme://user:password@). Linear on any input: a scheme is only
+# tried from the start of a run of scheme characters (the lookbehind) and every repetition
+# is possessive, so no character is rescanned by backtracking.
+_URL_PASSWORD = re.compile(
+    r"(?<![A-Za-z0-9+.\-])[0-9+.\-]*+[A-Za-z][A-Za-z0-9+.\-]*+://[^/\s:@]*+:[^/\s@]++@")
+_PRIVATE_KEY = "-----BEGIN"
 _SECRET_WORDS = {"key", "token", "password", "passwd", "secret", "apikey", "authorization",
                  "credential", "credentials", "pat"}
 _REFERENCE_WORDS = {"env", "file", "path", "id", "url", "name", "field", "header", "mount",
@@ -628,24 +705,60 @@ def _looks_secret(value: str) -> bool:
     return bool(_SECRET_VALUE.search(value) or _URL_PASSWORD.search(value))
 
 
-def _find_secrets(node: Any, path: KeyPath = (), free: bool = False
-                  ) -> Iterator[tuple[KeyPath, str]]:
-    """Every string in the document that is, or stands where one expects, a secret."""
+def _never_an_identifier(value: str) -> bool:
+    """What no name or vault path can be: a private key block or a URL with a password."""
+    return _PRIVATE_KEY in value or bool(_URL_PASSWORD.search(value))
+
+
+_CREDENTIAL_IDENTIFIERS = frozenset({"name", "agent", "provider", "vault", "path", "field"})
+_REF_IDENTIFIERS = frozenset({"vault", "path", "field"})
+
+
+def _is_identifier(path: KeyPath, parent: Mapping[str, Any]) -> bool:
+    """Whether the string at ``path`` names something (a credential, agent, section, vault
+    path or field, a type) rather than being a free-form value: key prefixes such as
+    ``sk-`` are then a naming choice (``sk-agent/openai``), not a pasted secret."""
+    key = path[-1]
+    if len(path) == 3 and path[0] == "credentials" and isinstance(path[1], int):
+        return key in _CREDENTIAL_IDENTIFIERS
+    if key == "type" and (
+            (len(path) == 3 and path[0] in ("vaults", "providers"))
+            or (len(path) == 4 and path[0] == "credentials" and isinstance(path[1], int)
+                and path[2] in ("health_check", "on_rotate"))):
+        return True
+    return key in _REF_IDENTIFIERS and set(parent) <= _SECRET_REF_KEYS
+
+
+def _find_secrets(node: Any, path: KeyPath = (), free: bool = False,
+                  suspects: list[str] | None = None) -> Iterator[tuple[KeyPath, str]]:
+    """Every string in the document that is, or stands where one expects, a secret.
+
+    Identifiers (see :func:`_is_identifier`) are only flagged when they cannot be names at
+    all; those that merely look like a key are appended to ``suspects``, values the caller
+    keeps out of its messages just in case.
+    """
     if isinstance(node, dict):
         for key, value in node.items():
             child = (*path, key)
             if isinstance(value, str):
-                if _looks_secret(value) or (not free and _secret_key_name(key)):
+                if _is_identifier(child, node):
+                    if _never_an_identifier(value):
+                        yield child, value
+                    elif suspects is not None and _looks_secret(value):
+                        suspects.append(value)
+                elif _looks_secret(value) or (not free and _secret_key_name(key)
+                                              and not (not path and key in _TOP_KEYS)):
+                    # A top-level section given as a string is a type error, not a secret.
                     yield child, value
             else:
-                yield from _find_secrets(value, child, key in _FREE_FORM)
+                yield from _find_secrets(value, child, key in _FREE_FORM, suspects)
     elif isinstance(node, list):
         for index, value in enumerate(node):
             if isinstance(value, str):
                 if _looks_secret(value):
                     yield (*path, index), value
             else:
-                yield from _find_secrets(value, (*path, index), free)
+                yield from _find_secrets(value, (*path, index), free, suspects)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -925,8 +1038,14 @@ class _Checker:
                      ) -> list[CredentialConfig]:
         raw_list = self.doc.get("credentials", [])
         if not isinstance(raw_list, list):
-            self.add(("credentials",), "credentials must be an array of tables: write each "
-                                       "as [[credentials]]")
+            self.add(("credentials",), "credentials must be an array of tables: write "
+                                       "[[credentials]] sections")
+            return []
+        if not raw_list:
+            # An empty or truncated file must not pass: a daemon reloading it would silently
+            # stop managing every credential.
+            self.add(("credentials",), "the policy file has no [[credentials]]: nothing to "
+                                       "rotate (see rotation-policies.toml for an example)")
             return []
         out: list[CredentialConfig] = []
         names: dict[str, int] = {}
@@ -1087,7 +1206,35 @@ def load_policies(path: Path | str) -> Policies:
         line = data[:exc.start].count(b"\n") + 1
         raise ConfigError([Problem(file, line, "", "the policy file is not UTF-8 text")]
                           ) from None
-    return parse_policies(text, source)
+    policies = parse_policies(text, source)
+    state_url = _anchor_sqlite_path(policies.settings.state_url, source)
+    if state_url == policies.settings.state_url:
+        return policies
+    settings = policies.settings.model_copy(update={"state_url": state_url})
+    return policies.model_copy(update={"settings": settings})
+
+
+def _anchor_sqlite_path(url: str, source: Path) -> str:
+    """``url`` with a relative SQLite database path made absolute against the directory of
+    the policy file ``source``, so the daemon and a ``rotate-now`` run from elsewhere use
+    the same store. In-memory databases, absolute paths, SQLite URI filenames and other
+    databases are returned unchanged (and so is anything SQLAlchemy cannot parse)."""
+    if not url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url  # only here: ``check`` need not load it otherwise
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url
+    database = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not database or database == ":memory:"
+            or database.startswith("file:") or os.path.isabs(database)):
+        return url
+    # abspath, not resolve(): a symlinked policy file (a Kubernetes ConfigMap) must not tie
+    # the store to the link's current target.
+    anchored = os.path.join(os.path.dirname(os.path.abspath(source)), database)
+    return parsed.set(database=anchored).render_as_string(hide_password=False)
 
 
 def parse_policies(text: str, source: Path | str = DEFAULT_CONFIG_FILE) -> Policies:
@@ -1111,6 +1258,9 @@ def parse_policies(text: str, source: Path | str = DEFAULT_CONFIG_FILE) -> Polic
 
 def _parse(text: str, source: Path) -> Policies:
     file = str(source)
+    # Some editors start UTF-8 files with a byte order mark; TOML has no use for it. It sits
+    # on line 1 and contains no newline, so every line number stays right.
+    text = text.removeprefix("\ufeff")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -1126,8 +1276,12 @@ def _parse(text: str, source: Path) -> Policies:
     except RecursionError:
         raise ConfigError([Problem(file, None, "", "invalid TOML: nested too deeply")]
                           ) from None
+    except ValueError:  # not a TOMLDecodeError: an integer beyond Python's digit limit
+        raise ConfigError([Problem(file, None, "", "invalid TOML: a number is too large")]
+                          ) from None
     checker = _Checker(source, text, doc)
-    secrets = list(_find_secrets(doc))
+    suspects: list[str] = []
+    secrets = list(_find_secrets(doc, suspects=suspects))
     policies = checker.run()
     if secrets:
         secret_paths = [path for path, _value in secrets]
@@ -1137,5 +1291,6 @@ def _parse(text: str, source: Path) -> Policies:
             checker.add(path, SECRETS_NEVER_HERE)
         policies = None
     if policies is None:
-        raise ConfigError(checker.report(scrub=[value for _path, value in secrets]))
+        raise ConfigError(checker.report(scrub=[*(value for _path, value in secrets),
+                                                *suspects]))
     return policies

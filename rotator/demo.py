@@ -45,7 +45,7 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
         raise PermanentError(f"the demo runs the example policy file, and {example} does not "
                              "exist: run it from the repository root or set $ROTATOR_CONFIG")
     doc = tomllib.loads(example.read_text())
-    work = workdir or Path(tempfile.mkdtemp(prefix="rotator-demo-"))
+    work = (workdir or Path(tempfile.mkdtemp(prefix="rotator-demo-"))).absolute()
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "rotator.log"
     _log_to_file(log_path)

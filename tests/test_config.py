@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from rotator import plugins
 from rotator.config import (
+    SECRETS_NEVER_HERE,
     CredentialConfig,
     Policies,
     Problem,
@@ -72,7 +74,7 @@ def problems_of(text: str, source: str = "rotation-policies.toml") -> list[Probl
 
 def _expectations(path: Path) -> list[tuple[int | None, str, str]]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         match = EXPECT.match(line)
         if match is None:
             break
@@ -100,9 +102,11 @@ def test_bad_policy_corpus(path: Path) -> None:
         matching = [p for p in problems if p.line == line and p.key == key
                     and message in p.message]
         assert matching, f"expected {line}: {key}: {message!r} among:\n{shown}"
-        place = f"{path}:{line}: {key}: " if key else f"{path}:{line}: "
+        where = f"{path}" if line is None else f"{path}:{line}"
+        place = f"{where}: {key}: " if key else f"{where}: "
         assert str(matching[0]).startswith(place)
-    assert [p.line or 0 for p in problems] == sorted(p.line or 0 for p in problems)
+    order = [(p.line is None, p.line or 0) for p in problems]  # by line, file-wide ones last
+    assert order == sorted(order)
     assert all(p.file == str(path) for p in problems)
 
 
@@ -156,10 +160,33 @@ def test_defaults_and_helpers() -> None:
         a.name = "x"  # type: ignore[misc]
 
 
-def test_empty_file_is_valid_and_empty() -> None:
-    policies = parse_policies("")
-    assert isinstance(policies, Policies)
-    assert policies.credentials == () and policies.vaults == {}
+NO_CREDENTIALS = ("the policy file has no [[credentials]]: nothing to rotate (see "
+                  "rotation-policies.toml for an example)")
+
+
+@pytest.mark.parametrize("text", ["", "\n# truncated\n", '[rotator]\njitter = "1m"\n', BASE],
+                         ids=["empty", "comment", "settings-only", "no-credentials"])
+def test_a_file_without_credentials_is_an_error(text: str) -> None:
+    """A daemon reloading an empty or truncated file must not silently manage nothing."""
+    [problem] = problems_of(text)
+    assert (problem.line, problem.key, problem.message) == (None, "credentials", NO_CREDENTIALS)
+    assert str(problem) == f"rotation-policies.toml: credentials: {NO_CREDENTIALS}"
+
+
+def test_empty_credentials_array_is_an_error() -> None:
+    [problem] = problems_of("credentials = []\n" + BASE)
+    assert (problem.key, problem.message) == ("credentials", NO_CREDENTIALS)
+
+
+def test_credentials_as_a_string_is_a_type_error() -> None:
+    [problem] = problems_of('credentials = "x"\n' + BASE)
+    assert (problem.line, problem.key) == (1, "credentials")
+    assert problem.message == ("credentials must be an array of tables: write [[credentials]] "
+                               "sections")
+    # A real key there is still a secret, and never echoed.
+    [problem] = problems_of('credentials = "sk-proj-SECRETVALUE12345"\n' + BASE)
+    assert "secrets never go in the policy file" in problem.message
+    assert "SECRETVALUE" not in str(problem)
 
 
 def test_file_written_by_tomli_w_loads() -> None:
@@ -220,6 +247,11 @@ def test_directory_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_policies(binary)
     assert info.value.problems[0].line == 2
+
+
+def test_a_number_too_large_for_python_is_invalid_toml() -> None:
+    [problem] = problems_of("x = " + "1" * 5000 + "\n")
+    assert problem.message == "invalid TOML: a number is too large"
 
 
 def test_resolve_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -482,3 +514,159 @@ def test_credential_model_rejects_user_line_key() -> None:
     problems = problems_of(BASE + credential("a/openai", "line = 3\n"))
     assert any(p.key == "credentials[0].line" and "unknown key" in p.message for p in problems)
     assert CredentialConfig.model_fields["line"].default == 0
+
+
+# -- identifiers, vault paths, huge values, the state store's path ---------------------------
+
+KEY_PREFIXED_NAMES = textwrap.dedent("""\
+    [vaults.sk-vault]
+    type = "vault"
+    url = "http://127.0.0.1:8200"
+    token_env = "VAULT_TOKEN"
+
+    [providers.sk-openai]
+    type = "openai"
+    project_id = "proj_1"
+    admin_key = { vault = "sk-vault", path = "sk-admin/openai", field = "sk-admin-key" }
+
+    [[credentials]]
+    name = "sk-agent/openai"
+    agent = "sk-agent"
+    provider = "sk-openai"
+    vault = "sk-vault"
+    path = "agents/sk-agent/openai"
+    field = "sk-api-key"
+    [credentials.params]
+    service_account_id = "svc_1"
+    [credentials.health_check]
+    type = "none"
+    """)
+
+
+def test_names_and_vault_paths_may_look_like_key_prefixes() -> None:
+    policies = parse_policies(KEY_PREFIXED_NAMES)
+    cred = policies.credential("sk-agent/openai")
+    assert (cred.agent, cred.provider, cred.vault, cred.path, cred.field) == (
+        "sk-agent", "sk-openai", "sk-vault", "agents/sk-agent/openai", "sk-api-key")
+    assert str(policies.providers["sk-openai"].settings.admin_key) == (  # type: ignore[attr-defined]
+        "vault sk-vault:sk-admin/openai#sk-admin-key")
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ('service_account_id = "svc_1"', 'service_account_id = "sk-proj-SECRETVALUE12345"',
+     "credentials[0].params.service_account_id"),
+    ('project_id = "proj_1"', 'project_id = "sk-proj-SECRETVALUE12345"',
+     "providers.sk-openai.project_id"),
+    ('type = "none"', 'type = "http"\nurl = "https://u:SECRETVALUE@agent/h"',
+     "credentials[0].health_check.url"),
+    ('name = "sk-agent/openai"', 'name = "https://u:SECRETVALUE@agent/x"', "credentials[0].name"),
+    ('path = "agents/sk-agent/openai"', 'path = "-----BEGIN PRIVATE KEY-----SECRETVALUE"',
+     "credentials[0].path"),
+    ('field = "sk-admin-key"', 'field = "-----BEGIN PRIVATE KEY-----SECRETVALUE"',
+     "providers.sk-openai.admin_key.field"),
+])
+def test_real_secrets_are_still_flagged(old: str, new: str, key: str) -> None:
+    assert KEY_PREFIXED_NAMES.count(old) == 1
+    problems = problems_of(KEY_PREFIXED_NAMES.replace(old, new))
+    assert [(p.key, p.message) for p in problems] == [(key, SECRETS_NEVER_HERE)]
+    assert "SECRETVALUE" not in "\n".join(str(p) for p in problems)
+
+
+def test_key_like_identifiers_are_kept_out_of_messages() -> None:
+    """A name is not flagged for its prefix, but a message about it does not repeat it
+    either, in case it really was a key pasted into the wrong place."""
+    text = KEY_PREFIXED_NAMES.replace('provider = "sk-openai"',
+                                      'provider = "sk-proj-SECRETVALUE12345"')
+    [problem] = problems_of(text)
+    assert problem.key == "credentials[0].provider"
+    assert problem.message.startswith('no provider named "<redacted>"')
+
+
+def test_vault_paths_are_checked_in_secret_references() -> None:
+    for bad in ("/rotator/admin", "rotator/../admin", "rotator//admin", "rotator/admin\x00"):
+        with pytest.raises(ValidationError) as info:
+            SecretRef(vault="main", path=bad, field="key")
+        assert "a vault path like agents/research-agent/openai" in str(info.value)
+    for bad in ("", "key\n", "\x00"):
+        with pytest.raises(ValidationError):
+            SecretRef(vault="main", path="rotator/admin", field=bad)
+    assert SecretRef(vault="main", path="a.b/c-d/e_f", field="K").path == "a.b/c-d/e_f"
+
+
+HUGE = 5_000_000
+
+
+@pytest.mark.parametrize("value", [
+    "a" * HUGE,  # one long run of scheme characters: the old URL-password regex hung here
+    "a://" + ":" * HUGE,
+    "x1+" * (HUGE // 3) + "://",
+    "https://" + "a" * HUGE,
+], ids=["letters", "colons", "scheme-chars", "long-host"])
+def test_a_huge_value_is_checked_in_well_under_a_second(value: str) -> None:
+    text = BASE + credential("a/openai", textwrap.dedent(f"""\
+        [credentials.on_rotate]
+        type = "command"
+        run = ["reload", '{value}']
+        """))
+    started = time.perf_counter()
+    policies = parse_policies(text)
+    elapsed = time.perf_counter() - started
+    assert policies.credentials[0].on_rotate is not None
+    assert elapsed < 1.0, f"{elapsed:.2f}s for a {len(value) / 1e6:.0f} MB value"
+
+
+def test_a_secret_at_the_end_of_a_huge_value_is_found() -> None:
+    value = "a" * HUGE + " https://u:SECRETVALUE@agent/reload"
+    text = BASE + credential("a/openai", textwrap.dedent(f"""\
+        [credentials.on_rotate]
+        type = "command"
+        run = ["reload", "{value}"]
+        """))
+    [problem] = problems_of(text)
+    assert (problem.key, problem.message) == ("credentials[0].on_rotate.run[1]",
+                                              SECRETS_NEVER_HERE)
+
+
+def _write_policies(path: Path, state_url: str | None) -> Path:
+    settings = "" if state_url is None else f'[rotator]\nstate_url = "{state_url}"\n'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(settings + BASE + credential("a/openai"))
+    return path
+
+
+def test_relative_sqlite_path_is_relative_to_the_policy_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = tmp_path / "etc" / "rotator"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _write_policies(etc / "policies.toml", "sqlite:///rotator-state.db")
+    expected = f"sqlite:///{etc / 'rotator-state.db'}"
+    assert expected.startswith("sqlite:////")
+    monkeypatch.chdir(elsewhere)
+    assert load_policies(etc / "policies.toml").settings.state_url == expected
+    monkeypatch.chdir(tmp_path)
+    assert load_policies("etc/rotator/policies.toml").settings.state_url == expected
+    monkeypatch.chdir(etc)
+    assert load_policies("policies.toml").settings.state_url == expected
+    # The default is a relative SQLite path too.
+    _write_policies(etc / "default.toml", None)
+    assert load_policies(etc / "default.toml").settings.state_url == expected
+    # Subdirectories and query options survive; parse_policies opens nothing, changes nothing.
+    _write_policies(etc / "sub.toml", "sqlite+pysqlite:///data/state.db?timeout=5")
+    assert load_policies(etc / "sub.toml").settings.state_url == (
+        f"sqlite+pysqlite:///{etc / 'data' / 'state.db'}?timeout=5")
+    text = (etc / "sub.toml").read_text()
+    assert parse_policies(text, etc / "sub.toml").settings.state_url == (
+        "sqlite+pysqlite:///data/state.db?timeout=5")
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite://", "sqlite:///:memory:", "sqlite:////var/lib/rotator/state.db",
+    "sqlite:///file:state.db?mode=ro&uri=true",
+    "postgresql+psycopg://rotator@db/rotator", "mysql+pymysql://rotator@db/rotator",
+])
+def test_other_state_urls_are_left_alone(tmp_path: Path, url: str) -> None:
+    path = _write_policies(tmp_path / "policies.toml", url)
+    policies = load_policies(path)
+    assert isinstance(policies, Policies)
+    assert policies.settings.state_url == url
