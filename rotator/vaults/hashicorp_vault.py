@@ -232,40 +232,18 @@ class HashiCorpVault(Vault):
     ) -> str:
         path, field = self._check(path, field)
         where = self._where(path)
-        staged: Secret | None = None
-        for attempt in range(CAS_ATTEMPTS):
-            current = self._get(path, what=f"reading {where}")
-            live = current if current is not None and current.data is not None else None
-            if live is not None:
-                recorded = self._field_metadata(path, field, live)
-                if recorded.get("rotation_id") == rotation_id:
-                    return str(live.number)
-            if staged is None:
-                staged = self.read_staged(path, field, rotation_id)
-                if staged is None:
-                    raise PermanentError(
-                        f"vault {self.name!r}: no key staged by rotation {rotation_id} for "
-                        f"{where}#{field}; it cannot be promoted")
-            old_value = _as_text(live.data.get(field)) if live and live.data else None
-            if live is not None and old_value is not None and _same(old_value, staged.reveal()):
-                # Written before a crash, metadata not yet: finish the record only.
-                self._set_field_metadata(path, field, live.number, metadata, rotation_id)
-                return str(live.number)
-            data = dict(live.data or {}) if live is not None else {}
-            data[field] = staged.reveal()
-            try:
-                number = self._write(path, data, cas=current.number if current else 0,
-                                     what=f"writing field {field!r} of {where}")
-            except _CasConflict:
-                self._backoff(attempt)
-                continue
-            finally:
-                data.clear()
-            self._set_field_metadata(path, field, number, metadata, rotation_id)
-            return str(number)
-        raise TransientError(
-            f"vault {self.name!r}: {where} changed {CAS_ATTEMPTS} times while field {field!r} "
-            "was being written; retrying later")
+        current = self._get(path, what=f"reading {where}")
+        if current is not None and current.data is not None:
+            recorded = self._field_metadata(path, field, current)
+            if recorded.get("rotation_id") == rotation_id:
+                return str(current.number)
+        staged = self.read_staged(path, field, rotation_id)
+        if staged is None:
+            raise PermanentError(
+                f"vault {self.name!r}: no key staged by rotation {rotation_id} for "
+                f"{where}#{field}; it cannot be promoted")
+        return self._write_field(path, field, staged.reveal(), metadata, rotation_id,
+                                 verb="written", first=current)
 
     def restore(
         self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str]
@@ -284,30 +262,40 @@ class HashiCorpVault(Vault):
             raise PermanentError(
                 f"vault {self.name!r}: version {number} of {where} has no field {field!r} "
                 "to restore")
+        return self._write_field(path, field, old_value, metadata, rotation_id,
+                                 verb="restored")
+
+    def _write_field(self, path: str, field: str, value: str, metadata: Mapping[str, str],
+                     rotation_id: str, *, verb: str, first: _Version | None = None) -> str:
+        """Make ``value`` the current value of ``field`` (other fields kept) with
+        check-and-set, retrying when another writer got there first; if it is already
+        current (written before a crash), only finish its metadata record."""
+        where = self._where(path)
+        current = first
         for attempt in range(CAS_ATTEMPTS):
-            current = self._get(path, what=f"reading {where}")
+            if current is None or attempt:
+                current = self._get(path, what=f"reading {where}")
             live = current if current is not None and current.data is not None else None
-            value = _as_text(live.data.get(field)) if live and live.data else None
-            if live is not None and value is not None and _same(value, old_value):
-                recorded = self._field_metadata(path, field, live)
-                if recorded.get("rotation_id") != rotation_id:
+            present = _as_text(live.data.get(field)) if live and live.data else None
+            if live is not None and present is not None and _same(present, value):
+                if self._field_metadata(path, field, live).get("rotation_id") != rotation_id:
                     self._set_field_metadata(path, field, live.number, metadata, rotation_id)
                 return str(live.number)
             data = dict(live.data or {}) if live is not None else {}
-            data[field] = old_value
+            data[field] = value
             try:
-                new_number = self._write(path, data, cas=current.number if current else 0,
-                                         what=f"restoring field {field!r} of {where}")
+                number = self._write(path, data, cas=current.number if current else 0,
+                                     what=f"writing field {field!r} of {where}")
             except _CasConflict:
                 self._backoff(attempt)
                 continue
             finally:
                 data.clear()
-            self._set_field_metadata(path, field, new_number, metadata, rotation_id)
-            return str(new_number)
+            self._set_field_metadata(path, field, number, metadata, rotation_id)
+            return str(number)
         raise TransientError(
             f"vault {self.name!r}: {where} changed {CAS_ATTEMPTS} times while field {field!r} "
-            "was being restored; retrying later")
+            f"was being {verb}; retrying later")
 
     def warm_up(self) -> None:
         import hvac
