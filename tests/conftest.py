@@ -38,6 +38,19 @@ def _log_everything_to_a_file(tmp_path_factory: pytest.TempPathFactory) -> Itera
         handler.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way must not leave a `rotator run` behind."""
+    from tests import support
+
+    yield
+    while support.STARTED:
+        proc = support.STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBaoDevServer]:
     """One real OpenBao dev server for the whole session (tests use distinct paths)."""

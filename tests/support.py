@@ -23,6 +23,8 @@ from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
 
 ROTATOR = [sys.executable, "-m", "rotator.cli"]
+STARTED: list[subprocess.Popen[bytes]] = []
+"""Every daemon a test started; conftest kills those still running when the test ends."""
 
 
 @dataclass
@@ -68,9 +70,11 @@ class Fleet:
 
     def start_daemon(self, **env: str) -> subprocess.Popen[bytes]:
         out, err = self._outputs("run")
-        return subprocess.Popen([*ROTATOR, "run"], env=self.env(**env),
+        proc = subprocess.Popen([*ROTATOR, "run"], env=self.env(**env),
                                 stdout=out.open("w"), stderr=err.open("w"),
                                 stdin=subprocess.DEVNULL, cwd=self.tmp)
+        STARTED.append(proc)
+        return proc
 
     def vault_secret(self, cred: dict[str, Any]) -> dict[str, Any]:
         client = self.bao.client()
