@@ -600,7 +600,14 @@ class Engine:
         try:
             self._retry(provider.revoke, info, rev.key_id)
             if provider.capabilities.verify_revoked and rev.vault_version:
-                old = self._retry(vault.read_version, cred.path, cred.field, rev.vault_version)
+                try:
+                    old = self._retry(vault.read_version, cred.path, cred.field,
+                                      rev.vault_version)
+                except NotFound:
+                    old = None  # the version was pruned: the revoke stands, unconfirmed
+                    log.warning("%s: vault version %s holding old key %s is gone; revoked "
+                                "without checking the provider now refuses it", cred.name,
+                                rev.vault_version, rev.key_id)
                 if old is not None:
                     self._retry(self._confirm_dead, provider, info, old, rev.key_id)
         except Interrupted:

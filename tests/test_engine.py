@@ -319,3 +319,19 @@ def test_threads_of_one_process_never_share_a_credential(tmp_path, openbao, fake
                                                   results[1].rotation_id)]
     assert sorted(r.outcome for r in results) == ["skipped", "success"]
     assert sum(1 for s in finished if s.step == "revoke") == 1
+
+
+def test_revocation_of_a_key_whose_vault_version_was_pruned(tmp_path, openbao, fake_openai):
+    """KV v2 keeps a limited number of versions: a revocation must not wait forever for a
+    version that is gone; the key is revoked all the same."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="1h")
+    cred = fleet.credentials[0]
+    legacy = fleet.vault_value(cred)
+    kv = openbao.client().secrets.kv.v2
+    with engine_for(fleet) as engine:
+        assert rotate(engine, cred["name"]).ok
+        kv.update_metadata(path=cred["path"], max_versions=1, mount_point="secret")
+        kv.patch(path=cred["path"], secret={"OTHER": "keep-me"}, mount_point="secret")
+        assert rotate(engine, cred["name"], revoke_mode="immediately").ok
+        assert not engine.store.pending_revocations()
+    assert not fake_openai.is_valid(legacy)
