@@ -83,7 +83,11 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
         daemon = Daemon(demo_file, policies)
         thread = threading.Thread(target=daemon.run, name="rotator-daemon", daemon=True)
         thread.start()
-        out.line(f"  daemon                  {len(policies.credentials)} credential(s)")
+        deadline = time.monotonic() + 10
+        while daemon.metrics_url is None and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out.line(f"  daemon                  {len(policies.credentials)} credential(s), "
+                 f"metrics on {daemon.metrics_url}")
         out.line("Ctrl-C stops everything." if duration is None
                  else f"Running for {duration:.0f}s.")
         started = time.monotonic()
@@ -124,6 +128,7 @@ def _demo_policies(doc: dict[str, Any], work: Path, bao: Any, fake: Any
     client = bao.client()
     settings = dict(doc.get("rotator", {}))
     settings.update(state_url=f"sqlite:///{work / 'state.db'}", poll_interval="1s",
+                    metrics_address="127.0.0.1:0",
                     jitter="3s", lock_ttl="30s", retry_deadline="20s")
     vaults = {name: {"type": "vault", "url": bao.url, "mount": v.get("mount", "secret"),
                      "token_env": "VAULT_TOKEN"}

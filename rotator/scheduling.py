@@ -22,7 +22,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from rotator.config import Policies, load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, PermanentError
+from rotator.metrics import Metrics
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 
@@ -45,6 +46,9 @@ class Daemon:
         self.store = StateStore(policies.settings.state_url)
         self.runtime = Runtime(policies)
         self.engine = Engine(policies, self.runtime, self.store, clock=clock)
+        self.metrics = Metrics(self.store, lambda: self.policies)
+        self.metrics_url: str | None = None
+        self.engine.listeners.append(self.metrics.on_event)
         if on_engine is not None:
             on_engine(self.engine)
         self.stopping = threading.Event()
@@ -72,6 +76,14 @@ class Daemon:
         self.preflight()
         self._warn_orphans(force=True)
         settings = self.policies.settings
+        try:
+            bound = self.metrics.serve(settings.metrics_address)
+        except OSError as exc:
+            raise PermanentError(
+                f"cannot serve /metrics on {settings.metrics_address}: {exc.strerror}; change "
+                "metrics_address in [rotator] (port 0 picks a free one)") from exc
+        self.metrics_url = f"http://{bound}/metrics"
+        log.info("metrics on %s", self.metrics_url)
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
                  len(self.policies.credentials), _safe_url(settings.state_url),
                  settings.max_concurrent_rotations)
@@ -104,6 +116,7 @@ class Daemon:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()
         self.engine.close()
         self.runtime.close()
         self.store.close()

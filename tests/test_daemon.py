@@ -209,3 +209,55 @@ def test_window_holds_a_due_rotation_until_it_opens(tmp_path, openbao, fake_open
         daemon.stop("test over")
         daemon._shutdown()
     fleet.assert_settled()
+
+
+@pytest.mark.slow
+def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_openai):
+    """SPEC's metrics on /metrics: counters from the rotation just done, and the state gauges
+    right from the first scrape of a restarted daemon (read from the store, not from memory)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=2,
+                       settings={"metrics_address": f"127.0.0.1:{port}"})
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        (tmp_path / "out" / f"metrics-{time.monotonic_ns()}.txt").write_text(text)
+        return text
+
+    daemon = fleet.start_daemon()
+    try:
+        wait_for(lambda: all(_successes(store, c["name"]) == 1 for c in fleet.credentials),
+                 what="rotations")
+        text = wait_for(lambda: (t := scrape()) and "rotator_rotations_total{" in t and t,
+                        what="metrics")
+    finally:
+        stop_daemon(daemon)
+    assert ('rotator_rotations_total{credential="agent-0/openai",outcome="success",'
+            'provider="openai-test",trigger="schedule"} 1.0') in text
+    assert 'rotator_rotation_step_duration_seconds_count{provider="openai-test",step="create"}' \
+        in text
+    assert 'rotator_build_info{version="' in text
+    assert "rotator_rotations_in_progress 0.0" in text
+    daemon = fleet.start_daemon()
+    try:
+        text = wait_for(lambda: _try(scrape), what="metrics after restart")
+    finally:
+        stop_daemon(daemon)
+        store.close()
+    assert 'rotator_credential_last_rotation_timestamp_seconds{agent="agent-1"' in text
+    assert 'rotator_credential_next_rotation_timestamp_seconds{agent="agent-1"' in text
+    assert "rotator_old_keys_awaiting_revocation 0.0" in text
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError:
+        return None
