@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -245,6 +249,9 @@ def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_o
         in text
     assert 'rotator_build_info{version="' in text
     assert "rotator_rotations_in_progress 0.0" in text
+    lint = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
     daemon = fleet.start_daemon()
     try:
         text = wait_for(lambda: _try(scrape), what="metrics after restart")
@@ -254,6 +261,28 @@ def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_o
     assert 'rotator_credential_last_rotation_timestamp_seconds{agent="agent-1"' in text
     assert 'rotator_credential_next_rotation_timestamp_seconds{agent="agent-1"' in text
     assert "rotator_old_keys_awaiting_revocation 0.0" in text
+
+
+def promtool() -> str:
+    """Debian's promtool (.ci/run installs the prometheus package)."""
+    found = shutil.which("promtool")
+    if found is None and os.environ.get("CI"):
+        pytest.fail("promtool not found: .ci/run installs Debian's prometheus package")
+    if found is None:
+        pytest.skip("promtool not found: apt-get install prometheus to run this check")
+    return found
+
+
+def test_alert_rules_pass_promtool():
+    rules = Path(__file__).parent.parent / "deploy" / "prometheus" / "rotator-alerts.yml"
+    result = subprocess.run([promtool(), "check", "rules", str(rules)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout
+    text = rules.read_text()
+    assert text.count("runbook_url: \"README.md#runbook-alerts\"") == 5
+    readme = (rules.parent.parent.parent / "README.md").read_text()
+    assert "## Runbook: alerts" in readme
 
 
 def _try(fn):
