@@ -94,6 +94,14 @@ class Metrics:
         self.registry.register(_StateCollector(store, policies))
         self._server: Any = None
 
+    def prime(self, policies: Policies) -> None:
+        """Create every credential's counters at 0, so a first failure is an increase that
+        ``increase()``/``rate()`` and the alert rules can see."""
+        for cred in policies.credentials:
+            for trigger in ("schedule", "manual", "emergency"):
+                for outcome in ("success", "failed", "rolled_back"):
+                    self.rotations.labels(cred.name, cred.provider, trigger, outcome)
+
     def on_event(self, event: StepFinished | RotationFinished) -> None:
         if isinstance(event, StepFinished):
             self.step_duration.labels(event.provider, event.step).observe(event.duration)

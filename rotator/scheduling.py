@@ -76,6 +76,7 @@ class Daemon:
         self.preflight()
         self._warn_orphans(force=True)
         settings = self.policies.settings
+        self.metrics.prime(self.policies)
         try:
             bound = self.metrics.serve(settings.metrics_address)
         except OSError as exc:
@@ -248,6 +249,7 @@ class Daemon:
         self.runtime.warm_up(policies.credentials)
         self.engine.runtime = self.runtime
         self.engine.sync_credentials()
+        self.metrics.prime(policies)
         log.info("policies reloaded: %d credential(s)", len(policies.credentials))
         self._warn_orphans(force=True)
         self.tick()
