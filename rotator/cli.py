@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 _FAST_EXIT = False
-"""Set by one-shot commands (status, plan, history, check, rotate-now) whose resources are all
-closed when they return: they may skip the interpreter's teardown."""
+"""Set by one-shot commands (status, plan, history, check, rotate-now, audit) whose resources
+are all closed when they return: they may skip the interpreter's teardown."""
 
 config_option = click.option(
     "-c", "--config", "config_path", metavar="PATH", default=None,
@@ -391,6 +391,93 @@ def history(config_path: str | None, as_json: bool, name: str | None, limit: int
                           r["trigger"], r["outcome"] or r["status"], took, steps,
                           _esc(r["error"] or r["reason"] or ""))
         _console().print(table)
+        return 0
+
+    _guard(body)
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail: check its hash chain, export it as JSON lines."""
+
+
+def _open_store(policies: Policies) -> Any:
+    from rotator.state.store import StateStore
+
+    return StateStore(policies.settings.state_url, create=False)
+
+
+@audit.command("verify")
+@config_option
+@json_option
+def audit_verify(config_path: str | None, as_json: bool) -> None:
+    """Recompute the hash chain; exit 1 naming the first edited, deleted or moved event."""
+    _one_shot()
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.audit import AuditLog
+
+        store = _open_store(policies)
+        try:
+            result = AuditLog(store).verify()
+        finally:
+            store.close()
+        if as_json:
+            _print_json({"ok": result.ok, "checked": result.checked,
+                         "first_bad_id": result.first_bad_id, "problem": result.problem})
+        elif result.ok:
+            click.echo(f"audit trail OK: {result.checked} events")
+        else:
+            click.echo(f"audit trail BROKEN at event {result.first_bad_id}: {result.problem} "
+                       f"({result.checked - 1} events before it verified)")
+        return 0 if result.ok else EXIT_FAILED
+
+    _guard(body)
+
+
+def _parse_since(text: str) -> datetime:
+    """An ISO time (naive means UTC) or a duration meaning that long ago (``7d``)."""
+    from rotator.durations import parse_duration
+
+    try:
+        return _now() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"--since: {text!r} is neither an ISO time (2026-11-01T00:00:00Z) nor a "
+              "duration meaning that long ago (7d, 12h)")
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+@audit.command("export")
+@config_option
+@click.option("--since", metavar="TIME|DURATION",
+              help="Only events at or after this ISO time, or this long ago (7d, 12h).")
+@click.option("--credential", metavar="NAME", help="Only events of this credential.")
+@click.option("-o", "--output", metavar="FILE", default="-", show_default=True,
+              help="Write the JSON lines here instead of stdout.")
+def audit_export(config_path: str | None, since: str | None, credential: str | None,
+                 output: str) -> None:
+    """Write the audit trail as JSON lines (one event per line), for a SIEM."""
+    _one_shot()
+    start = _parse_since(since) if since else None
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.audit import AuditLog
+
+        store = _open_store(policies)
+        try:
+            with click.open_file(output, "w", encoding="utf-8") as out:
+                for event in AuditLog(store).export(start, credential):
+                    out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            _fail(f"-o {output}: {exc.strerror or exc}")
+        finally:
+            store.close()
         return 0
 
     _guard(body)

@@ -20,6 +20,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from rotator.audit import AuditLog
 from rotator.config import Policies, load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import ConfigError, PermanentError
@@ -49,6 +50,8 @@ class Daemon:
         self.metrics = Metrics(self.store, lambda: self.policies)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
+        self.audit = AuditLog(self.store)
+        self.engine.listeners.append(self.audit.listener("daemon"))
         if on_engine is not None:
             on_engine(self.engine)
         self.stopping = threading.Event()
@@ -240,6 +243,7 @@ class Daemon:
                       len(exc.problems))
             for problem in exc.problems:
                 log.error("  %s", problem)
+            self._audit_reload({"outcome": "rejected", "problems": len(exc.problems)})
             return False
         if policies.settings.state_url != self.policies.settings.state_url:
             log.warning("state_url changed in the policy file: restart rotator to use it")
@@ -251,9 +255,18 @@ class Daemon:
         self.engine.sync_credentials()
         self.metrics.prime(policies)
         log.info("policies reloaded: %d credential(s)", len(policies.credentials))
+        self._audit_reload({"outcome": "applied", "credentials": len(policies.credentials)})
         self._warn_orphans(force=True)
         self.tick()
         return True
+
+    def _audit_reload(self, detail: dict[str, Any]) -> None:
+        # Problem texts stay in the log: they quote the policy file, which may hold anything.
+        try:
+            self.audit.record("reload", actor="daemon",
+                              detail={"config": str(self.config_path), **detail})
+        except Exception:
+            log.exception("could not write the policy reload to the audit trail")
 
 
 def _safe_url(url: str) -> str:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from rotator import policy
+from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
@@ -42,6 +43,7 @@ class Context:
     store: StateStore
     runtime: Runtime
     engine: Engine
+    audit: AuditLog
 
 
 @contextmanager
@@ -52,9 +54,11 @@ def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
     store = StateStore(policies.settings.state_url, create=create)
     runtime = Runtime(policies)
     engine = Engine(policies, runtime, store, clock=clock)
+    audit = AuditLog(store)
+    engine.listeners.append(audit.listener(_os_user()))
     try:
         engine.sync_credentials()
-        yield Context(policies, store, runtime, engine)
+        yield Context(policies, store, runtime, engine, audit)
     finally:
         engine.close()
         runtime.close()
@@ -172,6 +176,11 @@ def rotate_now(ctx: Context, credentials: list[CredentialConfig], *, revoke_mode
     user = _os_user()
     wait = ctx.policies.settings.lock_ttl.total_seconds() + 60
     results: list[RotationResult] = []
+    for cred in credentials:  # who asked and why, before anything changes
+        ctx.audit.record("manual", credential=cred.name, actor=user, reason=reason,
+                         detail={"command": "rotate-now", "trigger": trigger,
+                                 "revoke_mode": revoke_mode, "agent": cred.agent,
+                                 "provider": cred.provider})
     ctx.runtime.warm_up(credentials)
     workers = min(ctx.policies.settings.max_concurrent_rotations, max(len(credentials), 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="rotate-now") as pool:

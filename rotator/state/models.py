@@ -124,3 +124,26 @@ class Lock(Base):
     owner: Mapped[str] = mapped_column(String(250))
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditEvent(Base):
+    """One append-only audit event; ``hash`` chains it to the event before it.
+
+    ``hash = sha256(prev_hash + canonical JSON of the other fields)`` (see :mod:`rotator.audit`),
+    so editing, deleting or reordering rows breaks the chain where it happened. ``detail`` is
+    JSON text: steps, outcomes, key ids and messages, never a secret value.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_credential", "credential", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    credential: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rotation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    detail: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0001"
+HEAD = "0002"
 """The newest migration of this release; a test checks it against the migrations folder. Known
 here so that opening an up-to-date database does not import alembic (a tenth of a second)."""
 

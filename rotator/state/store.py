@@ -23,7 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
 from rotator.state import schema
-from rotator.state.models import CredentialState, Lock, Revocation, Rotation, RotationStep
+from rotator.state.models import (
+    AuditEvent,
+    CredentialState,
+    Lock,
+    Revocation,
+    Rotation,
+    RotationStep,
+)
 
 __all__ = ["StaleRotation", "StateStore", "lock_owner_id"]
 
@@ -45,6 +52,7 @@ _ROTATIONS = Rotation.__table__
 _STEPS = RotationStep.__table__
 _REVOCATIONS = Revocation.__table__
 _LOCKS = Lock.__table__
+_AUDIT = AuditEvent.__table__
 
 
 def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> int:
@@ -421,3 +429,35 @@ class StateStore:
             if row is None or row.expires_at < now or _holder_is_dead(row.owner):
                 return None
             return row.owner
+
+    # -- audit trail ---------------------------------------------------------------------------
+
+    def append_audit(self, build: Callable[[int, str], dict[str, Any]]) -> int:
+        """Append one audit event in ONE write transaction and return its id.
+
+        Reads the latest event's id and hash, then inserts ``build(next_id, prev_hash)`` (the
+        column values, ``id`` and ``prev_hash`` included). SQLite's BEGIN IMMEDIATE, and on
+        PostgreSQL a table lock, make read-then-insert atomic across threads, processes and
+        replicas, so two writers can never chain onto the same event. Ids are assigned here,
+        consecutively, so a gap in ids always means a deleted event.
+        """
+        with self._tx() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE")
+            last = conn.execute(select(_AUDIT.c.id, _AUDIT.c.hash)
+                                .order_by(_AUDIT.c.id.desc()).limit(1)).first()
+            next_id = (last.id + 1) if last is not None else 1
+            conn.execute(insert(_AUDIT).values(**build(next_id, last.hash if last else "")))
+            return next_id
+
+    def audit_events(self, *, after_id: int = 0, since: datetime | None = None,
+                     credential: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Up to ``limit`` audit events with ``id > after_id``, in id order, as column dicts."""
+        q = select(_AUDIT).where(_AUDIT.c.id > after_id)
+        if since is not None:
+            q = q.where(_AUDIT.c.at >= since)
+        if credential is not None:
+            q = q.where(_AUDIT.c.credential == credential)
+        with self._serial, self.engine.connect() as conn:
+            return [dict(row._mapping) for row in
+                    conn.execute(q.order_by(_AUDIT.c.id).limit(limit))]

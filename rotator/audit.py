@@ -1,0 +1,196 @@
+"""The audit trail: append-only, hash-chained events in the state store.
+
+Each event's ``hash`` is ``sha256(prev_hash + canonical JSON of its other fields)`` with
+``prev_hash`` the hash of the event before it (``""`` for the first). Ids are consecutive, so
+``verify`` finds where a row was edited (its hash no longer matches), deleted (a gap in ids, or
+the next event's ``prev_hash`` pointing at nothing) or moved (``prev_hash`` not the hash of the
+event before it). Events carry key ids and rotation ids only, never a secret value.
+
+A chain without a key protects against edits by anyone who does not also recompute every later
+hash; anchor it outside the database (ship the export to a SIEM) for more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from rotator.events import RotationFinished, StepFinished
+from rotator.state.store import StateStore
+
+__all__ = ["KINDS", "AuditLog", "VerifyResult"]
+
+log = logging.getLogger("rotator.audit")
+
+KINDS = frozenset({"step", "rotation", "manual", "reload", "failure"})
+_BATCH = 1000
+_KEY_STEPS = frozenset({"create", "revoke", "revoke_first", "store", "rollback"})
+"""Steps whose audit event names the key ids involved (read from the rotation's row)."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    """Events checked (all of them when ``ok``; up to and including the first bad one if not)."""
+    first_bad_id: int | None
+    problem: str | None
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(row: dict[str, Any]) -> str:
+    """The hash an event row must carry, from its fields and its ``prev_hash``."""
+    fields = {
+        "id": row["id"],
+        "at": _iso(row["at"]),
+        "kind": row["kind"],
+        "credential": row["credential"],
+        "rotation_id": row["rotation_id"],
+        "actor": row["actor"],
+        "reason": row["reason"],
+        "detail": row["detail"],
+    }
+    return hashlib.sha256((row["prev_hash"] + _canonical(fields)).encode()).hexdigest()
+
+
+class AuditLog:
+    """Writes, verifies and exports the audit trail of one state store."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def record(self, kind: str, *, credential: str | None = None,
+               rotation_id: str | None = None, actor: str, reason: str | None = None,
+               detail: dict[str, Any], at: datetime | None = None) -> int:
+        """Append one event and return its id. ``detail`` must be JSON-able and hold no secret.
+
+        Reading the latest hash and inserting happen in one write transaction, so concurrent
+        writers (threads, rotate-now next to a daemon) always form a single chain.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown audit event kind {kind!r}")
+        when = (at or datetime.now(UTC)).astimezone(UTC)
+        detail_text = _canonical(detail)
+
+        def build(event_id: int, prev_hash: str) -> dict[str, Any]:
+            row = {"id": event_id, "at": when, "kind": kind, "credential": credential,
+                   "rotation_id": rotation_id, "actor": actor, "reason": reason,
+                   "detail": detail_text, "prev_hash": prev_hash}
+            row["hash"] = event_hash(row)
+            return row
+
+        return self.store.append_audit(build)
+
+    def _rows(self, since: datetime | None = None,
+              credential: str | None = None) -> Iterator[dict[str, Any]]:
+        after = 0
+        while True:
+            batch = self.store.audit_events(after_id=after, since=since, credential=credential,
+                                            limit=_BATCH)
+            yield from batch
+            if len(batch) < _BATCH:
+                return
+            after = batch[-1]["id"]
+
+    def verify(self) -> VerifyResult:
+        """Recompute the chain in id order; report the first event that breaks it."""
+        checked = 0
+        last_id = 0
+        last_hash = ""
+        for row in self._rows():
+            checked += 1
+            event_id = row["id"]
+            problem = None
+            if event_id != last_id + 1:
+                missing = (f"event {last_id + 1}" if event_id == last_id + 2
+                           else f"events {last_id + 1} to {event_id - 1}")
+                problem = f"{missing} missing before it (deleted)"
+            elif row["prev_hash"] != last_hash:
+                problem = (f"its prev_hash is not the hash of event {last_id}" if last_id else
+                           "it is the first event but its prev_hash is not empty") + \
+                    " (events reordered, or one before it removed or rewritten)"
+            elif event_hash(row) != row["hash"]:
+                problem = "its contents do not match its hash (edited)"
+            if problem is not None:
+                return VerifyResult(False, checked, event_id, problem)
+            last_id, last_hash = event_id, row["hash"]
+        return VerifyResult(True, checked, None, None)
+
+    def export(self, since: datetime | None = None,
+               credential: str | None = None) -> Iterator[dict[str, Any]]:
+        """Events in id order as JSON-able dicts (ISO times with ``Z``; ``detail`` decoded)."""
+        for row in self._rows(since, credential):
+            try:
+                detail: Any = json.loads(row["detail"])
+            except ValueError:
+                detail = row["detail"]
+            yield {"id": row["id"], "at": _iso(row["at"]), "kind": row["kind"],
+                   "credential": row["credential"], "rotation_id": row["rotation_id"],
+                   "actor": row["actor"], "reason": row["reason"], "detail": detail,
+                   "prev_hash": row["prev_hash"], "hash": row["hash"]}
+
+    def listener(self, actor: str) -> Any:
+        """An engine listener recording steps and rotations with ``actor`` as the actor."""
+
+        def on_event(event: StepFinished | RotationFinished) -> None:
+            if isinstance(event, StepFinished):
+                self._on_step(event, actor)
+            else:
+                self._on_rotation(event, actor)
+
+        return on_event
+
+    def _on_step(self, event: StepFinished, actor: str) -> None:
+        detail: dict[str, Any] = {"step": event.step, "status": event.status,
+                                  "agent": event.agent, "provider": event.provider,
+                                  "duration_seconds": round(event.duration, 3)}
+        if event.message:
+            detail["message"] = event.message
+        if event.step in _KEY_STEPS:
+            detail.update(self._key_ids(event.rotation_id))
+        self.record("step", credential=event.credential, rotation_id=event.rotation_id,
+                    actor=actor, detail=detail, at=event.at)
+
+    def _on_rotation(self, event: RotationFinished, actor: str) -> None:
+        detail: dict[str, Any] = {"outcome": event.outcome, "trigger": event.trigger,
+                                  "agent": event.agent, "provider": event.provider,
+                                  "duration_seconds": round(event.duration, 3)}
+        if event.message:
+            detail["message"] = event.message
+        rotation = self.store.rotation(event.rotation_id)
+        reason = None
+        if rotation is not None:
+            detail.update(self._key_ids(event.rotation_id, rotation))
+            detail["revoke_mode"] = rotation.revoke_mode
+            if rotation.requested_by:
+                detail["requested_by"] = rotation.requested_by
+            if rotation.manual_revoke:
+                detail["manual_revoke"] = rotation.manual_revoke
+            reason = rotation.reason
+        self.record("rotation", credential=event.credential, rotation_id=event.rotation_id,
+                    actor=actor, reason=reason, detail=detail, at=event.at)
+        if event.outcome != "success":
+            self.record("failure", credential=event.credential, rotation_id=event.rotation_id,
+                        actor=actor, reason=reason, at=event.at,
+                        detail={"outcome": event.outcome, "trigger": event.trigger,
+                                "message": event.message})
+
+    def _key_ids(self, rotation_id: str, rotation: Any = None) -> dict[str, Any]:
+        rotation = rotation or self.store.rotation(rotation_id)
+        if rotation is None:
+            return {}
+        return {"old_key_id": rotation.old_key_id, "new_key_id": rotation.new_key_id}
