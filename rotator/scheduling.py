@@ -24,6 +24,7 @@ from rotator.audit import AuditLog
 from rotator.config import Policies, load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import ConfigError, PermanentError
+from rotator.log import log_event
 from rotator.metrics import Metrics
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
@@ -50,6 +51,7 @@ class Daemon:
         self.metrics = Metrics(self.store, lambda: self.policies)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
+        self.engine.listeners.append(log_event)
         self.audit = AuditLog(self.store)
         self.engine.listeners.append(self.audit.listener("daemon"))
         if on_engine is not None:

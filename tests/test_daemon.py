@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -175,6 +176,11 @@ def test_max_concurrent_rotations_is_respected(tmp_path, openbao, fake_openai):
     assert _max_overlap(rotations) == 2
     log = sorted((tmp_path / "out").glob("*-run.stderr"))[-1].read_text()
     assert log.count("finished: success") == 6, "each rotation finishes exactly once"
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    steps = [x for x in lines if x.get("step") == "create" and x.get("status") == "succeeded"]
+    assert len(steps) == 6, "one structured log line per step"
+    assert set(steps[0]) >= {"time", "level", "credential", "agent", "provider",
+                             "rotation_id", "step", "duration_seconds"}
 
 
 def test_window_holds_a_due_rotation_until_it_opens(tmp_path, openbao, fake_openai,
