@@ -30,7 +30,7 @@ log = logging.getLogger("rotator.audit")
 KINDS = frozenset({"step", "rotation", "manual", "reload", "failure"})
 _BATCH = 1000
 _KEY_STEPS = frozenset({"create", "revoke", "revoke_first", "store", "rollback"})
-"""Steps whose audit event names the key ids involved (read from the rotation's row)."""
+"""Steps whose audit event names the key ids involved."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class AuditLog:
         if event.message:
             detail["message"] = event.message
         if event.step in _KEY_STEPS:
-            detail.update(self._key_ids(event.rotation_id))
+            detail.update(old_key_id=event.old_key_id, new_key_id=event.new_key_id)
         self.record("step", credential=event.credential, rotation_id=event.rotation_id,
                     actor=actor, detail=detail, at=event.at)
 
@@ -171,16 +171,13 @@ class AuditLog:
                                   "duration_seconds": round(event.duration, 3)}
         if event.message:
             detail["message"] = event.message
-        rotation = self.store.rotation(event.rotation_id)
-        reason = None
-        if rotation is not None:
-            detail.update(self._key_ids(event.rotation_id, rotation))
-            detail["revoke_mode"] = rotation.revoke_mode
-            if rotation.requested_by:
-                detail["requested_by"] = rotation.requested_by
-            if rotation.manual_revoke:
-                detail["manual_revoke"] = rotation.manual_revoke
-            reason = rotation.reason
+        detail.update(old_key_id=event.old_key_id, new_key_id=event.new_key_id,
+                      revoke_mode=event.revoke_mode)
+        if event.requested_by:
+            detail["requested_by"] = event.requested_by
+        if event.manual_revoke:
+            detail["manual_revoke"] = event.manual_revoke
+        reason = event.reason
         self.record("rotation", credential=event.credential, rotation_id=event.rotation_id,
                     actor=actor, reason=reason, detail=detail, at=event.at)
         if event.outcome != "success":
@@ -188,9 +185,3 @@ class AuditLog:
                         actor=actor, reason=reason, at=event.at,
                         detail={"outcome": event.outcome, "trigger": event.trigger,
                                 "message": event.message})
-
-    def _key_ids(self, rotation_id: str, rotation: Any = None) -> dict[str, Any]:
-        rotation = rotation or self.store.rotation(rotation_id)
-        if rotation is None:
-            return {}
-        return {"old_key_id": rotation.old_key_id, "new_key_id": rotation.new_key_id}

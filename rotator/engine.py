@@ -265,11 +265,6 @@ class Engine:
         except LockHeld:
             return None
 
-    def resume_all(self) -> list[RotationResult]:
-        """Finish every rotation a crash or a stop left unfinished (skipping locked ones)."""
-        names = sorted({r.credential for r in self.store.unfinished_rotations()})
-        return [r for r in (self.resume(name) for name in names) if r is not None]
-
     def credentials_with_due_revocations(self) -> list[str]:
         """Credentials with an old key whose grace is over, or a rotation whose last
         revocation was done just before a crash (so it only needs finishing)."""
@@ -570,27 +565,30 @@ class Engine:
 
     def _revoke_phase(self, rotation: Rotation, cred: CredentialConfig) -> RotationResult:
         """Revoke this rotation's old keys that are due; finish it once none is pending."""
+        return self._revoke_rotation(rotation, cred)[0]
+
+    def _revoke_rotation(self, rotation: Rotation,
+                         cred: CredentialConfig) -> tuple[RotationResult, int]:
+        """The revoke phase, and how many keys it revoked."""
         now = self.clock()
         pending = [r for r in self.store.revocations(rotation.id) if r.status == "pending"]
+        revoked = 0
         for rev in [r for r in pending if r.not_before <= now]:
             if self._revoke_one(cred, rotation, rev):
                 pending.remove(rev)
+                revoked += 1
         if pending:
             when = min(r.not_before for r in pending)
             return self._result(rotation, "success", revoke_at=when,
-                                extra=f"old key revoked after {when:%Y-%m-%d %H:%M:%S} UTC")
-        return self._finish(rotation, cred, "success")
+                                extra=f"old key revoked after {when:%Y-%m-%d %H:%M:%S} UTC"
+                                ), revoked
+        return self._finish(rotation, cred, "success"), revoked
 
     def _revoke_credential(self, cred: CredentialConfig) -> int:
         """Run the revoke phase of every rotation of ``cred`` in its grace period."""
-        count = 0
-        for rotation in self.store.rotations_in_grace():
-            if rotation.credential != cred.name:
-                continue
-            before = self.store.count_pending_revocations()
-            self._revoke_phase(rotation, cred)
-            count += before - self.store.count_pending_revocations()
-        return count
+        return sum(self._revoke_rotation(rotation, cred)[1]
+                   for rotation in self.store.rotations_in_grace()
+                   if rotation.credential == cred.name)
 
     def _revoke_one(self, cred: CredentialConfig, rotation: Rotation, rev: Revocation) -> bool:
         provider = self.runtime.provider(cred.provider)
@@ -684,9 +682,12 @@ class Engine:
             self.store.update_rotation(rotation.id, **fields)
             _apply(rotation, fields, "done")
         duration = (rotation.finished_at or now) - rotation.started_at
-        event = RotationFinished(rotation.id, rotation.credential, rotation.agent,
-                                 rotation.provider, rotation.trigger, outcome,
-                                 duration.total_seconds(), rotation.error, now)
+        event = RotationFinished(
+            rotation.id, rotation.credential, rotation.agent, rotation.provider,
+            rotation.trigger, outcome, duration.total_seconds(), rotation.error, now,
+            old_key_id=rotation.old_key_id, new_key_id=rotation.new_key_id,
+            revoke_mode=rotation.revoke_mode, reason=rotation.reason,
+            requested_by=rotation.requested_by, manual_revoke=rotation.manual_revoke)
         self._emit(event)
         log.info("%s: rotation %s finished: %s", cred.name, rotation.id, outcome)
         return self._result(rotation, outcome)
@@ -759,7 +760,8 @@ class Engine:
                    message: str | None) -> None:
         self._emit(StepFinished(rotation.id, rotation.credential, rotation.agent,
                                 rotation.provider, step, status, time.monotonic() - t0,
-                                message, self.clock()))
+                                message, self.clock(), old_key_id=rotation.old_key_id,
+                                new_key_id=rotation.new_key_id))
 
     def _emit(self, event: StepFinished | RotationFinished) -> None:
         for listener in self.listeners:

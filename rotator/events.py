@@ -21,6 +21,9 @@ class StepFinished:
     duration: float
     message: str | None
     at: datetime
+    old_key_id: str | None = None
+    new_key_id: str | None = None
+    """Key ids as the rotation knows them when the step ends (never a secret)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,13 @@ class RotationFinished:
     duration: float
     message: str | None
     at: datetime
+    old_key_id: str | None = None
+    new_key_id: str | None = None
+    revoke_mode: str | None = None
+    reason: str | None = None
+    requested_by: str | None = None
+    manual_revoke: str | None = None
+    """Set when the old key could not be identified and must be revoked by hand."""
 
 
 Listener = Callable[[StepFinished | RotationFinished], None]

@@ -226,17 +226,18 @@ def _os_user() -> str:
 def online_check(policies: Policies, runtime: Runtime) -> list[str]:
     """Reach every vault and provider the file names; return one problem line per failure."""
     problems: list[str] = []
+    bad_vaults: set[str] = set()
     for name in policies.vaults:
         try:
             runtime.vault(name).health()
         except RotatorError as exc:
+            bad_vaults.add(name)
             problems.append(f"vaults.{name}: {exc}")
     for name in policies.providers:
         try:
             runtime.provider(name).check_access()
         except RotatorError as exc:
             problems.append(f"providers.{name}: {exc}")
-    bad_vaults = {p.split(".")[1].split(":")[0] for p in problems if p.startswith("vaults.")}
     for cred in policies.credentials:
         if cred.vault in bad_vaults:
             continue

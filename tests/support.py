@@ -7,7 +7,9 @@ leak scan (conftest.py) searches them for secret values along with the state dat
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 
 from rotator.testing.fake_openai import FakeOpenAIServer
@@ -149,6 +152,24 @@ def make_fleet(tmp: Path, bao: OpenBaoDevServer, fake: FakeOpenAIServer, n: int 
         extra(doc)
     fleet.config.write_text(tomli_w.dumps(doc))
     return fleet
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a server the test starts itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def debian_tool(name: str) -> str:
+    """Path of a tool from a Debian package .ci/run installs (prometheus, promtool): in CI a
+    missing one fails the test; elsewhere it is skipped, saying what to install."""
+    found = shutil.which(name)
+    if found is None and os.environ.get("CI"):
+        pytest.fail(f"{name} not found: .ci/run installs Debian's prometheus package")
+    if found is None:
+        pytest.skip(f"{name} not found: apt-get install prometheus to run this test")
+    return found
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition",

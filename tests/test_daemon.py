@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +12,7 @@ import pytest
 
 from rotator.state.store import StateStore
 from rotator.testing.agent import SampleAgent
-from tests.support import make_fleet, stop_daemon, wait_for
+from tests.support import debian_tool, free_port, make_fleet, stop_daemon, wait_for
 
 
 def _wait_quiet(store: StateStore) -> None:
@@ -225,12 +223,9 @@ def test_window_holds_a_due_rotation_until_it_opens(tmp_path, openbao, fake_open
 def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_openai):
     """SPEC's metrics on /metrics: counters from the rotation just done, and the state gauges
     right from the first scrape of a restarted daemon (read from the store, not from memory)."""
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2,
                        settings={"metrics_address": f"127.0.0.1:{port}"})
     store = StateStore(f"sqlite:///{fleet.state_db}")
@@ -270,13 +265,7 @@ def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_o
 
 
 def promtool() -> str:
-    """Debian's promtool (.ci/run installs the prometheus package)."""
-    found = shutil.which("promtool")
-    if found is None and os.environ.get("CI"):
-        pytest.fail("promtool not found: .ci/run installs Debian's prometheus package")
-    if found is None:
-        pytest.skip("promtool not found: apt-get install prometheus to run this check")
-    return found
+    return debian_tool("promtool")
 
 
 def test_alert_rules_pass_promtool():

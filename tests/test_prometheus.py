@@ -4,9 +4,6 @@ Grafana dashboard returns data, and the failure alert fires after a forced failu
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,26 +14,11 @@ from typing import Any
 import pytest
 
 from rotator.state.store import StateStore
-from tests.support import make_fleet, stop_daemon, wait_for
+from tests.support import debian_tool, free_port, make_fleet, stop_daemon, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "rotator.json"
 RULES = ROOT / "deploy" / "prometheus" / "rotator-alerts.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None and os.environ.get("CI"):
-        pytest.fail("prometheus not found: .ci/run installs Debian's prometheus package")
-    if found is None:
-        pytest.skip("prometheus not found: apt-get install prometheus to run this test")
-    return found
 
 
 def _api(port: int, path: str, **params: str) -> Any:
@@ -65,8 +47,8 @@ def test_dashboard_is_importable_json_with_a_datasource_variable():
 @pytest.mark.slow
 def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, openbao,
                                                                     fake_openai):
-    binary = _prometheus_binary()
-    metrics_port, prom_port = _free_port(), _free_port()
+    binary = debian_tool("prometheus")
+    metrics_port, prom_port = free_port(), free_port()
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2, interval="4s", grace="0s",
                        settings={"metrics_address": f"127.0.0.1:{metrics_port}",
                                  "poll_interval": "1s"})

@@ -153,15 +153,6 @@ class StateStore:
                 if due is not None and (row.next_due_at, row.due_reason) != due:
                     row.next_due_at, row.due_reason = due
 
-    def ensure_credential(self, name: str, agent: str, provider: str, now: datetime) -> None:
-        with self.session() as s:
-            row = s.get(CredentialState, name)
-            if row is None:
-                s.add(CredentialState(name=name, agent=agent, provider=provider,
-                                      first_seen_at=now, failures=0))
-            elif (row.agent, row.provider) != (agent, provider):
-                row.agent, row.provider = agent, provider
-
     def credential(self, name: str) -> CredentialState | None:
         with self.session() as s:
             return s.get(CredentialState, name)
@@ -197,10 +188,6 @@ class StateStore:
             )
 
     # -- rotations -----------------------------------------------------------------------------
-
-    def add_rotation(self, rotation: Rotation) -> None:
-        with self.session() as s:
-            s.add(rotation)
 
     def rotation(self, rotation_id: str) -> Rotation | None:
         with self.session() as s:
@@ -326,19 +313,6 @@ class StateStore:
 
     # -- revocations ---------------------------------------------------------------------------
 
-    def schedule_revocation(
-        self, rotation_id: str, credential: str, key_id: str, vault_version: str | None,
-        not_before: datetime,
-    ) -> None:
-        """Idempotent: one revocation per (rotation, key)."""
-        with self.session() as s:
-            exists = s.scalar(select(Revocation.id).where(
-                Revocation.rotation_id == rotation_id, Revocation.key_id == key_id))
-            if exists is None:
-                s.add(Revocation(rotation_id=rotation_id, credential=credential, key_id=key_id,
-                                 vault_version=vault_version, not_before=not_before,
-                                 status="pending", attempts=0))
-
     def revocations(self, rotation_id: str) -> list[Revocation]:
         with self.session() as s:
             return list(s.scalars(select(Revocation).where(
@@ -354,10 +328,6 @@ class StateStore:
             if credential is not None:
                 q = q.where(Revocation.credential == credential)
             return list(s.scalars(q.order_by(Revocation.not_before)))
-
-    def update_revocation(self, revocation_id: int, **fields: Any) -> None:
-        with self.session() as s:
-            s.execute(update(Revocation).where(Revocation.id == revocation_id).values(**fields))
 
     def expedite_revocations(self, credential: str, now: datetime) -> int:
         """Make every pending revocation of ``credential`` due now (emergency rotation)."""
