@@ -97,6 +97,7 @@ def timed_process(argv: list[str], env: dict[str, str], label: str = "") -> floa
 
 def profile_in_process(config: Path) -> dict[str, float]:
     """Rotate the fleet in this process with timers around the store and the plugins."""
+    from rotator.audit import AuditLog
     from rotator.config import load_policies
     from rotator.engine import Engine
     from rotator.runtime import Runtime
@@ -134,7 +135,9 @@ def profile_in_process(config: Path) -> dict[str, float]:
     engine = Engine(policies, runtime, store)
     engine.sync_credentials()
     t0 = time.perf_counter()
-    ctx = Context(policies, store, runtime, engine)
+    audit = AuditLog(store)
+    engine.listeners.append(audit.listener("bench"))
+    ctx = Context(policies, store, runtime, engine, audit)
     results = rotate_now(ctx, list(policies.credentials), revoke_mode="grace", reason="bench")
     totals["wall"] = time.perf_counter() - t0
     failed = [r for r in results if not r.ok]
