@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -105,6 +105,10 @@ class Capabilities:
     """True when ``identify`` can find the id of a key rotator did not create."""
     verify_revoked: bool = True
     """True when ``verify`` on a revoked key reliably raises ``CredentialRejected``."""
+    in_place: bool = False
+    """True when the service holds one key per credential, so making a new one kills the old
+    (a PostgreSQL role's password). The engine then calls ``generate`` (no side effect), stages
+    the key in the vault, and only then ``apply``; rollback re-``apply``s the old key."""
 
 
 SecretResolver = Callable[[Any], Secret]
@@ -142,9 +146,12 @@ class Provider(ABC):
         """Create a new key named or described with ``key_name_for(rotation_id)``."""
 
     @abstractmethod
-    def verify(self, credential: CredentialInfo, secret: Secret) -> None:
+    def verify(self, credential: CredentialInfo, secret: Secret,
+               key_id: str | None = None) -> None:
         """Use ``secret`` once against the service with a cheap authenticated call.
 
+        ``key_id`` is the key's id when the engine knows it (services such as AWS need the
+        access key id beside the secret); None for a key rotator did not create.
         Raises ``CredentialRejected`` if the service refuses it, ``TransientError`` if the
         service could not be asked.
         """
@@ -157,9 +164,36 @@ class Provider(ABC):
     def find_by_rotation(self, credential: CredentialInfo, rotation_id: str) -> list[str]:
         """Ids of live keys whose name carries ``rotation_id`` (crash clean-up)."""
 
-    def identify(self, credential: CredentialInfo, secret: Secret) -> str | None:
-        """The provider's id for a key rotator did not create, or None if it cannot tell."""
+    def identify(self, credential: CredentialInfo, secret: Secret,
+                 companions: Mapping[str, str] | None = None) -> str | None:
+        """The provider's id for a key rotator did not create, or None if it cannot tell.
+
+        ``companions`` holds the current values of the fields named by ``companion_fields``
+        (an adopted AWS key's ``AWS_ACCESS_KEY_ID``, say) where the vault has them.
+        """
         return None
+
+    def companion_fields(self, credential: CredentialInfo) -> tuple[str, ...]:
+        """Names of the vault fields written beside the key (usually set in params).
+
+        Agents often need a non-secret value with the key (the access key id of an AWS secret
+        key, the role name of a PostgreSQL password). The engine asks ``companions`` for their
+        values, writes them in the same vault version as the key, and rollback restores them
+        with it. Default: none.
+        """
+        return ()
+
+    def companions(self, credential: CredentialInfo, key_id: str) -> Mapping[str, str]:
+        """Values of ``companion_fields`` for the key ``key_id``; never a secret."""
+        return {}
+
+    def generate(self, credential: CredentialInfo, rotation_id: str) -> NewKey:
+        """``in_place`` providers only: make a new key value without touching the service."""
+        raise NotImplementedError(f"{type(self).__name__} is not an in_place provider")
+
+    def apply(self, credential: CredentialInfo, key: NewKey) -> None:
+        """``in_place`` providers only: make ``key`` the service's one key (idempotent)."""
+        raise NotImplementedError(f"{type(self).__name__} is not an in_place provider")
 
     def check_access(self) -> None:
         """Confirm the provider's admin credential works (``rotator check --online``)."""
@@ -183,6 +217,9 @@ class VaultValue:
     metadata: Mapping[str, str] = field(default_factory=dict)
     """What rotator recorded for this field *of this version* (``key_id``, ``rotation_id``,
     ``rotated_at``); empty when rotator did not write this version (an adopted key)."""
+    companions: Mapping[str, str] = field(default_factory=dict)
+    """The values, in this version, of the companion fields ``read`` was asked for (those the
+    secret has; a missing one is absent)."""
 
 
 class Vault(ABC):
@@ -201,8 +238,9 @@ class Vault(ABC):
         self.settings = settings
 
     @abstractmethod
-    def read(self, path: str, field: str) -> VaultValue:
-        """The current version of ``field`` at ``path``; raises ``NotFound`` if no secret."""
+    def read(self, path: str, field: str, companions: Sequence[str] = ()) -> VaultValue:
+        """The current version of ``field`` (and of the ``companions`` fields) at ``path``;
+        raises ``NotFound`` if no secret."""
 
     @abstractmethod
     def read_version(self, path: str, field: str, version: str) -> Secret | None:
@@ -218,19 +256,24 @@ class Vault(ABC):
 
     @abstractmethod
     def promote(
-        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
+        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str],
+        companions: Mapping[str, str] | None = None,
     ) -> str:
         """Make the staged secret the current version; return that version.
 
-        Other fields of the secret are kept and the old value stays readable as the previous
-        version. If the current version already came from ``rotation_id`` this only returns it.
+        ``companions`` (non-secret fields such as an access key id) are written in the same
+        version. Other fields of the secret are kept and the old value stays readable as the
+        previous version. If the current version already came from ``rotation_id`` this only
+        returns it.
         """
 
     @abstractmethod
     def restore(
-        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str]
+        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str],
+        companions: Sequence[str] = (),
     ) -> str:
-        """Make ``field``'s value from ``version`` current again (rollback); return the version.
+        """Make ``field``'s value (and the ``companions`` fields') from ``version`` current
+        again (rollback); return the version.
 
         Idempotent: if the current value already equals that of ``version``, return current.
         """

@@ -16,8 +16,7 @@ import pytest
 
 from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
-
-ISSUED_SECRETS: set[str] = set()
+from tests.support import ISSUED_SECRETS, remember_issued
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,11 +69,13 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
     try:
         yield server
     finally:
-        ISSUED_SECRETS.update(server.issued_values())
+        remember_issued(server.issued_values())
         server.stop()
 
 
 HASHES_FILE = "issued-secret-hashes.txt"
+_PREFIX = 3
+"""Leading characters of each secret kept (hex) to find where to hash: not enough to guess."""
 
 
 def _session_root(config: pytest.Config) -> Path:
@@ -89,7 +90,8 @@ def _record_issued(config: pytest.Config) -> None:
         return
     with (_session_root(config) / HASHES_FILE).open("a") as fh:
         for secret in ISSUED_SECRETS:
-            fh.write(f"{len(secret)} {hashlib.sha256(secret.encode()).hexdigest()}\n")
+            fh.write(f"{len(secret)} {hashlib.sha256(secret.encode()).hexdigest()} "
+                     f"{secret[:_PREFIX].encode().hex()}\n")
 
 
 def _leaks(root: Path) -> tuple[int, list[str]]:
@@ -97,9 +99,11 @@ def _leaks(root: Path) -> tuple[int, list[str]]:
     if not hashes_path.exists():
         return 0, []
     wanted: dict[int, set[str]] = {}
+    prefixes: set[bytes] = set()
     for line in hashes_path.read_text().splitlines():
-        length, digest = line.split()
+        length, digest, prefix = line.split()
         wanted.setdefault(int(length), set()).add(digest)
+        prefixes.add(bytes.fromhex(prefix))
     found = []
     for path in root.rglob("*"):
         if not path.is_file() or path.is_symlink() or path.name == HASHES_FILE:
@@ -108,14 +112,21 @@ def _leaks(root: Path) -> tuple[int, list[str]]:
             data = path.read_bytes()
         except OSError:
             continue
-        pos = data.find(b"sk-")
+        if _contains_secret(data, prefixes, wanted):
+            found.append(f"{path}: contains a secret value issued by a test service")
+    return sum(len(v) for v in wanted.values()), found
+
+
+def _contains_secret(data: bytes, prefixes: set[bytes], wanted: dict[int, set[str]]) -> bool:
+    """Hash the bytes at every place a known secret's first characters occur."""
+    for prefix in prefixes:
+        pos = data.find(prefix)
         while pos != -1:
             if any(hashlib.sha256(data[pos:pos + n]).hexdigest() in digests
                    for n, digests in wanted.items()):
-                found.append(f"{path}: contains a secret value issued by a fake provider")
-                break
-            pos = data.find(b"sk-", pos + 1)
-    return sum(len(v) for v in wanted.values()), found
+                return True
+            pos = data.find(prefix, pos + 1)
+    return False
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,16 @@ from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
 
 ROTATOR = [sys.executable, "-m", "rotator.cli"]
+ISSUED_SECRETS: set[str] = set()
+"""Every secret value a test service issued (fake providers, moto, PostgreSQL passwords); the
+end-of-session leak scan (conftest.py) searches every file the tests wrote for them."""
 STARTED: list[subprocess.Popen[bytes]] = []
 """Every daemon a test started; conftest kills those still running when the test ends."""
+
+
+def remember_issued(values: Iterable[str]) -> None:
+    """Add secret values a test service issued to the leak scan (call it in fixture teardown)."""
+    ISSUED_SECRETS.update(v for v in values if v and len(v) >= 8)
 
 
 @dataclass
