@@ -149,7 +149,8 @@ class OpenAIProvider(Provider):
         log.info("%s: created key %s for %s", self.name, created.id, credential.name)
         return NewKey(key_id=created.id, secret=Secret(created.value))
 
-    def verify(self, credential: CredentialInfo, secret: Secret) -> None:
+    def verify(self, credential: CredentialInfo, secret: Secret,
+               key_id: str | None = None) -> None:
         """List models with ``secret`` (one cheap call); 401/403 mean ``CredentialRejected``."""
         import openai
 
@@ -185,7 +186,8 @@ class OpenAIProvider(Provider):
         wanted = key_name_for(rotation_id)
         return [key.id for key in self._all_keys() if key.name == wanted]
 
-    def identify(self, credential: CredentialInfo, secret: Secret) -> str | None:
+    def identify(self, credential: CredentialInfo, secret: Secret,
+                 companions: Mapping[str, str] | None = None) -> str | None:
         """The id of the one live project key whose redacted value fits ``secret``.
 
         OpenAI only shows a prefix and a suffix of each key, so two keys can look alike: then

@@ -18,6 +18,9 @@ from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
 from tests.support import ISSUED_SECRETS, remember_issued
 
+pytest_plugins = ["tests.fixtures.aws", "tests.fixtures.postgres", "tests.fixtures.stripe",
+                  "tests.fixtures.http_fakes"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _log_everything_to_a_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -145,6 +145,8 @@ class ProviderContract:
     consistency_timeout: ClassVar[float] = 0.0
     """Seconds to keep polling for a new key to work, or a revoked one to stop working."""
     poll_interval: ClassVar[float] = 0.5
+    _key_ids: ClassVar[dict[Secret, str]] = {}
+    """Key id of each secret made by ``make_key`` (``verify`` needs it for AWS-like services)."""
 
     # -- hooks a plugin's test class may override ----------------------------------------------
 
@@ -173,8 +175,14 @@ class ProviderContract:
         made: list[NewKey] = []
 
         def make(rotation_id: str | None = None) -> NewKey:
-            new = provider.create(credential, rotation_id or new_rotation_id())
+            rid = rotation_id or new_rotation_id()
+            if provider.capabilities.in_place:
+                new = provider.generate(credential, rid)
+                provider.apply(credential, new)
+            else:
+                new = provider.create(credential, rid)
             made.append(new)
+            self._key_ids[new.secret] = new.key_id
             return new
 
         yield make
@@ -199,7 +207,7 @@ class ProviderContract:
         deadline = time.monotonic() + self.consistency_timeout
         while True:
             try:
-                provider.verify(credential, secret)
+                provider.verify(credential, secret, key_id=self._key_ids.get(secret))
                 return
             except CredentialRejected:
                 if time.monotonic() >= deadline:
@@ -213,7 +221,7 @@ class ProviderContract:
         deadline = time.monotonic() + self.consistency_timeout
         while True:
             try:
-                provider.verify(credential, secret)
+                provider.verify(credential, secret, key_id=self._key_ids.get(secret))
             except CredentialRejected as exc:
                 return exc
             if time.monotonic() >= deadline:
@@ -331,7 +339,7 @@ class ProviderContract:
         called a second time (the engine may repeat it after a crash)."""
         new = make_key()
         self._verify_eventually(provider, credential, new.secret)
-        provider.verify(credential, new.secret)
+        provider.verify(credential, new.secret, key_id=new.key_id)
 
     def test_verify_rejects_a_revoked_key_without_showing_it(
         self,
@@ -398,7 +406,8 @@ class ProviderContract:
                 "(capabilities.identify is False)"
             )
         new = make_key()
-        found = provider.identify(credential, new.secret)
+        found = provider.identify(credential, new.secret,
+                                  provider.companions(credential, new.key_id))
         assert found == new.key_id, f"identify returned {found!r}, expected {new.key_id!r}"
 
     def test_identify_returns_none_for_an_unknown_key(
@@ -409,7 +418,8 @@ class ProviderContract:
         new = make_key()
         fake = Secret(self.lookalike_secret(new.secret.reveal()))
         try:
-            found = provider.identify(credential, fake)
+            found = provider.identify(credential, fake,
+                                      provider.companions(credential, new.key_id))
         except RotatorError as exc:
             raise AssertionError(
                 f"identify of an unknown key raised {type(exc).__name__}; it must return None"
