@@ -178,8 +178,8 @@ class Provider(ABC):
 
         Agents often need a non-secret value with the key (the access key id of an AWS secret
         key, the role name of a PostgreSQL password). The engine asks ``companions`` for their
-        values, writes them in the same vault version as the key, and rollback restores them
-        with it. Default: none.
+        values, stages them with the key so they become current in the same vault version, and
+        rollback restores them with it. Default: none.
         """
         return ()
 
@@ -247,8 +247,13 @@ class Vault(ABC):
         """``field`` as it was in ``version`` (the previous key, for rollback and revoke checks)."""
 
     @abstractmethod
-    def stage(self, path: str, field: str, secret: Secret, rotation_id: str) -> None:
-        """Keep ``secret`` durably where agents do not read it, tagged with ``rotation_id``."""
+    def stage(self, path: str, field: str, secret: Secret, rotation_id: str,
+              companions: Mapping[str, str] | None = None) -> None:
+        """Keep ``secret`` durably where agents do not read it, tagged with ``rotation_id``.
+
+        ``companions`` (non-secret fields such as an access key id) are staged with it and
+        become current together with it on ``promote``.
+        """
 
     @abstractmethod
     def read_staged(self, path: str, field: str, rotation_id: str) -> Secret | None:
@@ -256,15 +261,13 @@ class Vault(ABC):
 
     @abstractmethod
     def promote(
-        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str],
-        companions: Mapping[str, str] | None = None,
+        self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
     ) -> str:
-        """Make the staged secret the current version; return that version.
+        """Make the staged secret (and its companions) the current version; return that
+        version.
 
-        ``companions`` (non-secret fields such as an access key id) are written in the same
-        version. Other fields of the secret are kept and the old value stays readable as the
-        previous version. If the current version already came from ``rotation_id`` this only
-        returns it.
+        Other fields of the secret are kept and the old value stays readable as the previous
+        version. If the current version already came from ``rotation_id`` this only returns it.
         """
 
     @abstractmethod
