@@ -42,6 +42,7 @@ from rotator.errors import (
     TransientError,
 )
 from rotator.events import Listener, RotationFinished, StepFinished
+from rotator.interfaces import NewKey
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
 from rotator.testing.crashpoints import crashpoint
@@ -388,8 +389,10 @@ class Engine:
                       rerun: bool) -> tuple[str, dict[str, Any]]:
         vault = self.runtime.vault(cred.vault)
         provider = self.runtime.provider(cred.provider)
+        info = self.runtime.info(cred)
         try:
-            current = self._retry(vault.read, cred.path, cred.field)
+            current = self._retry(vault.read, cred.path, cred.field,
+                                  provider.companion_fields(info))
         except NotFound:
             current = None
         old_key_id = old_version = manual = None
@@ -397,8 +400,8 @@ class Engine:
             old_version = current.version
             old_key_id = current.metadata.get("key_id") or None
             if old_key_id is None and provider.capabilities.identify:
-                old_key_id = self._retry(provider.identify, self.runtime.info(cred),
-                                         current.secret)
+                old_key_id = self._retry(provider.identify, info, current.secret,
+                                         dict(current.companions))
             if old_key_id is None:
                 manual = (f"the key in vault {cred.vault!r} at {cred.path}#{cred.field} "
                           f"(version {old_version}) was not written by rotator and provider "
@@ -436,6 +439,15 @@ class Engine:
         info = self.runtime.info(cred)
         if rerun:
             self._remove_created_keys(rot, cred)
+        if provider.capabilities.in_place:
+            # One key per credential: the new one must be safe in the vault before the service
+            # switches to it, or a crash in between would lose the only working key.
+            key = provider.generate(info, rot.id)
+            self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id,
+                        provider.companions(info, key.key_id))
+            self._retry(provider.apply, info, key)
+            crashpoint("created:create")
+            return "verify", {"new_key_id": key.key_id}
         attempts = 0
 
         def create() -> Any:
@@ -450,7 +462,8 @@ class Engine:
                 if key_id != key.key_id:
                     self._retry(provider.revoke, info, key_id)
         crashpoint("created:create")  # the key exists at the provider, nowhere else yet
-        self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id)
+        self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id,
+                    provider.companions(info, key.key_id))
         return "verify", {"new_key_id": key.key_id}
 
     def _step_verify(self, rot: Rotation, cred: CredentialConfig,
@@ -467,7 +480,7 @@ class Engine:
             wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._sleep, reraise=True,
         )
         info = self.runtime.info(cred)
-        retrying(provider.verify, info, secret)
+        retrying(provider.verify, info, secret, key_id=rot.new_key_id)
         return "store", {}
 
     def _step_store(self, rot: Rotation, cred: CredentialConfig,
@@ -539,7 +552,7 @@ class Engine:
                 meta = {"key_id": rot.old_key_id or "", "rotation_id": f"{rot.id}/rollback",
                         "rotated_at": self.clock().isoformat()}
                 self._retry(vault.restore, cred.path, cred.field, rot.old_version,
-                            f"{rot.id}/rollback", meta)
+                            f"{rot.id}/rollback", meta, provider.companion_fields(info))
                 log.warning("%s: old key restored as current in vault %s", cred.name,
                             cred.vault)
                 if cred.on_rotate is not None:
@@ -548,6 +561,8 @@ class Engine:
                         self._retry(health.run_hook, cred.on_rotate, ctx)
                     except RotatorError as exc:
                         log.warning("%s: on_rotate after rollback failed: %s", cred.name, exc)
+        if provider.capabilities.in_place and rot.old_version and rot.revoke_mode != "first":
+            self._reapply_old_key(rot, cred, info, provider)
         self._remove_created_keys(rot, cred, info=info, provider=provider)
         message = rot.error or "rotation failed"
         if rot.revoke_mode == "first" and rot.old_key_id and any(
@@ -631,12 +646,26 @@ class Engine:
     @staticmethod
     def _confirm_dead(provider: Any, info: Any, old: Any, key_id: str) -> None:
         try:
-            provider.verify(info, old)
+            provider.verify(info, old, key_id=key_id)
         except CredentialRejected:
             return
         raise TransientError(f"old key {key_id} is still accepted after revocation")
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _reapply_old_key(self, rot: Rotation, cred: CredentialConfig, info: Any,
+                         provider: Any) -> None:
+        """In-place providers: the new key replaced the old one at the service, so rolling
+        back means putting the old key (still in the vault's previous version) back there."""
+        vault = self.runtime.vault(cred.vault)
+        old = self._retry(vault.read_version, cred.path, cred.field, rot.old_version)
+        if old is None:
+            raise PermanentError(
+                f"vault {cred.vault!r} version {rot.old_version} of {cred.path} no longer holds "
+                f"{cred.field!r}: the old key cannot be put back at provider {cred.provider!r}")
+        self._retry(provider.apply, info, NewKey(rot.old_key_id or "adopted", old))
+        log.warning("%s: old key %s put back at provider %s", cred.name,
+                    rot.old_key_id or "(adopted)", cred.provider)
 
     def _remove_created_keys(self, rot: Rotation, cred: CredentialConfig, *,
                              info: Any = None, provider: Any = None) -> None:

@@ -27,7 +27,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
 from urllib.parse import quote
@@ -170,15 +170,17 @@ class HashiCorpVault(Vault):
 
     # -- Vault contract ---------------------------------------------------------------------------
 
-    def read(self, path: str, field: str) -> VaultValue:
+    def read(self, path: str, field: str, companions: Sequence[str] = ()) -> VaultValue:
         path, field = self._check(path, field)
         current = self._get(path, what=f"reading {self._where(path)}")
         if current is None or current.data is None:
             raise NotFound(f"vault {self.name!r}: no secret at {self._where(path)}")
         value = _as_text(current.data.get(field))
         metadata = self._field_metadata(path, field, current)
+        found = {name: text for name in companions
+                 if (text := _as_text(current.data.get(name))) is not None}
         return VaultValue(secret=Secret(value) if value is not None else None,
-                          version=str(current.number), metadata=metadata)
+                          version=str(current.number), metadata=metadata, companions=found)
 
     def read_version(self, path: str, field: str, version: str) -> Secret | None:
         path, field = self._check(path, field)
@@ -191,10 +193,12 @@ class HashiCorpVault(Vault):
         value = _as_text(found.data.get(field))
         return Secret(value) if value is not None else None
 
-    def stage(self, path: str, field: str, secret: Secret, rotation_id: str) -> None:
+    def stage(self, path: str, field: str, secret: Secret, rotation_id: str,
+              companions: Mapping[str, str] | None = None) -> None:
         path, field = self._check(path, field)
         staged = self._staged_path(path, rotation_id)
-        payload = {"value": secret.reveal(), "rotation_id": rotation_id, "field": field}
+        payload = {"value": secret.reveal(), "rotation_id": rotation_id, "field": field,
+                   "companions": dict(companions or {})}
         self._write(staged, payload, cas=None, what=f"staging a new key at {self._where(staged)}")
 
     def read_staged(self, path: str, field: str, rotation_id: str) -> Secret | None:
@@ -237,16 +241,21 @@ class HashiCorpVault(Vault):
             recorded = self._field_metadata(path, field, current)
             if recorded.get("rotation_id") == rotation_id:
                 return str(current.number)
-        staged = self.read_staged(path, field, rotation_id)
-        if staged is None:
+        staged_at = self._staged_path(path, rotation_id)
+        found = self._get(staged_at, what=f"reading the staged key at {self._where(staged_at)}")
+        data = found.data if found is not None and found.data is not None else {}
+        value = _as_text(data.get("value"))
+        if value is None or data.get("rotation_id") != rotation_id or data.get("field") != field:
             raise PermanentError(
                 f"vault {self.name!r}: no key staged by rotation {rotation_id} for "
                 f"{where}#{field}; it cannot be promoted")
-        return self._write_field(path, field, staged.reveal(), metadata, rotation_id,
-                                 verb="written", first=current)
+        companions = {str(k): str(v) for k, v in (data.get("companions") or {}).items()}
+        return self._write_field(path, field, value, metadata, rotation_id,
+                                 verb="written", first=current, companions=companions)
 
     def restore(
-        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str]
+        self, path: str, field: str, version: str, rotation_id: str, metadata: Mapping[str, str],
+        companions: Sequence[str] = (),
     ) -> str:
         path, field = self._check(path, field)
         where = self._where(path)
@@ -262,14 +271,18 @@ class HashiCorpVault(Vault):
             raise PermanentError(
                 f"vault {self.name!r}: version {number} of {where} has no field {field!r} "
                 "to restore")
+        old_companions = {name: text for name in companions
+                          if (text := _as_text(old.data.get(name))) is not None}
         return self._write_field(path, field, old_value, metadata, rotation_id,
-                                 verb="restored")
+                                 verb="restored", companions=old_companions)
 
     def _write_field(self, path: str, field: str, value: str, metadata: Mapping[str, str],
-                     rotation_id: str, *, verb: str, first: _Version | None = None) -> str:
-        """Make ``value`` the current value of ``field`` (other fields kept) with
-        check-and-set, retrying when another writer got there first; if it is already
-        current (written before a crash), only finish its metadata record."""
+                     rotation_id: str, *, verb: str, first: _Version | None = None,
+                     companions: Mapping[str, str] | None = None) -> str:
+        """Make ``value`` the current value of ``field`` (and ``companions`` theirs; other
+        fields kept) with check-and-set, retrying when another writer got there first; if it
+        is already current (written before a crash), only finish its metadata record."""
+        companions = dict(companions or {})
         where = self._where(path)
         current = first
         for attempt in range(CAS_ATTEMPTS):
@@ -277,11 +290,13 @@ class HashiCorpVault(Vault):
                 current = self._get(path, what=f"reading {where}")
             live = current if current is not None and current.data is not None else None
             present = _as_text(live.data.get(field)) if live and live.data else None
-            if live is not None and present is not None and _same(present, value):
+            if (live is not None and present is not None and _same(present, value)
+                    and all(live.data.get(k) == v for k, v in companions.items())):
                 if self._field_metadata(path, field, live).get("rotation_id") != rotation_id:
                     self._set_field_metadata(path, field, live.number, metadata, rotation_id)
                 return str(live.number)
             data = dict(live.data or {}) if live is not None else {}
+            data.update(companions)
             data[field] = value
             try:
                 number = self._write(path, data, cas=current.number if current else 0,
