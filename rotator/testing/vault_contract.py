@@ -235,6 +235,37 @@ class VaultContract:
         same = self.current(vault, new_path, self.field_a) == (old, restored)
         assert same, "a repeated restore wrote a new version or changed the value"
 
+    def test_companions_become_current_with_the_key_and_roll_back_with_it(
+        self, vault: Vault, new_path: str
+    ) -> None:
+        """Companion fields (an AWS access key id beside its secret) are staged with the key,
+        become current in the same version on ``promote``, are read back by ``read``, and
+        ``restore`` brings the old ones back with the old key."""
+        companion = "KEY_ID"
+        old, new = self.new_secret(), self.new_secret()
+        first = new_rotation_id()
+        vault.stage(new_path, self.field_a, old, first, {companion: "id-old"})
+        v_old = vault.promote(new_path, self.field_a, first, self.metadata("id-old", first))
+        second = new_rotation_id()
+        vault.stage(new_path, self.field_a, new, second, {companion: "id-new"})
+        hidden = vault.read(new_path, self.field_a, (companion,)).companions.get(companion)
+        assert hidden == "id-old", f"a staged companion is already current ({hidden!r})"
+        v_new = vault.promote(new_path, self.field_a, second, self.metadata("id-new", second))
+        value = vault.read(new_path, self.field_a, (companion,))
+        together = value.secret == new and value.version == v_new
+        assert together, "after promote the new key is not current"
+        assert dict(value.companions) == {companion: "id-new"}, (
+            f"companions after promote are {dict(value.companions)}, expected id-new")
+        undo = f"{second}/rollback"
+        vault.restore(new_path, self.field_a, v_old, undo, self.metadata("id-old", undo),
+                      (companion,))
+        back = vault.read(new_path, self.field_a, (companion,))
+        assert back.secret == old, "restore did not bring the old key back"
+        assert dict(back.companions) == {companion: "id-old"}, (
+            f"companions after restore are {dict(back.companions)}, expected id-old")
+        missing = vault.read(new_path, self.field_a, ("NO_SUCH_FIELD",)).companions
+        assert dict(missing) == {}, f"a missing companion was reported as {dict(missing)}"
+
     # -- discard_staged ------------------------------------------------------------------------
 
     def test_discard_staged_is_idempotent(self, vault: Vault, new_path: str) -> None:
