@@ -38,27 +38,23 @@ def remember_issued(values: Iterable[str]) -> None:
     ISSUED_SECRETS.update(v for v in values if v and len(v) >= 8)
 
 
-@dataclass
-class Fleet:
-    tmp: Path
-    bao: OpenBaoDevServer
-    fake: FakeOpenAIServer
-    project: str
-    prefix: str
-    config: Path
-    credentials: list[dict[str, Any]] = field(default_factory=list)
-    legacy_keys: dict[str, str] = field(default_factory=dict)
-    """credential -> key id of the key seeded before rotator ran (adopted)."""
-    _runs: int = 0
+class Runner:
+    """Runs ``rotator`` commands and daemons for a test, keeping their output on disk.
 
-    @property
-    def state_db(self) -> Path:
-        return self.tmp / "state.db"
+    Subclasses have ``tmp`` and ``config`` and say which environment the daemon needs.
+    """
+
+    tmp: Path
+    config: Path
+    _runs: int
+
+    def daemon_env(self) -> dict[str, str]:
+        return {}
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
-        env.update(VAULT_TOKEN=self.bao.root_token, ROTATOR_CONFIG=str(self.config),
-                   PYTHONUNBUFFERED="1")
+        env.update(self.daemon_env())
+        env.update(ROTATOR_CONFIG=str(self.config), PYTHONUNBUFFERED="1")
         env.update(extra)
         return env
 
@@ -86,6 +82,27 @@ class Fleet:
                                 stdin=subprocess.DEVNULL, cwd=self.tmp)
         STARTED.append(proc)
         return proc
+
+
+@dataclass
+class Fleet(Runner):
+    tmp: Path
+    bao: OpenBaoDevServer
+    fake: FakeOpenAIServer
+    project: str
+    prefix: str
+    config: Path
+    credentials: list[dict[str, Any]] = field(default_factory=list)
+    legacy_keys: dict[str, str] = field(default_factory=dict)
+    """credential -> key id of the key seeded before rotator ran (adopted)."""
+    _runs: int = 0
+
+    @property
+    def state_db(self) -> Path:
+        return self.tmp / "state.db"
+
+    def daemon_env(self) -> dict[str, str]:
+        return {"VAULT_TOKEN": self.bao.root_token}
 
     def vault_secret(self, cred: dict[str, Any]) -> dict[str, Any]:
         client = self.bao.client()

@@ -69,6 +69,11 @@ class ProviderHarness(ABC):
     def live_key_ids(self, cred: SeededCredential) -> set[str]:
         """Ids of the credential's keys that still work at the service."""
 
+    def bad_params(self) -> tuple[dict[str, Any], str] | None:
+        """``[credentials.params]`` the provider must refuse, and a fragment of its message
+        that ``rotator check`` has to show (None: nothing to check)."""
+        return None
+
     def close(self) -> None:
         """Release connections (servers belong to session fixtures)."""
 
