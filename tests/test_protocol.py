@@ -154,6 +154,6 @@ def test_bad_params_are_refused_by_check_with_the_providers_message(
     doc["credentials"][0]["params"] = params
     fleet.config.write_text(tomli_w.dumps(doc))
     result = fleet.cli("check")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert fragment in output and "rotation-policies.toml:" in output, output
