@@ -41,8 +41,8 @@ from rotator.errors import (
     RotatorError,
     TransientError,
 )
-from rotator.events import Listener, RotationFinished, StepFinished
-from rotator.interfaces import NewKey
+from rotator.events import CallObserver, Listener, PluginCall, RotationFinished, StepFinished
+from rotator.interfaces import NewKey, Provider, Vault
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
 from rotator.testing.crashpoints import crashpoint
@@ -190,6 +190,8 @@ class Engine:
         self.owner = owner or lock_owner_id(secrets.token_hex(4))
         self.leases = _Leases(store, self.owner, policies.settings.lock_ttl, clock)
         self.listeners: list[Listener] = []
+        self.call_observers: list[CallObserver] = []
+        """Told of every provider/vault call attempt (metrics); must return at once."""
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -448,15 +450,9 @@ class Engine:
             self._retry(provider.apply, info, key)
             crashpoint("created:create")
             return "verify", {"new_key_id": key.key_id}
-        attempts = 0
-
-        def create() -> Any:
-            nonlocal attempts
-            attempts += 1
-            return provider.create(info, rot.id)
-
-        key = self._retry(create)
-        if attempts > 1:
+        tries: list[int] = []
+        key = self._retry(provider.create, info, rot.id, tries=tries)
+        if tries[0] > 1:
             # A timed-out attempt may have created a key after all: keep only this one.
             for key_id in self._retry(provider.find_by_rotation, info, rot.id):
                 if key_id != key.key_id:
@@ -480,7 +476,7 @@ class Engine:
             wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._sleep, reraise=True,
         )
         info = self.runtime.info(cred)
-        retrying(provider.verify, info, secret, key_id=rot.new_key_id)
+        retrying(self._observed(provider.verify), info, secret, key_id=rot.new_key_id)
         return "store", {}
 
     def _step_store(self, rot: Rotation, cred: CredentialConfig,
@@ -773,8 +769,9 @@ class Engine:
         deadline = stop_after_delay(self.policies.settings.retry_deadline.total_seconds())
         return deadline | (lambda _state: self.stop_event.is_set())
 
-    def _retry(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline."""
+    def _retry(self, fn: Callable[..., T], *args: Any, tries: list[int] | None = None) -> T:
+        """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline.
+        ``tries``, if given, gets the number of attempts made appended."""
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=self._stop_deadline(),
@@ -783,7 +780,44 @@ class Engine:
             reraise=True,
             before_sleep=_log_retry,
         )
-        return retrying(fn, *args)
+        try:
+            return retrying(self._observed(fn), *args)
+        finally:
+            if tries is not None:
+                tries.append(retrying.statistics.get("attempt_number", 1))
+
+    def _observed(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` telling ``call_observers`` of each attempt, if it is a plugin method."""
+        owner = getattr(fn, "__self__", None)
+        if not self.call_observers or not isinstance(owner, Provider | Vault):
+            return fn
+        kind = "provider" if isinstance(owner, Provider) else "vault"
+        attempt = 0
+
+        def observed(*call_args: Any, **kwargs: Any) -> T:
+            nonlocal attempt
+            attempt += 1
+            t0 = time.monotonic()
+            status = "error"
+            try:
+                result = fn(*call_args, **kwargs)
+                status = "ok"
+                return result
+            except TransientError:
+                status = "transient_error"
+                raise
+            finally:
+                self._observe(PluginCall(kind, owner.name, fn.__name__, status,
+                                         time.monotonic() - t0, attempt))
+
+        return observed
+
+    def _observe(self, call: PluginCall) -> None:
+        for observer in self.call_observers:
+            try:
+                observer(call)
+            except Exception:  # an observer must never break a rotation
+                log.exception("call observer failed")
 
     def _emit_step(self, rotation: Rotation, step: str, status: str, t0: float,
                    message: str | None) -> None:

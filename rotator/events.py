@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["Listener", "RotationFinished", "StepFinished"]
+__all__ = ["CallObserver", "Listener", "PluginCall", "RotationFinished", "StepFinished"]
 
 
 @dataclass(frozen=True)
@@ -47,4 +47,21 @@ class RotationFinished:
     """Set when the old key could not be identified and must be revoked by hand."""
 
 
+@dataclass(frozen=True)
+class PluginCall:
+    """One attempt at one provider or vault operation (retries are further attempts)."""
+
+    kind: str
+    """``provider`` or ``vault``."""
+    plugin: str
+    """The ``[providers.NAME]`` / ``[vaults.NAME]`` name."""
+    operation: str
+    """The plugin method: ``create``, ``verify``, ``revoke``, ``stage``, ``promote``..."""
+    status: str
+    """``ok``, ``transient_error`` (will be retried) or ``error``."""
+    duration: float
+    attempt: int
+
+
 Listener = Callable[[StepFinished | RotationFinished], None]
+CallObserver = Callable[[PluginCall], None]

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rotator import __version__
-from rotator.events import RotationFinished, StepFinished
+from rotator.events import PluginCall, RotationFinished, StepFinished
 
 if TYPE_CHECKING:
     from rotator.config import Policies
@@ -91,6 +91,17 @@ class Metrics:
         self.step_failures = Counter(
             "rotator_rotation_step_failures_total", "Protocol steps that failed.",
             ["provider", "step"], registry=self.registry)
+        self.provider_requests = Counter(
+            "rotator_provider_requests_total",
+            "Calls to provider APIs by operation and status (ok, transient_error, error).",
+            ["provider", "operation", "status"], registry=self.registry)
+        self.vault_requests = Counter(
+            "rotator_vault_requests_total",
+            "Calls to vaults by operation and status (ok, transient_error, error).",
+            ["vault", "operation", "status"], registry=self.registry)
+        self.retries = Counter(
+            "rotator_retries_total", "Provider and vault calls repeated after a transient error.",
+            ["kind", "plugin", "operation"], registry=self.registry)
         self.registry.register(_StateCollector(store, policies))
         self._server: Any = None
 
@@ -111,6 +122,12 @@ class Metrics:
             self.rotations.labels(event.credential, event.provider, event.trigger,
                                   event.outcome).inc()
             self.duration.labels(event.provider).observe(event.duration)
+
+    def on_call(self, call: PluginCall) -> None:
+        counter = self.provider_requests if call.kind == "provider" else self.vault_requests
+        counter.labels(call.plugin, call.operation, call.status).inc()
+        if call.attempt > 1:
+            self.retries.labels(call.kind, call.plugin, call.operation).inc()
 
     def serve(self, address: str) -> str:
         """Serve ``/metrics`` on ``host:port`` (port 0 picks one); returns the bound address."""

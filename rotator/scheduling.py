@@ -51,6 +51,7 @@ class Daemon:
         self.metrics = Metrics(self.store, lambda: self.policies)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
+        self.engine.call_observers.append(self.metrics.on_call)
         self.engine.listeners.append(log_event)
         self.audit = AuditLog(self.store)
         self.engine.listeners.append(self.audit.listener("daemon"))

@@ -250,6 +250,11 @@ def test_metrics_are_served_and_rebuilt_from_the_store(tmp_path, openbao, fake_o
         in text
     assert 'rotator_build_info{version="' in text
     assert "rotator_rotations_in_progress 0.0" in text
+    # Each rotation: one create at the provider, one promote in the vault.
+    assert ('rotator_provider_requests_total{operation="create",provider="openai-test",'
+            'status="ok"} 2.0') in text
+    assert ('rotator_vault_requests_total{operation="promote",status="ok",vault="main"} 2.0'
+            in text)
     lint = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
                           text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -12,6 +12,7 @@ import pytest
 from rotator.config import load_policies
 from rotator.engine import Engine, RotationRequest
 from rotator.runtime import Runtime
+from rotator.metrics import Metrics
 from rotator.state.store import StateStore
 from rotator.testing.agent import SampleAgent
 from rotator.testing.openbao import OpenBaoDevServer
@@ -141,11 +142,26 @@ def test_transient_provider_errors_are_retried(tmp_path, openbao, fake_openai):
     fake_openai.inject_fault(429, count=1, path_contains="/api_keys/", method="DELETE",
                              retry_after=0.2)
     with engine_for(fleet) as engine:
+        metrics = Metrics(engine.store, lambda: engine.policies)
+        engine.call_observers.append(metrics.on_call)
         result = rotate(engine, fleet.credentials[0]["name"])
     assert result.ok, result.message
     assert fake_openai.request_count("POST", "/service_accounts/") == 3
     assert fake_openai.request_count("DELETE", "/api_keys/") == 2
     fleet.assert_settled()
+
+    def count(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    provider = "openai-test"
+    assert count("rotator_provider_requests_total", provider=provider, operation="create",
+                 status="transient_error") == 2
+    assert count("rotator_provider_requests_total", provider=provider, operation="create",
+                 status="ok") == 1
+    assert count("rotator_retries_total", kind="provider", plugin=provider,
+                 operation="create") == 2
+    assert count("rotator_retries_total", kind="provider", plugin=provider,
+                 operation="revoke") == 1
 
 
 def test_permanent_provider_error_fails_cleanly_and_keeps_old_key(tmp_path, openbao,
