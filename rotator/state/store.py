@@ -337,6 +337,14 @@ class StateStore:
                 Revocation.not_before > now).values(not_before=now))
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
+    def credential_times(self) -> list[tuple[str, datetime | None, datetime | None]]:
+        """``(name, last_rotated_at, next_due_at)`` of every credential, cheaply (for
+        ``/metrics``, which reads them on every scrape)."""
+        c = _CREDENTIALS.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(c.name, c.last_rotated_at, c.next_due_at)).all()
+        return [(name, last, nxt) for name, last, nxt in rows]
+
     def count_pending_revocations(self) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Revocation).where(
