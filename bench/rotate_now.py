@@ -149,6 +149,52 @@ def profile_in_process(config: Path) -> dict[str, float]:
     return totals
 
 
+def metrics_cost(config: Path, with_metrics: bool) -> tuple[float, float]:
+    """Rotate the fleet in process with or without the daemon's metrics hooks attached;
+    return (wall seconds, seconds spent inside the hooks)."""
+    from rotator.audit import AuditLog
+    from rotator.config import load_policies
+    from rotator.engine import Engine
+    from rotator.metrics import Metrics
+    from rotator.runtime import Runtime
+    from rotator.service import Context, rotate_now
+    from rotator.state.store import StateStore
+
+    policies = load_policies(config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store)
+    engine.sync_credentials()
+    inside = [0.0]
+    lock = threading.Lock()
+    if with_metrics:
+        metrics = Metrics(store, lambda: policies)
+        metrics.prime(policies)
+
+        def hook(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+            def timed(event: Any) -> None:
+                t0 = time.perf_counter()
+                fn(event)
+                with lock:
+                    inside[0] += time.perf_counter() - t0
+            return timed
+
+        engine.listeners.append(hook(metrics.on_event))
+        engine.call_observers.append(hook(metrics.on_call))
+    audit = AuditLog(store)
+    engine.listeners.append(audit.listener("bench"))
+    ctx = Context(policies, store, runtime, engine, audit)
+    t0 = time.perf_counter()
+    results = rotate_now(ctx, list(policies.credentials), revoke_mode="grace", reason="bench")
+    wall = time.perf_counter() - t0
+    if not all(r.ok for r in results):
+        sys.exit("metrics comparison: a rotation failed")
+    engine.close()
+    runtime.close()
+    store.close()
+    return wall, inside[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--credentials", type=int, default=100)
@@ -202,6 +248,14 @@ def main() -> None:
         vault_bare = int((work / "vault-bare").read_text())
         os.environ["VAULT_TOKEN"] = bao.root_token
         prof = profile_in_process(prof_config)
+        on_walls, off_walls, hook_times = [], [], []
+        for round_no in range(args.rounds):
+            on_config, _ = setup_fleet(bao, fake, project, n, f"mon{round_no}", work)
+            off_config, _ = setup_fleet(bao, fake, project, n, f"moff{round_no}", work)
+            wall, inside = metrics_cost(on_config, True)
+            on_walls.append(wall)
+            hook_times.append(inside)
+            off_walls.append(metrics_cost(off_config, False)[0])
 
     rot_rate, bare_rate = n / rot_time, n / bare_time
     print(f"credentials rotated: {n} per run, concurrency {CONCURRENCY}, grace 0, no health check")
@@ -227,6 +281,13 @@ def main() -> None:
               f"(summed over threads; {prof[bucket] / CONCURRENCY:.2f} s of {wall:.2f} s wall "
               "at full concurrency)")
     print(f"  policy load in process: {1000 * prof['load policies']:.0f} ms")
+    on, off = statistics.median(on_walls), statistics.median(off_walls)
+    hooks = statistics.median(hook_times)
+    print(f"metrics on/off (in process, median of {args.rounds}): on {on:.2f} s, off {off:.2f} s "
+          f"({100 * (on - off) / off:+.1f}%; runs: on {min(on_walls):.2f}-{max(on_walls):.2f}, "
+          f"off {min(off_walls):.2f}-{max(off_walls):.2f}); time inside the metric updates: "
+          f"{1e6 * hooks / n:.0f} us per rotation ({100 * hooks / on / CONCURRENCY:.2f}% of the "
+          "threads' time)")
 
 
 if __name__ == "__main__":
