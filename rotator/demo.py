@@ -259,5 +259,5 @@ def _log_to_file(path: Path) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     for noisy in ("apscheduler", "httpx", "httpcore", "httpx2", "httpcore2", "urllib3",
-                  "openai", "alembic", "hvac"):
+                  "openai", "alembic", "hvac", "stripe", "botocore", "boto3", "psycopg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -89,5 +89,5 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     for noisy in ("apscheduler", "httpx", "httpcore", "httpx2", "httpcore2", "urllib3",
-                  "openai", "alembic", "hvac"):
+                  "openai", "alembic", "hvac", "stripe", "botocore", "boto3", "psycopg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

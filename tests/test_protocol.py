@@ -22,11 +22,25 @@ from tests.protocol import Probe, finished, make_protocol_fleet
 from tests.support import stop_daemon, wait_for
 from tests.test_crash_recovery import CRASHPOINTS
 
+PROVIDER_CRASHPOINTS = ["created:create", "effect:create", "after:create", "effect:verify",
+                        "effect:store", "effect:revoke"]
+"""Where a provider's own code decides recovery: a key made but recorded nowhere, a create
+recorded or not (find_by_rotation + revoke clean up), a verify repeated, the vault promoted
+with the provider's companions, a revoke repeated. Every point runs for OpenAI in
+test_crash_recovery.py and for every vault below; the provider-independent steps (prepare,
+health, grace) need not run again for each provider."""
+
 ProviderFactory = Callable[[pytest.FixtureRequest], ProviderHarness]
 VaultFactory = Callable[[pytest.FixtureRequest], VaultHarness]
 
 PROVIDERS: dict[str, ProviderFactory] = {
     "openai": lambda request: OpenAIHarness(request.getfixturevalue("fake_openai")),
+    "postgres-single": lambda request: request.getfixturevalue("postgres_single"),
+    "postgres-alternating": lambda request: request.getfixturevalue("postgres_alternating"),
+    "stripe-apikey": lambda request: request.getfixturevalue("stripe_apikey"),
+    "stripe-webhook": lambda request: request.getfixturevalue("stripe_webhook"),
+    "http-sendgrid": lambda request: request.getfixturevalue("sendgrid_harness"),
+    "http-cloudflare": lambda request: request.getfixturevalue("cloudflare_harness"),
 }
 VAULTS: dict[str, VaultFactory] = {
     "openbao": lambda request: OpenBaoHarness(request.getfixturevalue("openbao")),
@@ -77,9 +91,14 @@ def _crash_then_recover(tmp_path, vault: VaultHarness, provider: ProviderHarness
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", CRASHPOINTS)
+@pytest.mark.parametrize("point", PROVIDER_CRASHPOINTS)
 def test_crash_at_each_step_over_every_provider(tmp_path, openbao_harness, provider_harness,
                                                  point):
+    if provider_harness.id == "openai":
+        pytest.skip("every crashpoint runs for openai in test_crash_recovery.py")
+    if point.endswith(":revoke") and not provider_harness.identifies_adopted:
+        pytest.skip(f"{provider_harness.id} cannot identify the adopted key: there is no "
+                    "revoke in the first rotation to crash in")
     _crash_then_recover(tmp_path, openbao_harness, provider_harness, point)
 
 
@@ -136,10 +155,17 @@ def test_revoke_immediately_kills_the_old_key_at_once(tmp_path, openbao_harness,
                                                       provider_harness):
     fleet = make_protocol_fleet(tmp_path, openbao_harness, provider_harness, n=1, grace="1h")
     cred = fleet.credentials[0]
+    old_id = cred.seeded.key_id
+    if not provider_harness.identifies_adopted:
+        # The adopted key cannot be named; kill the key of a first rotation instead.
+        first = fleet.cli("rotate-now", cred.name, "--yes")
+        assert first.returncode == 0, first.stdout + first.stderr
+        live = provider_harness.live_key_ids(cred.seeded) - {old_id or ""}
+        (old_id,) = live
     result = fleet.cli("rotate-now", cred.name, "--revoke-immediately", "--yes",
                        "--reason", "leaked in a prompt")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert cred.seeded.key_id not in provider_harness.live_key_ids(cred.seeded)
+    assert old_id not in provider_harness.live_key_ids(cred.seeded)
     fleet.assert_settled()
 
 

@@ -41,6 +41,9 @@ class ProviderHarness(ABC):
     """Making a new key kills the old one (PostgreSQL ``single``): agents see a short outage
     by design, so the no-outage test does not apply and the vault may hold a dead key between
     ``create`` and ``store``."""
+    identifies_adopted: bool = True
+    """False where the provider cannot tell which key an adopted (not rotator-written) vault
+    value is (Stripe webhook secrets): the legacy key then stays for the operator to revoke."""
     revoked_is_rejected: bool = True
     """False where the service cannot refuse a revoked key (moto accepts inactive IAM keys):
     tests then check ``live_key_ids`` instead of ``key_accepted``."""
