@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fnmatch
 import os
 import re
 import tomllib
@@ -30,8 +31,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -50,6 +53,7 @@ __all__ = [
     "Duration",
     "HealthCheck",
     "Hook",
+    "NotifyConfig",
     "Policies",
     "Problem",
     "ProviderConfig",
@@ -432,6 +436,107 @@ class CredentialConfig(_Model):
                             window=self.window, jitter=jitter, manual_only=self.manual_only)
 
 
+NOTIFY_EVENTS = ("failure", "rollback", "emergency", "success")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECRET_WEBHOOK_HOSTS = re.compile(
+    r"(?i)^https?://(?:[^/@]*@)?(?:hooks\.slack\.com|(?:[a-z0-9-]+\.)*discord(?:app)?\.com|"
+    r"(?:[a-z0-9-]+\.)*webhook\.office\.com|outlook\.office\.com|chat\.googleapis\.com)"
+    r"(?::\d+)?(?:/|$)")
+"""Services whose webhook URL is itself the credential: anyone holding it can post."""
+_SLACK_URL_IS_A_SECRET = (
+    "a Slack-style webhook URL is a secret (whoever has it can post to the channel): keep it out "
+    'of the policy file and write url = { env = "SLACK_WEBHOOK_URL" } (or a vault or file '
+    "reference)")
+
+
+def _secret_or_text(value: Any) -> str:
+    return "ref" if isinstance(value, dict | SecretRef) else "text"
+
+
+SecretOrText = Annotated[
+    Annotated[SecretRef, Tag("ref")] | Annotated[str, Tag("text")],
+    Discriminator(_secret_or_text),
+]
+"""A setting that is either a plain string or a :class:`SecretRef` (a TOML table)."""
+
+
+class NotifyConfig(_Model):
+    """``[notify.NAME]``: a webhook told about rotations an operator must know of.
+
+    ``type = "webhook"`` POSTs the documented JSON document; ``"slack"`` POSTs a Slack
+    incoming-webhook message (``text`` + ``blocks``; Mattermost and Rocket.Chat accept it too).
+    ``url`` is a :class:`SecretRef` or, for an internal endpoint whose address is no secret, a
+    plain string; a Slack-style URL *is* a secret, so a plain one is refused. ``events`` picks
+    what is sent, ``credentials`` (glob patterns of credential names) narrows it. Delivery is
+    retried ``retries`` times and never holds up a rotation (see :mod:`rotator.notify`).
+    """
+
+    type: Literal["webhook", "slack"]
+    url: SecretOrText
+    events: list[Literal["failure", "rollback", "emergency", "success"]] = Field(
+        default_factory=lambda: ["failure", "rollback", "emergency"])
+    credentials: list[str] | None = None
+    """Glob patterns (``research-agent/*``) of the credentials to report on; all if unset."""
+    headers: dict[str, SecretOrText] = Field(default_factory=dict)
+    bearer_token: SecretRef | None = None
+    """Sent as ``Authorization: Bearer <token>``; a reference, never the token itself."""
+    timeout: Duration = timedelta(seconds=10)
+    """Per request; a webhook slower than this counts as down and is retried."""
+    retries: int = Field(default=3, ge=0, le=10)
+    """Further attempts after the first, on connection errors, timeouts, 408, 429 and 5xx."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | SecretRef, info: Any) -> str | SecretRef:
+        if isinstance(value, str):
+            # Messages never repeat the value: it may be a pasted secret.
+            if info.data.get("type") == "slack" or _SECRET_WEBHOOK_HOSTS.match(value.strip()):
+                raise ValueError(_SLACK_URL_IS_A_SECRET)
+            _url(value, "url")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(NOTIFY_EVENTS)} (or remove "
+                             "the section to send nothing)")
+        return list(dict.fromkeys(value))
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(value)):
+            raise ValueError('credentials is a list of names or glob patterns, like '
+                             '["research-agent/*"]; leave it out to report on every credential')
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str | SecretRef]) -> dict[str, str | SecretRef]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f'"{name[:40]}" is not an HTTP header name')
+            if name.lower() in ("content-type", "content-length", "host"):
+                raise ValueError(f'header "{name}" is set by rotator itself')
+            if isinstance(text, str) and _CONTROL.search(text):
+                raise ValueError(f'header "{name}" must not contain control characters')
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        _positive(value, "timeout")
+        if value > timedelta(minutes=5):
+            raise ValueError("timeout is at most 5m: a webhook slower than that is down")
+        return value
+
+    def wants(self, credential: str) -> bool:
+        """Whether ``credential`` matches the ``credentials`` filter (always, if unset)."""
+        return self.credentials is None or any(
+            fnmatch.fnmatchcase(credential, pattern) for pattern in self.credentials)
+
+
 class Policies(_Model):
     """A whole validated policy file. Immutable: a reload builds a new one."""
 
@@ -440,6 +545,7 @@ class Policies(_Model):
     vaults: dict[str, VaultConfig]
     providers: dict[str, ProviderConfig]
     credentials: tuple[CredentialConfig, ...]
+    notify: dict[str, NotifyConfig] = Field(default_factory=dict)
 
     def credential(self, name: str) -> CredentialConfig:
         """The credential called ``name``; ``KeyError`` if the file has none."""
@@ -721,6 +827,8 @@ def _is_identifier(path: KeyPath, parent: Mapping[str, Any]) -> bool:
     key = path[-1]
     if len(path) == 3 and path[0] == "credentials" and isinstance(path[1], int):
         return key in _CREDENTIAL_IDENTIFIERS
+    if len(path) == 3 and path[0] == "notify" and key in ("type", "credentials"):
+        return True
     if key == "type" and (
             (len(path) == 3 and path[0] in ("vaults", "providers"))
             or (len(path) == 4 and path[0] == "credentials" and isinstance(path[1], int)
@@ -763,7 +871,7 @@ def _find_secrets(node: Any, path: KeyPath = (), free: bool = False,
 
 # -- validation ------------------------------------------------------------------------------
 
-_TOP_KEYS = ("rotator", "vaults", "providers", "credentials")
+_TOP_KEYS = ("rotator", "vaults", "providers", "credentials", "notify")
 _SECRET_REF_KEYS = frozenset(SecretRef.model_fields)
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
 
@@ -905,10 +1013,11 @@ class _Checker:
         providers, provider_classes = self._providers(provider_names)
         self._secret_refs(vault_names)
         credentials = self._credentials(settings, vault_names, provider_names, provider_classes)
+        notify = self._notify(vault_names)
         if self.problems:
             return None
         return Policies(source=self.source, settings=settings, vaults=vaults,
-                        providers=providers, credentials=tuple(credentials))
+                        providers=providers, credentials=tuple(credentials), notify=notify)
 
     def _table(self, key: str) -> dict[str, Any]:
         value = self.doc.get(key, {})
@@ -1126,6 +1235,40 @@ class _Checker:
             cred = self.validate(CredentialConfig, data, path)
             if cred is not None:
                 out.append(cred)
+        return out
+
+    def _notify(self, vault_names: list[str]) -> dict[str, NotifyConfig]:
+        """``[notify.NAME]`` sections; references name a defined vault, and a credential
+        filter without glob characters names a credential of the file."""
+        out: dict[str, NotifyConfig] = {}
+        if "notify" not in self.doc:
+            return out
+        table = self._table("notify")
+        raw_creds = self.doc.get("credentials")
+        cred_names = [c["name"] for c in raw_creds if isinstance(c, dict)
+                      and isinstance(c.get("name"), str)] if isinstance(raw_creds, list) else []
+        for name in self._names("notify"):
+            body = table[name]
+            for path, ref in _refs_in(body, ("notify", name)):
+                target = ref.get("vault")
+                if isinstance(target, str) and target not in vault_names:
+                    self.add((*path, "vault"),
+                             _unknown_name("vault", target, vault_names, "vaults"))
+            patterns = body.get("credentials")
+            for i, pattern in enumerate(patterns if isinstance(patterns, list) else ()):
+                if (not isinstance(pattern, str) or not pattern or pattern in cred_names
+                        or any(ch in pattern for ch in "*?[")):
+                    continue
+                where = ("notify", name, "credentials", i)
+                if not NAME_PATTERN.fullmatch(pattern):  # not even a name: never echo it
+                    self.add(where, f"not a credential name nor a glob pattern: {_NAME_RULE}")
+                else:
+                    self.add(where, _unknown_name("credential", pattern, cred_names,
+                                                  "credentials")
+                             + '; a glob like "research-agent/*" matches several')
+            cfg = self.validate(NotifyConfig, body, ("notify", name))
+            if cfg is not None:
+                out[name] = cfg
         return out
 
     def report(self, scrub: Sequence[str] = ()) -> list[Problem]:

@@ -207,6 +207,9 @@ class Metrics:
         self.retries = Counter(
             "rotator_retries_total", "Provider and vault calls repeated after a transient error.",
             ["kind", "plugin", "operation"], registry=self.registry)
+        self.notifications = Counter(
+            "rotator_notifications_total", "Webhook notifications by outcome (sent, failed, "
+            "dropped).", ["notifier", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(store))
         self.per_credential = _PerCredential(store, policies)
         self._server: ThreadingHTTPServer | None = None
@@ -215,6 +218,12 @@ class Metrics:
         """Create every credential's counters at 0, so a first failure is an increase that
         ``increase()``/``rate()`` and the alert rules can see."""
         self.per_credential.prime(policies)
+        for name in policies.notify:
+            for outcome in ("sent", "failed", "dropped"):
+                self.notifications.labels(name, outcome)
+
+    def on_notification(self, notifier: str, outcome: str) -> None:
+        self.notifications.labels(notifier, outcome).inc()
 
     def render(self) -> bytes:
         """The whole ``/metrics`` page in Prometheus's text format."""

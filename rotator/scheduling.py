@@ -26,6 +26,7 @@ from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import ConfigError, PermanentError
 from rotator.log import log_event
 from rotator.metrics import Metrics
+from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 
@@ -55,6 +56,8 @@ class Daemon:
         self.engine.listeners.append(log_event)
         self.audit = AuditLog(self.store)
         self.engine.listeners.append(self.audit.listener("daemon"))
+        self.notifier = self._notifier(policies)
+        self.engine.listeners.append(lambda event: self.notifier(event))
         if on_engine is not None:
             on_engine(self.engine)
         self.stopping = threading.Event()
@@ -125,6 +128,7 @@ class Daemon:
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
         self.engine.close()
+        self.notifier.close(EXIT_WAIT_SECONDS)
         self.runtime.close()
         self.store.close()
         log.info("rotator stopped")
@@ -250,6 +254,9 @@ class Daemon:
             return False
         if policies.settings.state_url != self.policies.settings.state_url:
             log.warning("state_url changed in the policy file: restart rotator to use it")
+        if policies.notify != self.policies.notify:
+            old, self.notifier = self.notifier, self._notifier(policies)
+            old.shutdown(EXIT_WAIT_SECONDS)  # delivers what it holds, in the background
         self.policies = policies
         self.runtime = Runtime(policies)
         self.engine.policies = policies
@@ -262,6 +269,11 @@ class Daemon:
         self._warn_orphans(force=True)
         self.tick()
         return True
+
+    def _notifier(self, policies: Policies) -> Notifier:
+        # Secret references are read through the current runtime, which a reload replaces.
+        return Notifier(policies.notify, lambda ref: self.runtime.resolve_secret(ref),
+                        on_delivery=self.metrics.on_notification)
 
     def _audit_reload(self, detail: dict[str, Any]) -> None:
         # Problem texts stay in the log: they quote the policy file, which may hold anything.

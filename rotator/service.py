@@ -20,6 +20,7 @@ from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
+from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 
@@ -56,11 +57,16 @@ def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
     engine = Engine(policies, runtime, store, clock=clock)
     audit = AuditLog(store)
     engine.listeners.append(audit.listener(_os_user()))
+    notifier = Notifier(policies.notify, runtime.resolve_secret)
+    engine.listeners.append(notifier)
     try:
         engine.sync_credentials()
         yield Context(policies, store, runtime, engine, audit)
     finally:
         engine.close()
+        # A one-shot command exits hard right after this: give queued notifications (an
+        # emergency rotate-now's, above all) a short, bounded chance to go out first.
+        notifier.close(EXIT_WAIT_SECONDS)
         runtime.close()
         store.close()
 
@@ -247,4 +253,5 @@ def online_check(policies: Policies, runtime: Runtime) -> list[str]:
             pass  # first rotation provisions it
         except RotatorError as exc:
             problems.append(f"credentials {cred.name!r}: {exc}")
+    problems += Notifier(policies.notify, runtime.resolve_secret).check()
     return problems

@@ -11,8 +11,8 @@ import pytest
 
 from rotator.config import load_policies
 from rotator.engine import Engine, RotationRequest
-from rotator.runtime import Runtime
 from rotator.metrics import Metrics
+from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 from rotator.testing.agent import SampleAgent
 from rotator.testing.openbao import OpenBaoDevServer
