@@ -602,7 +602,9 @@ HUGE = 5_000_000
     "x1+" * (HUGE // 3) + "://",
     "https://" + "a" * HUGE,
 ], ids=["letters", "colons", "scheme-chars", "long-host"])
-def test_a_huge_value_is_checked_in_well_under_a_second(value: str) -> None:
+def test_a_huge_value_is_checked_in_linear_time(value: str) -> None:
+    """A quadratic regex took minutes here; linear takes well under a second. The bound is
+    loose (a loaded 2-core CI machine) but still tells the two apart."""
     text = BASE + credential("a/openai", textwrap.dedent(f"""\
         [credentials.on_rotate]
         type = "command"
@@ -612,7 +614,7 @@ def test_a_huge_value_is_checked_in_well_under_a_second(value: str) -> None:
     policies = parse_policies(text)
     elapsed = time.perf_counter() - started
     assert policies.credentials[0].on_rotate is not None
-    assert elapsed < 1.0, f"{elapsed:.2f}s for a {len(value) / 1e6:.0f} MB value"
+    assert elapsed < 10.0, f"{elapsed:.2f}s for a {len(value) / 1e6:.0f} MB value"
 
 
 def test_a_secret_at_the_end_of_a_huge_value_is_found() -> None:

@@ -512,3 +512,13 @@ def test_rotation_through_the_engine(make: Callable[[], Any], tmp_path: Path, op
     finally:
         remember_issued(harness.fake.issued_values())
         harness.fake.stop()
+
+
+def test_readme_carries_the_doc_examples_verbatim() -> None:
+    """The README's SendGrid and Cloudflare examples are the tested ones, character for
+    character, so neither copy can rot."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = doc_examples()
+    assert {"sendgrid", "cloudflare"} <= set(examples)
+    for name, block in examples.items():
+        assert block in readme, f"README lacks the {name} example exactly as the doc has it"
