@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from rotator.events import RotationFinished, StepFinished
-from rotator.state.store import StateStore
+from rotator.state.store import StateStore, append_audit_in
 
 __all__ = ["KINDS", "AuditLog", "VerifyResult"]
 
@@ -67,6 +67,25 @@ def event_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256((row["prev_hash"] + _canonical(fields)).encode()).hexdigest()
 
 
+class _AuditListener:
+    """Records engine events. ``in_tx`` records a step inside the engine's own step
+    transaction, so the event and the state change commit together (and a rotation costs
+    one write transaction per step, not two)."""
+
+    def __init__(self, audit: AuditLog, actor: str) -> None:
+        self.audit = audit
+        self.actor = actor
+
+    def __call__(self, event: StepFinished | RotationFinished) -> None:
+        if isinstance(event, StepFinished):
+            self.audit.record("step", **self.audit._step_fields(event, self.actor))
+        else:
+            self.audit._on_rotation(event, self.actor)
+
+    def in_tx(self, conn: Any, event: StepFinished) -> None:
+        self.audit.record_in(conn, "step", **self.audit._step_fields(event, self.actor))
+
+
 class AuditLog:
     """Writes, verifies and exports the audit trail of one state store."""
 
@@ -81,6 +100,18 @@ class AuditLog:
         Reading the latest hash and inserting happen in one write transaction, so concurrent
         writers (threads, rotate-now next to a daemon) always form a single chain.
         """
+        return self.store.append_audit(self._builder(kind, credential=credential,
+                                                     rotation_id=rotation_id, actor=actor,
+                                                     reason=reason, detail=detail, at=at))
+
+    def record_in(self, conn: Any, kind: str, **fields: Any) -> int:
+        """``record`` inside the caller's write transaction ``conn``."""
+        return append_audit_in(conn, self._builder(kind, **fields))
+
+    @staticmethod
+    def _builder(kind: str, *, credential: str | None = None, rotation_id: str | None = None,
+                 actor: str, reason: str | None = None, detail: dict[str, Any],
+                 at: datetime | None = None) -> Callable[[int, str], dict[str, Any]]:
         if kind not in KINDS:
             raise ValueError(f"unknown audit event kind {kind!r}")
         when = (at or datetime.now(UTC)).astimezone(UTC)
@@ -93,7 +124,7 @@ class AuditLog:
             row["hash"] = event_hash(row)
             return row
 
-        return self.store.append_audit(build)
+        return build
 
     def _rows(self, since: datetime | None = None,
               credential: str | None = None) -> Iterator[dict[str, Any]]:
@@ -143,18 +174,11 @@ class AuditLog:
                    "actor": row["actor"], "reason": row["reason"], "detail": detail,
                    "prev_hash": row["prev_hash"], "hash": row["hash"]}
 
-    def listener(self, actor: str) -> Any:
+    def listener(self, actor: str) -> _AuditListener:
         """An engine listener recording steps and rotations with ``actor`` as the actor."""
+        return _AuditListener(self, actor)
 
-        def on_event(event: StepFinished | RotationFinished) -> None:
-            if isinstance(event, StepFinished):
-                self._on_step(event, actor)
-            else:
-                self._on_rotation(event, actor)
-
-        return on_event
-
-    def _on_step(self, event: StepFinished, actor: str) -> None:
+    def _step_fields(self, event: StepFinished, actor: str) -> dict[str, Any]:
         detail: dict[str, Any] = {"step": event.step, "status": event.status,
                                   "agent": event.agent, "provider": event.provider,
                                   "duration_seconds": round(event.duration, 3)}
@@ -162,8 +186,8 @@ class AuditLog:
             detail["message"] = event.message
         if event.step in _KEY_STEPS:
             detail.update(old_key_id=event.old_key_id, new_key_id=event.new_key_id)
-        self.record("step", credential=event.credential, rotation_id=event.rotation_id,
-                    actor=actor, detail=detail, at=event.at)
+        return {"credential": event.credential, "rotation_id": event.rotation_id,
+                "actor": actor, "detail": detail, "at": event.at}
 
     def _on_rotation(self, event: RotationFinished, actor: str) -> None:
         detail: dict[str, Any] = {"outcome": event.outcome, "trigger": event.trigger,

@@ -377,11 +377,14 @@ class Engine:
                 _apply(rotation, fields, "rollback")
                 continue
             crashpoint(f"effect:{step}")
+            event = self._step_event(rotation, step, "succeeded", t0, None,
+                                     old_key_id=fields.get("old_key_id", rotation.old_key_id),
+                                     new_key_id=fields.get("new_key_id", rotation.new_key_id))
             step_row = self._transition(rid, step_row, "succeeded", None, next_step, step,
-                                        **fields)
+                                        event=event, **fields)
             crashpoint(f"after:{step}")
             _apply(rotation, fields, next_step)
-            self._emit_step(rotation, step, "succeeded", t0, None)
+            self._emit(event, recorded=True)
             if step == "rollback":
                 return self._finish(rotation, cred, rotation.outcome or "failed")
 
@@ -756,12 +759,22 @@ class Engine:
         return policy.compute_next_due(spec, last, first_seen, now), decision.reason
 
     def _transition(self, rid: str, step_row: int, outcome: str, message: str | None,
-                    next_step: str | None, step: str, /, **fields: Any) -> int | None:
+                    next_step: str | None, step: str, /, event: StepFinished | None = None,
+                    **fields: Any) -> int | None:
         """Record the end of ``step`` (``outcome``: succeeded/failed) and the start of the
-        next; a rotation another worker took over stops this one (``Interrupted``)."""
+        next, with ``event`` for the listeners that record in the same transaction (the
+        audit trail); a rotation another worker took over stops this one (``Interrupted``)."""
+        also = None
+        if event is not None:
+            in_tx = [listener.in_tx for listener in self.listeners if hasattr(listener, "in_tx")]
+
+            def also(conn: Any) -> None:
+                for record in in_tx:
+                    record(conn, event)
+
         try:
             return self.store.step_transition(rid, step_row, outcome, self.clock(), message,
-                                              next_step, expect_step=step, **fields)
+                                              next_step, expect_step=step, also=also, **fields)
         except StaleRotation as exc:
             raise Interrupted(str(exc)) from exc
 
@@ -821,13 +834,23 @@ class Engine:
 
     def _emit_step(self, rotation: Rotation, step: str, status: str, t0: float,
                    message: str | None) -> None:
-        self._emit(StepFinished(rotation.id, rotation.credential, rotation.agent,
-                                rotation.provider, step, status, time.monotonic() - t0,
-                                message, self.clock(), old_key_id=rotation.old_key_id,
-                                new_key_id=rotation.new_key_id))
+        self._emit(self._step_event(rotation, step, status, t0, message,
+                                    old_key_id=rotation.old_key_id,
+                                    new_key_id=rotation.new_key_id))
 
-    def _emit(self, event: StepFinished | RotationFinished) -> None:
+    def _step_event(self, rotation: Rotation, step: str, status: str, t0: float,
+                    message: str | None, *, old_key_id: str | None,
+                    new_key_id: str | None) -> StepFinished:
+        return StepFinished(rotation.id, rotation.credential, rotation.agent, rotation.provider,
+                            step, status, time.monotonic() - t0, message, self.clock(),
+                            old_key_id=old_key_id, new_key_id=new_key_id)
+
+    def _emit(self, event: StepFinished | RotationFinished, *, recorded: bool = False) -> None:
+        """Tell the listeners; with ``recorded``, skip those that already recorded ``event``
+        inside its step transaction."""
         for listener in self.listeners:
+            if recorded and hasattr(listener, "in_tx"):
+                continue
             try:
                 listener(event)
             except Exception:  # an observer must never break a rotation

@@ -225,3 +225,33 @@ def test_daemon_records_rotations_and_reloads(tmp_path, openbao, fake_openai, mo
     reloads = [e["detail"]["outcome"] for e in events if e["kind"] == "reload"]
     assert reloads == ["rejected", "applied"]
     assert all(e["actor"] == "daemon" for e in events)
+
+
+@pytest.mark.slow
+def test_a_step_and_its_audit_event_commit_together(tmp_path, openbao, fake_openai):
+    """kill -9 right after the create step is recorded: its audit event is there too (it
+    commits in the step's own transaction), once, and the trail still verifies."""
+    import signal
+
+    from tests.support import stop_daemon, wait_for
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    crashed = fleet.start_daemon(ROTATOR_CRASHPOINT="after:create")
+    assert crashed.wait(60) == -signal.SIGKILL
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    audit = AuditLog(store)
+
+    def steps(name: str) -> list[dict]:
+        return [e for e in audit.export() if e["kind"] == "step"
+                and e["detail"]["step"] == name and e["detail"]["status"] == "succeeded"]
+
+    created = steps("create")
+    assert len(created) == 1 and created[0]["detail"]["new_key_id"], created
+    daemon = fleet.start_daemon()
+    try:
+        wait_for(lambda: steps("revoke"), what="the rotation to finish")
+    finally:
+        stop_daemon(daemon)
+    assert len(steps("create")) == 1
+    assert audit.verify().ok
+    store.close()

@@ -92,6 +92,18 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+def append_audit_in(conn: Connection, build: Callable[[int, str], dict[str, Any]]) -> int:
+    """``StateStore.append_audit`` inside a write transaction the caller holds (so an event
+    commits atomically with the state change it records)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE")
+    last = conn.execute(select(_AUDIT.c.id, _AUDIT.c.hash)
+                        .order_by(_AUDIT.c.id.desc()).limit(1)).first()
+    next_id = (last.id + 1) if last is not None else 1
+    conn.execute(insert(_AUDIT).values(**build(next_id, last.hash if last else "")))
+    return next_id
+
+
 class StateStore:
     """Typed operations on the state database; callers never see a Session."""
 
@@ -248,7 +260,7 @@ class StateStore:
     def step_transition(
         self, rotation_id: str, step_row: int, step_status: str, now: datetime,
         message: str | None = None, next_step: str | None = None, /, *, expect_step: str,
-        **rotation_fields: Any,
+        also: Callable[[Connection], None] | None = None, **rotation_fields: Any,
     ) -> int | None:
         """Close a step and, in the same transaction, record the rotation's new fields and the
         start of ``next_step`` (if it is a step that runs). Returns the new step row id.
@@ -265,6 +277,8 @@ class StateStore:
                 raise StaleRotation(rotation_id, expect_step)
             conn.execute(update(_STEPS).where(_STEPS.c.id == step_row).values(
                 status=step_status, finished_at=now, message=message))
+            if also is not None:
+                also(conn)  # e.g. the step's audit event, in the same commit
             if next_step is None or next_step in _NOT_RUN:
                 return None
             return _new_step(conn, rotation_id, next_step, now)
@@ -420,13 +434,7 @@ class StateStore:
         consecutively, so a gap in ids always means a deleted event.
         """
         with self._tx() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE")
-            last = conn.execute(select(_AUDIT.c.id, _AUDIT.c.hash)
-                                .order_by(_AUDIT.c.id.desc()).limit(1)).first()
-            next_id = (last.id + 1) if last is not None else 1
-            conn.execute(insert(_AUDIT).values(**build(next_id, last.hash if last else "")))
-            return next_id
+            return append_audit_in(conn, build)
 
     def audit_events(self, *, after_id: int = 0, since: datetime | None = None,
                      credential: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
