@@ -226,6 +226,12 @@ class Engine:
                     if earlier.outcome == "interrupted" or \
                             self._reload(unfinished.id).status == "running":
                         return earlier  # its clean-up is still pending: do not pile on
+                # An emergency also kills keys still in the grace of earlier rotations, first:
+                # they are no longer in the vault, and a service with a cap on live keys (AWS
+                # IAM: two per user) needs the room for the new one.
+                if (request.revoke_mode != "grace"
+                        and self.store.expedite_revocations(cred.name, self.clock())):
+                    self._revoke_credential(cred)
                 now = self.clock()
                 rotation = Rotation(
                     id=new_rotation_id(now), credential=cred.name, agent=cred.agent,
@@ -237,12 +243,7 @@ class Engine:
                 step_row = self.store.start_rotation(rotation)
                 log.info("%s: rotation %s started (trigger %s, revoke %s)", cred.name,
                          rotation.id, request.trigger, request.revoke_mode)
-                result = self._drive(rotation, cred, step_row=step_row)
-                # An emergency also kills keys still in the grace of earlier rotations.
-                if (request.revoke_mode != "grace" and result.outcome == "success"
-                        and self.store.expedite_revocations(cred.name, self.clock())):
-                    self._revoke_credential(cred)
-                return result
+                return self._drive(rotation, cred, step_row=step_row)
         except LockHeld as exc:
             return RotationResult(cred.name, None, "skipped", str(exc))
 

@@ -162,19 +162,22 @@ def test_no_outage_over_every_vault(tmp_path, vault_harness, openai_harness):
 
 def test_revoke_immediately_kills_the_old_key_at_once(tmp_path, openbao_harness,
                                                       provider_harness):
+    """A routine rotation leaves the legacy key in a 1 h grace; an emergency rotation then
+    kills both the key it replaces and the one still in grace (on AWS IAM that also needs the
+    room: two keys per user)."""
     fleet = make_protocol_fleet(tmp_path, openbao_harness, provider_harness, n=1, grace="1h")
     cred = fleet.credentials[0]
-    old_id = cred.seeded.key_id
-    if not provider_harness.identifies_adopted:
-        # The adopted key cannot be named; kill the key of a first rotation instead.
-        first = fleet.cli("rotate-now", cred.name, "--yes")
-        assert first.returncode == 0, first.stdout + first.stderr
-        live = provider_harness.live_key_ids(cred.seeded) - {old_id or ""}
-        (old_id,) = live
+    legacy = cred.seeded.key_id or ""
+    first = fleet.cli("rotate-now", cred.name, "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (middle,) = provider_harness.live_key_ids(cred.seeded) - {legacy}
     result = fleet.cli("rotate-now", cred.name, "--revoke-immediately", "--yes",
                        "--reason", "leaked in a prompt")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert old_id not in provider_harness.live_key_ids(cred.seeded)
+    live = provider_harness.live_key_ids(cred.seeded)
+    assert middle not in live, "the key the emergency rotation replaced is still live"
+    if provider_harness.identifies_adopted:
+        assert legacy not in live, "the key still in its grace period is still live"
     fleet.assert_settled()
 
 
