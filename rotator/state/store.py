@@ -135,6 +135,13 @@ class StateStore:
             yield session
 
     @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        """A read-only session outside the writers' queue: SQLite in WAL mode (and PostgreSQL)
+        lets readers run beside the one writer, so reads need not wait for writes."""
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
     def _tx(self) -> Iterator[Connection]:
         """A Core transaction, for the writes every rotation makes (half the CPU of the ORM,
         and so half the time the SQLite write lock is held)."""
@@ -166,11 +173,11 @@ class StateStore:
                     row.next_due_at, row.due_reason = due
 
     def credential(self, name: str) -> CredentialState | None:
-        with self.session() as s:
+        with self._reading() as s:
             return s.get(CredentialState, name)
 
     def credentials(self) -> list[CredentialState]:
-        with self.session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(CredentialState).order_by(CredentialState.name)))
 
     def update_credential(self, name: str, **fields: Any) -> None:
@@ -182,7 +189,7 @@ class StateStore:
         """Names among ``names`` whose next due time has passed, most overdue first."""
         if limit <= 0 or not names:
             return []
-        with self.session() as s:
+        with self._reading() as s:
             rows = s.scalars(
                 select(CredentialState.name)
                 .where(CredentialState.next_due_at <= now, CredentialState.name.in_(names))
@@ -192,7 +199,7 @@ class StateStore:
             return list(rows)
 
     def earliest_due(self, names: Sequence[str]) -> datetime | None:
-        with self.session() as s:
+        with self._reading() as s:
             return s.scalar(
                 select(func.min(CredentialState.next_due_at)).where(
                     CredentialState.name.in_(names)
@@ -202,7 +209,7 @@ class StateStore:
     # -- rotations -----------------------------------------------------------------------------
 
     def rotation(self, rotation_id: str) -> Rotation | None:
-        with self.session() as s:
+        with self._reading() as s:
             return s.get(Rotation, rotation_id)
 
     def update_rotation(self, rotation_id: str, **fields: Any) -> None:
@@ -212,7 +219,7 @@ class StateStore:
 
     def unfinished_rotations(self, credential: str | None = None) -> list[Rotation]:
         """Rotations stopped before their grace step (crash, stop, or a failing clean-up)."""
-        with self.session() as s:
+        with self._reading() as s:
             q = select(Rotation).where(Rotation.status == "running")
             if credential is not None:
                 q = q.where(Rotation.credential == credential)
@@ -220,11 +227,11 @@ class StateStore:
 
     def rotations_in_grace(self) -> list[Rotation]:
         """Rotations whose new key is live and whose old key awaits (or just got) revocation."""
-        with self.session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(Rotation).where(Rotation.status == "grace")))
 
     def rotations(self, credential: str | None = None, limit: int = 50) -> list[Rotation]:
-        with self.session() as s:
+        with self._reading() as s:
             q = select(Rotation)
             if credential is not None:
                 q = q.where(Rotation.credential == credential)
@@ -232,7 +239,7 @@ class StateStore:
 
     def active_rotation_steps(self) -> dict[str, str]:
         """credential -> current step, for every rotation not yet done."""
-        with self.session() as s:
+        with self._reading() as s:
             rows = s.execute(
                 select(Rotation.credential, Rotation.step, Rotation.status).where(
                     Rotation.status.in_(("running", "grace"))
@@ -321,21 +328,21 @@ class StateStore:
                 started_at=started, finished_at=now, message=message))
 
     def steps(self, rotation_id: str) -> list[RotationStep]:
-        with self.session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(RotationStep).where(
                 RotationStep.rotation_id == rotation_id).order_by(RotationStep.id)))
 
     # -- revocations ---------------------------------------------------------------------------
 
     def revocations(self, rotation_id: str) -> list[Revocation]:
-        with self.session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(Revocation).where(
                 Revocation.rotation_id == rotation_id).order_by(Revocation.id)))
 
     def pending_revocations(
         self, *, due_by: datetime | None = None, credential: str | None = None
     ) -> list[Revocation]:
-        with self.session() as s:
+        with self._reading() as s:
             q = select(Revocation).where(Revocation.status == "pending")
             if due_by is not None:
                 q = q.where(Revocation.not_before <= due_by)
@@ -360,7 +367,7 @@ class StateStore:
         return [(name, last, nxt) for name, last, nxt in rows]
 
     def count_pending_revocations(self) -> int:
-        with self.session() as s:
+        with self._reading() as s:
             return int(s.scalar(select(func.count()).select_from(Revocation).where(
                 Revocation.status == "pending")) or 0)
 
