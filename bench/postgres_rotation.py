@@ -43,7 +43,8 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from providers.postgres import generate_password, scram_sha256_verifier  # noqa: E402
+from providers.postgres import generate_password  # noqa: E402
+from providers.postgres_scram import scram_sha256_verifier  # noqa: E402
 from rotator.testing.openbao import OpenBaoDevServer  # noqa: E402
 from rotator.testing.postgres import PostgresCluster  # noqa: E402
 

@@ -46,7 +46,18 @@ from typing import Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from rotator.config import SecretRef
+from rotator.aws import (
+    AUTH_CODES,
+    DENIED_CODES,
+    AwsCredentialRefs,
+    aws_detail,
+    check_endpoint,
+    check_region,
+    error_code,
+    is_transient,
+    make_client,
+    transport_error,
+)
 from rotator.errors import (
     CredentialRejected,
     NotFound,
@@ -64,20 +75,6 @@ from rotator.interfaces import (
     SecretResolver,
 )
 from rotator.testing.crashpoints import crashpoint
-from rotator.vaults.aws_secretsmanager import (
-    AUTH_CODES,
-    DENIED_CODES,
-    SERVER_CODES,
-    THROTTLE_CODES,
-    AwsCredentialRefs,
-    aws_detail,
-    check_endpoint,
-    check_region,
-    error_code,
-    http_status,
-    make_client,
-    transport_error,
-)
 
 __all__ = ["AwsIamParams", "AwsIamProvider", "AwsIamSettings"]
 
@@ -513,7 +510,7 @@ class AwsIamProvider(Provider):
             raise PermanentError(f"{where}: botocore refused the request parameters") from None
         except botocore.exceptions.ClientError as exc:
             code, detail = error_code(exc), aws_detail(exc)
-            if self._transient(exc):
+            if is_transient(exc):
                 raise TransientError(f"{where}: AWS could not answer now ({detail})") from exc
             if code in AUTH_CODES or code in DENIED_CODES:
                 raise CredentialRejected(f"{where}: AWS refused the key ({code})") from exc
@@ -531,13 +528,7 @@ class AwsIamProvider(Provider):
         with self._lock:
             if self._admin is None:
                 cfg = self.config
-                creds: dict[str, str] = {}
-                for setting, arg in (("access_key_id", "aws_access_key_id"),
-                                     ("secret_access_key", "aws_secret_access_key"),
-                                     ("session_token", "aws_session_token")):
-                    ref: SecretRef | None = getattr(cfg, setting)
-                    if ref is not None:
-                        creds[arg] = self.resolve_secret(ref).reveal()
+                creds = cfg.boto_credentials(lambda ref, _: self.resolve_secret(ref).reveal())
                 self._admin = (
                     make_client("iam", region=cfg.region, endpoint_url=cfg.endpoint_url,
                                 timeout=cfg.timeout, credentials=creds),
@@ -549,11 +540,6 @@ class AwsIamProvider(Provider):
         with self._lock:
             if self._admin is clients:
                 self._admin = None
-
-    @staticmethod
-    def _transient(exc: Exception) -> bool:
-        code, status = error_code(exc), http_status(exc)
-        return code in THROTTLE_CODES or code in SERVER_CODES or status == 429 or status >= 500
 
     @contextmanager
     def _admin_call(self, what: str, *, action: str, user: str | None = None,
@@ -570,7 +556,7 @@ class AwsIamProvider(Provider):
             raise PermanentError(f"{where}: botocore refused the request parameters") from None
         except botocore.exceptions.ClientError as exc:
             code, detail = error_code(exc), aws_detail(exc)
-            if self._transient(exc):
+            if is_transient(exc):
                 raise TransientError(f"{where}: AWS could not answer now ({detail})") from exc
             if code == "NoSuchEntity":
                 raise NotFound(f"{where}: {not_found or 'not found'} ({detail})") from exc

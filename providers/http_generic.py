@@ -5,12 +5,11 @@ calls. Rather than a plugin per service, ``[providers.NAME]`` describes the call
 what they send (templates), and where the new key's id and value are in the answer. See
 ``docs/http-provider.md`` for complete examples.
 
-Templates use ``{placeholders}``: ``{secrets.NAME}`` (a value from ``[providers.NAME.secrets]``,
-headers only), ``{vars.NAME}`` (``[credentials.params.vars]``), ``{key_name}`` and
-``{rotation_id}`` (create), ``{key_id}`` (revoke) and ``{key}`` (the key itself, verify headers
-only, so that no secret is ever part of a URL or body that a proxy or the service might log).
-The settings model checks every template when the policy file is loaded, so ``rotator check``
-reports a misspelt placeholder with its file and line.
+The settings and params models are in :mod:`providers.http_settings`, the template language
+(``{vars.NAME}``, ``{secrets.NAME}``, ``{key_name}``...) in :mod:`providers.http_templates`: the
+settings model checks every template when the policy file is loaded, and :meth:`check_params`
+every credential's ``vars`` against them, so ``rotator check`` reports a misspelt placeholder or
+a missing variable with its file and line. This module runs the calls.
 
 Nothing here puts a header value, a rendered template or a response body into a message or a
 log line: any of them may hold a secret. ``httpx`` is imported when a call is first made.
@@ -18,26 +17,24 @@ log line: any of them may hold a secret. ``httpx`` is imported when a call is fi
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
-from urllib.parse import quote, urlsplit
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import quote
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from rotator.config import SecretRef
-from rotator.errors import (
-    CredentialRejected,
-    NotFound,
-    PermanentError,
-    RotatorError,
-    TransientError,
+from providers.http_requests import send, status_error
+from providers.http_settings import Call, HttpParams, HttpSettings, ListCall, VerifyCall
+from providers.http_templates import (
+    MissingVar,
+    json_at,
+    parse_header,
+    render,
+    render_json,
+    template_placeholders,
 )
+from rotator.errors import CredentialRejected, PermanentError, RotatorError
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
@@ -56,497 +53,7 @@ __all__ = ["HttpParams", "HttpProvider", "HttpSettings", "send", "status_error"]
 
 log = logging.getLogger(__name__)
 
-# -- templates -----------------------------------------------------------------------------------
-
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SCOPED = re.compile(r"(vars|secrets)\.([A-Za-z_][A-Za-z0-9_]*)")
-_FIXED = ("key", "key_id", "key_name", "rotation_id")
-_WHERE_ALLOWED = {
-    "key": "verify headers",
-    "secrets": "the provider's headers",
-    "key_id": "revoke",
-    "key_name": "create",
-    "rotation_id": "create",
-}
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CREDENTIAL_HEADER_WORDS = {"authorization", "key", "apikey", "token", "secret", "password",
-                            "cookie"}
-_JSON_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
 _SAFE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class _MissingVar(Exception):
-    """A template used ``{vars.NAME}`` that the credential's params do not define."""
-
-
-def _shown(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def template_placeholders(template: str) -> list[str]:
-    """The placeholders of ``template``; ``ValueError`` for a brace that opens nothing.
-
-    Messages quote the offending placeholder, never the template (it might hold a pasted key).
-    """
-    found = []
-    for match in _TOKEN.finditer(template):
-        if match.group(0) in ("{{", "}}"):
-            continue
-        if match.group(1) is None:
-            raise ValueError(f'a lone "{match.group(0)}" in a template: placeholders look like '
-                             "{vars.NAME}; write {{ or }} for a literal brace")
-        found.append(match.group(1))
-    return found
-
-
-def _check_template(template: str, allowed: frozenset[str], secrets: set[str] | None) -> None:
-    """Raise ``ValueError`` naming each unknown placeholder and what is allowed here."""
-    for name in template_placeholders(template):
-        scoped = _SCOPED.fullmatch(name)
-        kind = scoped.group(1) if scoped else name
-        if kind in allowed and (kind in _FIXED or scoped):
-            if kind == "secrets" and secrets is not None and scoped.group(2) not in secrets:
-                defined = ", ".join(sorted(secrets)) or "none"
-                raise ValueError(f"{{{name}}} names no secret of [providers.NAME.secrets] "
-                                 f"(defined: {defined})")
-            continue
-        if kind in _WHERE_ALLOWED and (kind in _FIXED or scoped):
-            raise ValueError(f"{{{name}}} is not allowed here: it may appear only in "
-                             f"{_WHERE_ALLOWED[kind]}")
-        raise ValueError(f"unknown placeholder {{{_shown(name)}}}{_suggest(name, allowed)}; "
-                         f"placeholders here: {_known(allowed)}")
-
-
-def _known(allowed: frozenset[str]) -> str:
-    order = ["secrets", "vars", *_FIXED]
-    return ", ".join("{" + (f"{k}.NAME" if k in ("vars", "secrets") else k) + "}"
-                     for k in order if k in allowed)
-
-
-def _suggest(name: str, allowed: frozenset[str]) -> str:
-    _, dot, tail = name.partition(".")
-    if dot and _IDENT.fullmatch(tail) and "vars" in allowed:
-        return f" (did you mean {{vars.{tail}}}?)"
-    close = difflib.get_close_matches(name, [k for k in _FIXED if k in allowed], n=1)
-    return f" (did you mean {{{close[0]}}}?)" if close else ""
-
-
-def render(template: str, values: Mapping[str, str],
-           encode: Callable[[str], str] | None = None) -> str:
-    """``template`` with each placeholder replaced by its value (``encode``d if given)."""
-    def substitute(match: re.Match[str]) -> str:
-        text = match.group(0)
-        if text in ("{{", "}}"):
-            return text[0]
-        name = match.group(1)
-        if name not in values:
-            raise _MissingVar(name)
-        return encode(values[name]) if encode else values[name]
-
-    return _TOKEN.sub(substitute, template)
-
-
-def _render_json(node: Any, values: Mapping[str, str]) -> Any:
-    if isinstance(node, str):
-        return render(node, values)
-    if isinstance(node, dict):
-        return {render(k, values): _render_json(v, values) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_render_json(v, values) for v in node]
-    return node
-
-
-def _json_strings(node: Any, where: str = "body") -> Iterator[tuple[str, str]]:
-    """``(where, text)`` for every key and string value of a JSON template."""
-    if isinstance(node, str):
-        yield where, node
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield f"{where}.{key}", key
-            yield from _json_strings(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _json_strings(value, f"{where}[{index}]")
-
-
-def json_at(document: Any, path: str) -> Any:
-    """The value at dotted ``path`` (``result.id``, ``data.0.id``); ``""`` is the document.
-    ``LookupError`` if absent."""
-    node = document
-    for part in path.split(".") if path else ():
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise LookupError(path)
-    return node
-
-
-def _check_json_path(value: str, what: str, empty_ok: bool = False) -> str:
-    if (value == "" and empty_ok) or _JSON_PATH.fullmatch(value):
-        return value
-    raise ValueError(f'{what} is a dotted path into the JSON answer, like "result.id" or '
-                     '"data.0.id"' + (' ("" for the answer itself)' if empty_ok else ""))
-
-
-# -- settings ------------------------------------------------------------------------------------
-
-Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
-_Strings = list[str]
-_Statuses = list[int]
-
-
-def _parse_header(line: str) -> tuple[str, str]:
-    name, colon, value = line.partition(":")
-    if not colon or not _HEADER_NAME.fullmatch(name.strip()):
-        raise ValueError('each header is one string "Name: value", like '
-                         '"Authorization: Bearer {secrets.admin}"')
-    return name.strip(), value.strip()
-
-
-def _check_headers(lines: list[str], allowed: frozenset[str], secrets: set[str] | None,
-                   secret_kind: str) -> list[str]:
-    """Headers parse, their templates are valid, and a credential-bearing header (by its
-    name) takes its value from a placeholder: a literal there is a secret pasted in the file."""
-    for line in lines:
-        name, value = _parse_header(line)
-        _check_template(value, allowed, secrets)
-        words = set(re.split(r"[-_]", name.lower()))
-        used = {p.partition(".")[0] for p in template_placeholders(value)}
-        if words & _CREDENTIAL_HEADER_WORDS and secret_kind not in used:
-            hint = ("{secrets.NAME} with the value in [providers.NAME.secrets]"
-                    if secret_kind == "secrets" else "{key}")
-            raise ValueError(f"header {name} carries a credential, so its value must come from "
-                             f"{hint}: secrets never go in the policy file")
-    return lines
-
-
-def _check_statuses(values: list[int]) -> list[int]:
-    if not values or any(not 100 <= v <= 599 for v in values):
-        raise ValueError("statuses are HTTP status codes between 100 and 599, like [200, 204]")
-    return values
-
-
-class _Call(PluginSettings):
-    """One HTTP call: ``method`` and ``path`` (under ``base_url``), ``query`` parameters and a
-    JSON ``body``, each a template checked against the placeholders of ``context``."""
-
-    context: ClassVar[frozenset[str]] = frozenset({"vars"})
-
-    method: Method = "GET"
-    path: str
-    query: dict[str, str] = Field(default_factory=dict)
-    body: dict[str, Any] | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.startswith("/") or "?" in value or "#" in value:
-            raise ValueError('path starts with / and has no query string (put parameters in '
-                             'query = { name = "value" }), like "/v3/api_keys/{key_id}"')
-        _check_template(value, cls.context, None)
-        return value
-
-    @field_validator("query")
-    @classmethod
-    def _query(cls, value: dict[str, str]) -> dict[str, str]:
-        for template in value.values():
-            _check_template(template, cls.context, None)
-        return value
-
-    @field_validator("body")
-    @classmethod
-    def _body(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        for where, text in _json_strings(value):
-            try:
-                _check_template(text, cls.context, None)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-        return value
-
-    def templates(self) -> Iterator[str]:
-        yield self.path
-        yield from self.query.values()
-        yield from (text for _, text in _json_strings(self.body))
-
-
-class CreateCall(_Call):
-    """``[providers.NAME.create]``: makes a key named with ``{key_name}``; any 2xx is success."""
-
-    context = frozenset({"vars", "key_name", "rotation_id"})
-    method: Method = "POST"
-    id_path: str
-    secret_path: str
-
-    @field_validator("id_path", "secret_path")
-    @classmethod
-    def _paths(cls, value: str, info: ValidationInfo) -> str:
-        return _check_json_path(value, str(info.field_name))
-
-    @model_validator(mode="after")
-    def _names_the_key(self) -> CreateCall:
-        if self.id_path == self.secret_path:
-            raise ValueError("id_path and secret_path must differ: the id is stored and logged, "
-                             "the secret never is")
-        if not any("key_name" in template_placeholders(t) for t in self.templates()):
-            raise ValueError("create must name the key with {key_name} (in body, path or "
-                             "query), so a key made by an interrupted rotation can be found "
-                             "and revoked")
-        return self
-
-
-class RevokeCall(_Call):
-    """``[providers.NAME.revoke]``: kills ``{key_id}``. ``gone_statuses`` mean "already gone",
-    which is success."""
-
-    context = frozenset({"vars", "key_id"})
-    method: Method = "DELETE"
-    ok_statuses: _Statuses = Field(default_factory=lambda: [200, 202, 204])
-    gone_statuses: _Statuses = Field(default_factory=lambda: [404, 410])
-
-    @field_validator("ok_statuses", "gone_statuses")
-    @classmethod
-    def _statuses(cls, value: list[int]) -> list[int]:
-        return _check_statuses(value)
-
-    @model_validator(mode="after")
-    def _names_the_key(self) -> RevokeCall:
-        if not any("key_id" in template_placeholders(t) for t in self.templates()):
-            raise ValueError("revoke must name the key with {key_id} (usually in path)")
-        if set(self.ok_statuses) & set(self.gone_statuses):
-            raise ValueError("a status cannot be in both ok_statuses and gone_statuses")
-        return self
-
-
-class VerifyCall(_Call):
-    """``[providers.NAME.verify]``: one cheap call made with the key itself (in ``headers``,
-    never the admin headers)."""
-
-    method: Method = "GET"
-    headers: _Strings
-    ok_statuses: _Statuses = Field(default_factory=lambda: [200, 204])
-    rejected_statuses: _Statuses = Field(default_factory=lambda: [401, 403])
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: list[str]) -> list[str]:
-        _check_headers(value, frozenset({"vars", "key"}), None, "key")
-        if not any("key" in template_placeholders(_parse_header(h)[1]) for h in value):
-            raise ValueError('verify sends the key in a header: add one such as '
-                             '"Authorization: Bearer {key}"')
-        return value
-
-    @field_validator("ok_statuses", "rejected_statuses")
-    @classmethod
-    def _statuses(cls, value: list[int]) -> list[int]:
-        return _check_statuses(value)
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> VerifyCall:
-        if set(self.ok_statuses) & set(self.rejected_statuses):
-            raise ValueError("a status cannot be in both ok_statuses and rejected_statuses")
-        return self
-
-
-class ListCall(_Call):
-    """``[providers.NAME.list]``: the keys (id and name) that ``find_by_rotation`` searches.
-    With ``page_param``, pages ``first_page``, ``first_page + 1``... until one is empty."""
-
-    method: Method = "GET"
-    items_path: str = ""
-    id_path: str = "id"
-    name_path: str = "name"
-    page_param: str | None = None
-    first_page: int = Field(default=1, ge=0)
-    max_pages: int = Field(default=100, ge=1, le=10_000)
-
-    @field_validator("items_path", "id_path", "name_path")
-    @classmethod
-    def _paths(cls, value: str, info: ValidationInfo) -> str:
-        return _check_json_path(value, str(info.field_name), info.field_name == "items_path")
-
-
-class IdentifyBy(PluginSettings):
-    """``[providers.NAME.identify]``: how to learn the id of a key rotator did not create.
-    Either the verify answer names the key (``verify_id_path``), or the id is part of the key
-    (``id_pattern``, a regular expression whose one group is the id)."""
-
-    verify_id_path: str | None = None
-    id_pattern: str | None = None
-
-    @field_validator("verify_id_path")
-    @classmethod
-    def _path(cls, value: str | None) -> str | None:
-        return None if value is None else _check_json_path(value, "verify_id_path")
-
-    @field_validator("id_pattern")
-    @classmethod
-    def _pattern(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            groups = re.compile(value).groups
-        except re.error as exc:
-            raise ValueError(f"id_pattern is not a regular expression: {exc.msg}") from None
-        if groups != 1:
-            raise ValueError("id_pattern needs exactly one group (...) around the id")
-        return value
-
-    @model_validator(mode="after")
-    def _one(self) -> IdentifyBy:
-        if (self.verify_id_path is None) == (self.id_pattern is None):
-            raise ValueError("identify takes verify_id_path or id_pattern, exactly one")
-        return self
-
-
-class HttpSettings(PluginSettings):
-    """``[providers.NAME]`` for ``type = "http"``: the service's key calls."""
-
-    base_url: str
-    secrets: dict[str, SecretRef] = Field(default_factory=dict)
-    """Credentials the daemon itself uses (an admin key), as references: ``{secrets.NAME}``."""
-    headers: _Strings = Field(default_factory=list)
-    """``"Name: value"`` sent with create, revoke and list (never with verify)."""
-    timeout: float = Field(default=30, gt=0, le=600)
-    create: CreateCall
-    revoke: RevokeCall
-    verify: VerifyCall | None = None
-    list: ListCall | None = None
-    identify: IdentifyBy | None = None
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        split = urlsplit(value)
-        if split.scheme not in ("http", "https") or not split.netloc or split.query \
-                or "@" in split.netloc:
-            raise ValueError('base_url is the service\'s http:// or https:// address, like '
-                             '"https://api.sendgrid.com" (no user, password or query)')
-        return value.rstrip("/")
-
-    @field_validator("secrets")
-    @classmethod
-    def _secret_names(cls, value: dict[str, SecretRef]) -> dict[str, SecretRef]:
-        bad = [name for name in value if not _IDENT.fullmatch(name)]
-        if bad:
-            raise ValueError(f'secret name "{_shown(bad[0])}" must be letters, digits and _ '
-                             "(it is used as {secrets.NAME})")
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        defined = info.data.get("secrets")
-        return _check_headers(value, frozenset({"vars", "secrets"}),
-                              set(defined) if isinstance(defined, dict) else None, "secrets")
-
-    @model_validator(mode="after")
-    def _identify_needs_verify(self) -> HttpSettings:
-        if self.identify is not None and self.verify is None:
-            raise ValueError("identify needs a [verify] call: an adopted key is identified "
-                             "only once the service has accepted it")
-        return self
-
-
-class HttpParams(PluginSettings):
-    """``[credentials.params]`` for an ``http`` provider: ``vars``, the values of the
-    ``{vars.NAME}`` placeholders (a subuser, an account or zone id...)."""
-
-    vars: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("vars")
-    @classmethod
-    def _vars(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            if not _IDENT.fullmatch(name):
-                raise ValueError(f'vars name "{_shown(name)}" must be letters, digits and _ '
-                                 "(it is used as {vars.NAME})")
-            if _CONTROL.search(text):
-                raise ValueError(f"vars.{name} must not contain control characters (line "
-                                 "breaks, tabs, NUL)")
-        return value
-
-
-# -- HTTP helpers (shared with the anthropic provider) -------------------------------------------
-
-
-def _origin(url: str) -> str:
-    split = urlsplit(url)
-    return f"{split.scheme}://{split.netloc}"
-
-
-def send(client: httpx.Client, method: str, url: str, *, who: str, action: str,
-         headers: Mapping[str, str], params: Mapping[str, str] | None = None,
-         json: Any = None) -> httpx.Response:
-    """One request, with transport failures translated into :mod:`rotator.errors`.
-
-    A failure that may quote a header value (an illegal character, an encoding error) is
-    raised without its cause, so no secret rides along in the exception chain.
-    """
-    import httpx
-
-    failure = ""
-    try:
-        return client.request(method, url, headers=dict(headers), params=params, json=json)
-    except httpx.TimeoutException as exc:
-        raise TransientError(f"{who}: {action}: timed out talking to {_origin(url)}") from exc
-    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-        raise TransientError(f"{who}: {action}: could not reach {_origin(url)} "
-                             f"({type(exc).__name__})") from exc
-    except Exception as exc:
-        failure = type(exc).__name__
-    raise PermanentError(f"{who}: {action}: the request could not be sent ({failure}); check "
-                         "base_url and the values the headers use")
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_\-:.]{1,100}")
-
-
-def status_error(response: httpx.Response, *, who: str, action: str,
-                 admin_hint: str | None = None, not_found: str | None = None,
-                 detail: str = "") -> RotatorError:
-    """The error for an unexpected status: 401/403 blame the admin credential (when
-    ``admin_hint`` says how to fix it), 429/5xx/408/409 are transient, 404 is ``NotFound``.
-    Never quotes the body: only ``detail``, which the caller has made safe."""
-    status = response.status_code
-    where = f"HTTP {status}" + (f" {detail}" if detail else "")
-    request_id = response.headers.get("request-id") or response.headers.get("x-request-id")
-    if request_id and _REQUEST_ID.fullmatch(request_id):
-        where += f", request id {request_id}"
-    prefix = f"{who}: {action}"
-    if status in (401, 403) and admin_hint:
-        return PermanentError(f"{prefix}: the service refused the admin credential ({where}); "
-                              f"{admin_hint}")
-    if status == 429:
-        return TransientError(f"{prefix}: rate limited ({where})",
-                              retry_after=retry_after(response.headers))
-    if status >= 500 or status in (408, 409, 425):
-        return TransientError(f"{prefix}: the service is unavailable ({where})",
-                              retry_after=retry_after(response.headers))
-    if 300 <= status < 400:
-        return PermanentError(f"{prefix}: the service redirected ({where}); point base_url at "
-                              "the final address")
-    if status == 404:
-        return NotFound(f"{prefix}: not found ({where})" + (f"; {not_found}" if not_found else ""))
-    return PermanentError(f"{prefix}: the service refused the request ({where})")
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date)."""
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _json_body(response: httpx.Response) -> Any:
@@ -596,6 +103,21 @@ class HttpProvider(Provider):
     @property
     def config(self) -> HttpSettings:
         return cast(HttpSettings, self.settings)
+
+    @classmethod
+    def check_params(cls, settings: PluginSettings, params: PluginSettings) -> list[str]:
+        """One problem per ``{vars.NAME}`` the calls use that ``params.vars`` lacks: every
+        call renders them all, so without one the credential could never be rotated."""
+        if not isinstance(settings, HttpSettings) or not isinstance(params, HttpParams):
+            return []
+        problems = []
+        for name, places in settings.vars_used().items():
+            if name not in params.vars:
+                used_by = " and ".join([", ".join(places[:-1]), places[-1]] if len(places) > 1
+                                       else places)
+                problems.append(f"missing {{vars.{name}}}, used by the provider's {used_by}: "
+                                f'add {name} = "..." under [credentials.params.vars]')
+        return problems
 
     # -- the Provider contract -----------------------------------------------------------------
 
@@ -754,7 +276,7 @@ class HttpProvider(Provider):
                            for k, s in self._resolved_secrets().items()})
         return values
 
-    def _call(self, call: _Call, credential: CredentialInfo | None, values: Mapping[str, str],
+    def _call(self, call: Call, credential: CredentialInfo | None, values: Mapping[str, str],
               action: str, *, admin: bool, page: int | None = None) -> httpx.Response:
         """Render ``call`` and send it with the admin headers, or the verify headers."""
         header_lines = self.config.headers if admin else cast(VerifyCall, call).headers
@@ -764,15 +286,15 @@ class HttpProvider(Provider):
             url = self.config.base_url + render(call.path, values,
                                                 lambda v: quote(v, safe=""))
             query = {k: render(v, values) for k, v in call.query.items()}
-            body = None if call.body is None else _render_json(call.body, values)
+            body = None if call.body is None else render_json(call.body, values)
             for line in header_lines:
-                name, template = _parse_header(line)
+                name, template = parse_header(line)
                 try:
                     headers[name] = render(template, values)
-                except _MissingVar:
+                except MissingVar:
                     if credential is not None:
                         raise
-        except _MissingVar as exc:
+        except MissingVar as exc:
             missing = str(exc)
         if missing:
             raise PermanentError(

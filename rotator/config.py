@@ -43,7 +43,7 @@ from pydantic import (
 from rotator import plugins
 from rotator.durations import parse_duration
 from rotator.errors import ConfigError, PluginError
-from rotator.interfaces import PluginSettings
+from rotator.interfaces import PluginSettings, Provider
 from rotator.policy import ScheduleSpec, Window, validate_cron
 
 __all__ = [
@@ -1012,7 +1012,8 @@ class _Checker:
         vaults = self._vaults(vault_names)
         providers, provider_classes = self._providers(provider_names)
         self._secret_refs(vault_names)
-        credentials = self._credentials(settings, vault_names, provider_names, provider_classes)
+        credentials = self._credentials(settings, vault_names, provider_names, provider_classes,
+                                        providers)
         notify = self._notify(vault_names)
         if self.problems:
             return None
@@ -1143,8 +1144,8 @@ class _Checker:
                                                    "secret from itself; use env or file")
 
     def _credentials(self, settings: RotatorSettings, vault_names: list[str],
-                     provider_names: list[str], provider_classes: dict[str, type]
-                     ) -> list[CredentialConfig]:
+                     provider_names: list[str], provider_classes: dict[str, type],
+                     providers: dict[str, ProviderConfig]) -> list[CredentialConfig]:
         raw_list = self.doc.get("credentials", [])
         if not isinstance(raw_list, list):
             self.add(("credentials",), "credentials must be an array of tables: write "
@@ -1211,6 +1212,9 @@ class _Checker:
             if cls is not None:
                 if isinstance(params, dict):
                     validated = self.validate(cls.params_model, params, (*path, "params"))
+                    if validated is not None and provider in providers:
+                        self._check_params(cls, providers[provider].settings, validated,
+                                           (*path, "params"))
                 else:
                     validated = None
                     self.add((*path, "params"), "params must be a table")
@@ -1236,6 +1240,19 @@ class _Checker:
             if cred is not None:
                 out.append(cred)
         return out
+
+    def _check_params(self, cls: type[Provider], settings: PluginSettings,
+                      params: PluginSettings, path: KeyPath) -> None:
+        """Record each problem the provider's ``check_params`` finds; a hook that raises is
+        reported as a bug in that plugin, never propagated."""
+        try:
+            messages = cls.check_params(settings, params)
+        except Exception as exc:
+            self.add(path, f"{cls.__module__}.{cls.__qualname__}.check_params failed "
+                           f"({type(exc).__name__}); this is a bug in that plugin")
+            return
+        for message in messages:
+            self.add(path, message)
 
     def _notify(self, vault_names: list[str]) -> dict[str, NotifyConfig]:
         """``[notify.NAME]`` sections; references name a defined vault, and a credential

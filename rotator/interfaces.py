@@ -141,6 +141,17 @@ class Provider(ABC):
         self.settings = settings
         self.resolve_secret = resolve_secret
 
+    @classmethod
+    def check_params(cls, settings: PluginSettings, params: PluginSettings) -> list[str]:
+        """Problems of a credential's ``params`` that only the provider's settings reveal.
+
+        ``rotator check`` calls it offline, once ``settings`` (a ``settings_model``) and
+        ``params`` (a ``params_model``) have each validated, and reports every message at the
+        credential's ``params`` with its file and line, so a credential that could never rotate
+        is caught before its first rotation. Each message says what to fix. Default: none.
+        """
+        return []
+
     @abstractmethod
     def create(self, credential: CredentialInfo, rotation_id: str) -> NewKey:
         """Create a new key named or described with ``key_name_for(rotation_id)``."""

@@ -152,6 +152,48 @@ def test_check_rejects_bad_params(tmp_path: Path, vars_table: str, key: str,
     assert any(f": {key}: " in p and message in p for p in problems), problems
 
 
+@pytest.mark.usefixtures("http_provider_types")
+def test_check_reports_a_var_the_credential_lacks(tmp_path: Path) -> None:
+    """A ``{vars.NAME}`` the calls use but the credential does not define is reported by
+    ``rotator check`` (``check_params``), at the credential, not at its first rotation."""
+    text = doc_examples()["sendgrid"].replace(
+        '[credentials.params.vars]\nsubuser = "mailer-agent"', "")
+    line = _line_of(text, "[[credentials]]")
+    assert _problems(text, tmp_path) == [
+        f"{tmp_path / 'rotation-policies.toml'}:{line}: credentials[0].params: missing "
+        "{vars.subuser}, used by the provider's headers: add subuser = \"...\" under "
+        "[credentials.params.vars]"]
+
+
+def test_check_params_names_every_place_a_var_is_used() -> None:
+    settings = tomllib.loads(doc_examples()["sendgrid"])["providers"]["sendgrid"]
+    settings["create"]["query"] = {"team": "{vars.team}"}
+    settings["list"]["path"] = "/v3/{vars.team}/api_keys"
+    model = HttpSettings.model_validate({k: v for k, v in settings.items() if k != "type"})
+    assert HttpProvider.check_params(model, HttpParams(vars={"subuser": "mailer"})) == [
+        "missing {vars.team}, used by the provider's create.query.team and list.path: add "
+        'team = "..." under [credentials.params.vars]']
+    assert HttpProvider.check_params(
+        model, HttpParams(vars={"subuser": "mailer", "team": "mail", "extra": "x"})) == []
+
+
+def test_a_failing_check_params_is_reported_as_a_plugin_bug(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken(HttpProvider):
+        @classmethod
+        def check_params(cls, settings: Any, params: Any) -> list[str]:
+            raise RuntimeError("boom")
+
+    from rotator import plugins
+
+    monkeypatch.setattr(plugins, "provider_types", lambda: ["http"])
+    monkeypatch.setattr(plugins, "provider_class", lambda name: Broken)
+    problems = _problems(doc_examples()["sendgrid"], tmp_path)
+    assert len(problems) == 1 and ": credentials[0].params: " in problems[0]
+    assert "Broken.check_params failed (RuntimeError); this is a bug in that plugin" in (
+        problems[0])
+
+
 # -- the fakes speak the documented shapes -------------------------------------------------------
 
 

@@ -17,17 +17,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
+from providers.stripe_api_keys import redaction_fits
+from providers.stripe_client import retry_after
+from providers.stripe_jwe import Undecryptable, decrypt_jwe
 from providers.stripe_keys import (
-    META_ROTATION,
     StripeParams,
     StripeProvider,
     StripeSettings,
-    _decrypt_jwe,
-    _redaction_fits,
-    _retry_after,
-    _Undecryptable,
     quiet_sdk_debug_logs,
 )
+from providers.stripe_webhooks import META_ROTATION
 from rotator.errors import (
     CredentialRejected,
     PermanentError,
@@ -565,31 +564,31 @@ def test_jwe_decryption_edge_cases() -> None:
     pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     compact = _jwe_encrypt("rk_live_token", pem, "RSA-OAEP-256", "kid")
-    assert _decrypt_jwe(compact, private) == "rk_live_token"
-    assert _decrypt_jwe(base64.b64encode(compact.encode()).decode(), private) == "rk_live_token"
+    assert decrypt_jwe(compact, private) == "rk_live_token"
+    assert decrypt_jwe(base64.b64encode(compact.encode()).decode(), private) == "rk_live_token"
     head, wrapped, iv, body, tag = compact.split(".")
     flipped = tag[:-2] + ("AA" if not tag.endswith("AA") else "BA")
-    with pytest.raises(_Undecryptable, match="does not decrypt"):
-        _decrypt_jwe(".".join([head, wrapped, iv, body, flipped]), private)
-    with pytest.raises(_Undecryptable, match="not a compact JWE"):
-        _decrypt_jwe("not-a-jwe", private)
+    with pytest.raises(Undecryptable, match="does not decrypt"):
+        decrypt_jwe(".".join([head, wrapped, iv, body, flipped]), private)
+    with pytest.raises(Undecryptable, match="not a compact JWE"):
+        decrypt_jwe("not-a-jwe", private)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    with pytest.raises(_Undecryptable, match="does not decrypt"):
-        _decrypt_jwe(compact, other)
+    with pytest.raises(Undecryptable, match="does not decrypt"):
+        decrypt_jwe(compact, other)
     unknown_enc = base64.urlsafe_b64encode(b'{"alg":"RSA-OAEP-256","enc":"A128CBC-HS256"}')
-    with pytest.raises(_Undecryptable, match="A128CBC-HS256"):
-        _decrypt_jwe(".".join([unknown_enc.decode().rstrip("="), wrapped, iv, body, tag]),
+    with pytest.raises(Undecryptable, match="A128CBC-HS256"):
+        decrypt_jwe(".".join([unknown_enc.decode().rstrip("="), wrapped, iv, body, tag]),
                      private)
 
 
 def test_redaction_matching_and_retry_after() -> None:
     value = "rk_live_51abcdefghijklmnop"
-    assert _redaction_fits("rk_live_...mnop", value)
-    assert not _redaction_fits("rk_live_...xxxx", value)
-    assert not _redaction_fits("sk_live_...mnop", value)
-    assert not _redaction_fits("", value)
-    assert _retry_after({"Retry-After": "3"}) == 3
-    assert _retry_after({}) is None and _retry_after({"retry-after": "soon"}) is None
+    assert redaction_fits("rk_live_...mnop", value)
+    assert not redaction_fits("rk_live_...xxxx", value)
+    assert not redaction_fits("sk_live_...mnop", value)
+    assert not redaction_fits("", value)
+    assert retry_after({"Retry-After": "3"}) == 3
+    assert retry_after({}) is None and retry_after({"retry-after": "soon"}) is None
 
 
 def test_importing_the_provider_does_not_import_the_sdk() -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from rotator.aws import quiet_sdk_loggers
 from rotator.errors import PermanentError
-from rotator.vaults.aws_secretsmanager import quiet_sdk_loggers
 
 __all__ = ["KeyPair", "MotoServer", "MotoServerError"]
 

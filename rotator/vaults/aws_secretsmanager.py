@@ -36,7 +36,8 @@ IAM permissions the daemon needs on its secrets: ``secretsmanager:GetSecretValue
 check; an AccessDenied there still proves the credentials work), and ``kms:Decrypt`` /
 ``kms:GenerateDataKey`` on a customer-managed KMS key if the secret uses one.
 
-The small helpers at the top are shared with ``providers/aws_iam.py``.
+The helpers shared with ``providers/aws_iam.py`` (client factory, error codes) are in
+:mod:`rotator.aws`.
 """
 
 from __future__ import annotations
@@ -54,203 +55,31 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from rotator import redaction
+from rotator.aws import (
+    AUTH_CODES,
+    DENIED_CODES,
+    AwsCredentialRefs,
+    aws_detail,
+    check_endpoint,
+    check_region,
+    error_code,
+    is_transient,
+    make_client,
+    quiet_sdk_loggers,
+    transport_error,
+)
 from rotator.config import SecretRef
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
 
-if TYPE_CHECKING:
-    from botocore.config import Config
-
-__all__ = ["SecretsManagerSettings", "SecretsManagerVault"]
+# quiet_sdk_loggers is re-exported: rotator.testing.moto_server imports it from here.
+__all__ = ["SecretsManagerSettings", "SecretsManagerVault", "quiet_sdk_loggers"]
 
 log = logging.getLogger(__name__)
-
-# -- shared with providers/aws_iam.py -----------------------------------------------------------
-
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-_MAX_REMOTE_MESSAGE = 200
-_session_lock = threading.Lock()
-_botocore_session: Any = None
-_XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
-_XML_MESSAGE = re.compile(r"<Message>([^<]{0,1000})</Message>")
-
-THROTTLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
-    "SlowDown", "PriorRequestNotComplete", "ProvisionedThroughputExceededException",
-})
-"""Error codes AWS uses to say "too fast, retry later"."""
-SERVER_CODES = frozenset({
-    "InternalFailure", "InternalServiceError", "InternalError", "ServiceFailure",
-    "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout",
-    "RequestTimeoutException", "ConcurrentModification", "ConcurrentModificationException",
-    "EntityTemporarilyUnmodifiable", "IDPCommunicationError",
-})
-"""Error codes of failures on AWS's side, or races a retry resolves."""
-AUTH_CODES = frozenset({
-    "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
-    "InvalidSignatureException", "IncompleteSignature", "ExpiredToken", "ExpiredTokenException",
-    "InvalidToken", "AuthFailure", "MissingAuthenticationToken",
-})
-"""Error codes of credentials AWS does not accept at all (wrong, deleted or expired key)."""
-DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
-"""Error codes of valid credentials that lack a permission."""
-
-
-def check_region(value: str) -> str:
-    """``value`` if it looks like an AWS region name, else a ValueError saying what to write."""
-    value = value.strip()
-    if not _REGION.match(value):
-        raise ValueError(
-            f"{value!r} is not an AWS region name (examples: us-east-1, eu-west-2, "
-            "ap-southeast-1)")
-    return value
-
-
-def check_endpoint(value: str | None) -> str | None:
-    """An optional endpoint URL (moto, a VPC endpoint, a FIPS endpoint), without a trailing /."""
-    if value is None:
-        return None
-    if not value.startswith(("https://", "http://")):
-        raise ValueError(f"endpoint_url must start with https:// or http:// (got {value!r})")
-    return value.rstrip("/")
-
-
-def boto_config(timeout: float) -> Config:
-    """Client settings: no SDK retries (the engine retries ``TransientError`` with its own
-    backoff and deadline; two retry loops would multiply), and bounded timeouts."""
-    from botocore.config import Config
-
-    return Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
-                  read_timeout=timeout, user_agent_extra="rotator")
-
-
-def make_client(service: str, *, region: str, endpoint_url: str | None, timeout: float,
-                credentials: Mapping[str, str] | None = None) -> Any:
-    """A botocore client for ``service``.
-
-    Every plugin instance shares one botocore session, so the service models are loaded once
-    (a fresh session costs ~80 ms per client), and clients are made under a lock: making
-    clients from one session is not thread-safe, using them is. ``credentials`` holds
-    ``aws_access_key_id``/``aws_secret_access_key``/``aws_session_token``; without them the
-    default chain applies (environment, ~/.aws, an instance or pod role).
-    """
-    global _botocore_session
-    import botocore.session
-
-    with _session_lock:
-        if _botocore_session is None:
-            quiet_sdk_loggers()
-            _botocore_session = botocore.session.get_session()
-        return _botocore_session.create_client(
-            service, region_name=region, endpoint_url=endpoint_url,
-            config=boto_config(timeout), **dict(credentials or {}))
-
-
-def quiet_sdk_loggers() -> None:
-    """botocore logs request and response bodies at DEBUG, which is where secret values
-    travel: keep its loggers at WARNING whatever the root logger's level."""
-    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.WARNING:
-            logger.setLevel(logging.WARNING)
-
-
-def _error(exc: BaseException) -> tuple[str, str]:
-    """``(code, message)`` of a botocore ``ClientError`` (empty for anything else).
-
-    An error body botocore could not parse (moto answers a JSON-protocol service's auth
-    failures in XML) leaves the HTTP status as the code and the XML as the message: the code
-    and message are then read from the XML.
-    """
-    response = getattr(exc, "response", None)
-    if not isinstance(response, Mapping):
-        return "", ""
-    error = response.get("Error") or {}
-    code, message = str(error.get("Code") or ""), str(error.get("Message") or "")
-    if (not code or code.isdigit()) and "<Code>" in message:
-        inner = _XML_CODE.search(message)
-        text = _XML_MESSAGE.search(message)
-        code = inner.group(1) if inner else code
-        message = text.group(1) if text else ""
-    return code, message
-
-
-def error_code(exc: BaseException) -> str:
-    """The AWS error code of a botocore ``ClientError`` ("" for anything else)."""
-    return _error(exc)[0]
-
-
-def http_status(exc: BaseException) -> int:
-    response = getattr(exc, "response", None)
-    if isinstance(response, Mapping):
-        return int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-    return 0
-
-
-def aws_detail(exc: BaseException) -> str:
-    """Error code, AWS's message (shortened, scrubbed of remembered secrets) and request id."""
-    response = getattr(exc, "response", None) or {}
-    code, message = _error(exc)
-    code = code or type(exc).__name__
-    message = redaction.scrub(" ".join(message.split()))
-    if len(message) > _MAX_REMOTE_MESSAGE:
-        message = message[:_MAX_REMOTE_MESSAGE] + "..."
-    request_id = (response.get("ResponseMetadata") or {}).get("RequestId")
-    parts = [code] + ([message] if message else [])
-    text = ": ".join(parts)
-    return f"{text} (request id {request_id})" if request_id else text
-
-
-def transport_error(exc: BaseException, where: str, what: str) -> RotatorError | None:
-    """The rotator error for a botocore failure that is not an answer from AWS (no network,
-    no credentials, a bad parameter), or None for a ``ClientError``."""
-    import botocore.exceptions as be
-
-    if isinstance(exc, be.ClientError):
-        return None
-    if isinstance(exc, be.SSLError):
-        return PermanentError(f"{where}: TLS verification failed while {what}")
-    if isinstance(exc, be.ConnectionError | be.HTTPClientError):
-        return TransientError(f"{where}: could not reach AWS while {what} "
-                              f"({type(exc).__name__})")
-    if isinstance(exc, be.NoCredentialsError | be.PartialCredentialsError):
-        return PermanentError(
-            f"{where}: no AWS credentials while {what}: set access_key_id and "
-            "secret_access_key, or give the daemon credentials the default way (environment, "
-            "~/.aws, an instance or pod role)")
-    if isinstance(exc, be.NoRegionError):
-        return PermanentError(f"{where}: no AWS region while {what}: set region")
-    if isinstance(exc, be.ParamValidationError):
-        # Its text can quote parameter values, secrets included: say only what failed.
-        return PermanentError(f"{where}: botocore refused the parameters of {what}")
-    if isinstance(exc, be.BotoCoreError):
-        return PermanentError(f"{where}: {what} failed ({type(exc).__name__})")
-    return None
-
-
-class AwsCredentialRefs(PluginSettings):
-    """Optional explicit credentials; without them boto3's default chain is used."""
-
-    access_key_id: SecretRef | None = None
-    secret_access_key: SecretRef | None = None
-    session_token: SecretRef | None = None
-
-    @model_validator(mode="after")
-    def _pairs(self) -> AwsCredentialRefs:
-        if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError(
-                "set both access_key_id and secret_access_key, or neither (then the default "
-                "AWS credential chain is used: environment, ~/.aws, instance or pod role)")
-        if self.session_token is not None and self.access_key_id is None:
-            raise ValueError("session_token needs access_key_id and secret_access_key")
-        return self
-
 
 # -- the vault ----------------------------------------------------------------------------------
 
@@ -797,13 +626,7 @@ class SecretsManagerVault(Vault):
         with self._lock:
             if self._sm is None:
                 cfg = self.cfg
-                creds: dict[str, str] = {}
-                for setting, arg in (("access_key_id", "aws_access_key_id"),
-                                     ("secret_access_key", "aws_secret_access_key"),
-                                     ("session_token", "aws_session_token")):
-                    ref = getattr(cfg, setting)
-                    if ref is not None:
-                        creds[arg] = self._resolve(ref, setting)
+                creds = cfg.boto_credentials(self._resolve)
                 self._sm = make_client("secretsmanager", region=cfg.region,
                                        endpoint_url=cfg.endpoint_url, timeout=cfg.timeout,
                                        credentials=creds)
@@ -847,8 +670,8 @@ class SecretsManagerVault(Vault):
             raise cast(RotatorError, transport_error(exc, where, what)) from exc
 
     def _translate(self, exc: Exception, client: Any, where: str, what: str) -> RotatorError:
-        code, status, detail = error_code(exc), http_status(exc), aws_detail(exc)
-        if code in THROTTLE_CODES or code in SERVER_CODES or status == 429 or status >= 500:
+        code, detail = error_code(exc), aws_detail(exc)
+        if is_transient(exc):
             return TransientError(f"{where}: AWS could not answer {what} now ({detail})")
         if code == "ResourceNotFoundException":
             return NotFound(f"{where}: not found while {what}")
