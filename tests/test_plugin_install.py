@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,16 @@ class FileKeysHarness(ProviderHarness):
                 if k["owner"] == cred.params["owner"] and not k["revoked"]}
 
 
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Iterator[Path]:
+    """The example service's own database: it holds keys by design, so it is removed when the
+    test ends (the leak scan searches every file the tests leave for secret values)."""
+    path = tmp_path / "service" / "keys.json"
+    path.parent.mkdir()
+    yield path
+    path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example plugin, built and installed into a private directory."""
@@ -72,8 +83,8 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def test_an_installed_plugin_is_found_and_rotates(tmp_path, openbao, plugin_site):
-    harness = FileKeysHarness(tmp_path / "keys.json")
+def test_an_installed_plugin_is_found_and_rotates(tmp_path, openbao, plugin_site, keys_file):
+    harness = FileKeysHarness(keys_file)
     fleet = make_protocol_fleet(tmp_path, OpenBaoHarness(openbao), harness, n=2)
     path = os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
@@ -87,8 +98,8 @@ def test_an_installed_plugin_is_found_and_rotates(tmp_path, openbao, plugin_site
     fleet.assert_settled()
 
 
-def test_without_the_plugin_its_type_is_unknown(tmp_path, openbao):
-    harness = FileKeysHarness(tmp_path / "keys.json")
+def test_without_the_plugin_its_type_is_unknown(tmp_path, openbao, keys_file):
+    harness = FileKeysHarness(keys_file)
     fleet = make_protocol_fleet(tmp_path, OpenBaoHarness(openbao), harness, n=1)
     check = fleet.cli("check")
     assert check.returncode == 2
