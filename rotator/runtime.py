@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rotator import plugins
 from rotator.errors import NotFound, PermanentError
 from rotator.interfaces import CredentialInfo, Provider, Secret, Vault
+from rotator.systemd import expand_credentials_directory
 
 if TYPE_CHECKING:
     from rotator.config import CredentialConfig, Policies
@@ -73,7 +74,7 @@ class Runtime:
                     "rotator process (or use a vault or file reference)")
             return Secret(value)
         if getattr(ref, "file", None):
-            path = Path(ref.file)
+            path = Path(expand_credentials_directory(ref.file))
             try:
                 value = path.read_text().strip()
             except OSError as exc:

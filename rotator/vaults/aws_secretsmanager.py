@@ -75,6 +75,7 @@ from rotator.aws import (
 from rotator.config import SecretRef
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.systemd import expand_credentials_directory
 
 # quiet_sdk_loggers is re-exported: rotator.testing.moto_server imports it from here.
 __all__ = ["SecretsManagerSettings", "SecretsManagerVault", "quiet_sdk_loggers"]
@@ -646,7 +647,8 @@ class SecretsManagerVault(Vault):
             return value
         assert ref.file is not None
         try:
-            value = Path(ref.file).read_text(encoding="utf-8").strip()
+            value = Path(expand_credentials_directory(ref.file)).read_text(
+                encoding="utf-8").strip()
         except OSError as exc:
             raise PermanentError(f"vault {self.name!r}: cannot read {setting} file {ref.file} "
                                  f"({exc.strerror})") from None

@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from rotator import redaction
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.systemd import expand_credentials_directory
 
 if TYPE_CHECKING:
     import hvac
@@ -643,6 +644,7 @@ class HashiCorpVault(Vault):
         return value
 
     def _from_file(self, path: str, setting: str, thing: str) -> str:
+        path = expand_credentials_directory(path)
         try:
             with open(path, encoding="utf-8") as handle:
                 value = handle.read().strip()
