@@ -483,6 +483,88 @@ def audit_export(config_path: str | None, since: str | None, credential: str | N
     _guard(body)
 
 
+@main.group()
+def db() -> None:
+    """The state store's schema: on PostgreSQL, `db upgrade` once per release before starting
+    the replicas (SQLite upgrades itself)."""
+
+
+def _schema_engine(url: str, *, create: bool) -> Any:
+    from rotator.state import schema
+
+    with schema.reaching(url):
+        return schema.make_engine(url, create=create)
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: str | None) -> None:
+    """Bring the state store's schema to this release's (keeps every row; run it once, from one
+    machine, before starting the new release's replicas; running it again does nothing)."""
+    _one_shot()
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.state import schema
+        from rotator.state.urls import safe_url
+
+        url = policies.settings.state_url
+        engine = _schema_engine(url, create=True)
+        try:
+            with schema.reaching(url):
+                before, after = schema.upgrade(engine, url)
+        finally:
+            engine.dispose()
+        if before == after:
+            click.echo(f"{safe_url(url)}: schema already at {after}, this rotator's; nothing "
+                       "to do")
+        else:
+            click.echo(f"{safe_url(url)}: schema upgraded from {before or 'nothing (new store)'}"
+                       f" to {after}")
+        return 0
+
+    _guard(body)
+
+
+@db.command("current")
+@config_option
+@json_option
+def db_current(config_path: str | None, as_json: bool) -> None:
+    """Show the state store's schema revision against this release's. Exits 0 when they match,
+    1 when `rotator db upgrade` is needed, 2 when the store is newer than this rotator."""
+    _one_shot()
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.state import schema
+        from rotator.state.urls import safe_url
+
+        url = policies.settings.state_url
+        engine = _schema_engine(url, create=False)
+        try:
+            with schema.reaching(url):
+                found = schema.status(engine)
+        finally:
+            engine.dispose()
+        where = safe_url(url)
+        if as_json:
+            _print_json({"state_url": where, "revision": found.revision, "head": found.head,
+                         "status": found.state})
+        else:
+            click.echo({
+                "current": f"{where}: schema {found.revision}, this rotator's: up to date",
+                "behind": f"{where}: schema {found.revision}; this rotator needs {found.head}: "
+                          "run `rotator db upgrade`",
+                "empty": f"{where}: no rotator schema yet; run `rotator db upgrade`",
+                "newer": f"{where}: schema {found.revision} is newer than this rotator knows "
+                         f"({found.head}): upgrade rotator",
+            }[found.state])
+        return {"current": 0, "behind": EXIT_FAILED, "empty": EXIT_FAILED}.get(found.state,
+                                                                                 EXIT_USAGE)
+
+    _guard(body)
+
+
 @main.command()
 @click.option("--duration", default=None, metavar="DURATION",
               help="Stop by itself after this long (default: run until Ctrl-C).")

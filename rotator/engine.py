@@ -43,6 +43,7 @@ from rotator.errors import (
 )
 from rotator.events import CallObserver, Listener, PluginCall, RotationFinished, StepFinished
 from rotator.interfaces import NewKey, Provider, Vault
+from rotator.state.leases import Leases
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
 from rotator.testing.crashpoints import crashpoint
@@ -105,69 +106,6 @@ class RotationResult:
         return self.outcome == "success"
 
 
-class _Leases:
-    """Keeps the credential leases this engine holds alive from a heartbeat thread."""
-
-    def __init__(self, store: StateStore, owner: str, ttl: timedelta,
-                 clock: Callable[[], datetime]) -> None:
-        self.store, self.owner, self.ttl, self.clock = store, owner, ttl, clock
-        self._held: set[str] = set()
-        self.lost: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self, name: str) -> str | None:
-        """Take the lease ``name``; None on success, else who holds it.
-
-        The lease in the store is per process (one owner id), so threads of this process are
-        kept apart here first: a second thread asking for a lease this process holds is told
-        it is taken, exactly like another process would be.
-        """
-        with self._lock:
-            if name in self._held:
-                return f"{self.owner} (another thread of this process)"
-            self._held.add(name)
-        holder = self.store.try_lock(name, self.owner, self.ttl, self.clock())
-        with self._lock:
-            if holder is not None:
-                self._held.discard(name)
-                return holder
-            self.lost.discard(name)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._beat, name="rotator-leases",
-                                                daemon=True)
-                self._thread.start()
-        return None
-
-    def release(self, name: str) -> None:
-        try:
-            self.store.unlock(name, self.owner)
-        finally:
-            with self._lock:
-                self._held.discard(name)
-
-    def _beat(self) -> None:
-        interval = max(self.ttl.total_seconds() / 3, 0.2)
-        while not self._stop.wait(interval):
-            with self._lock:
-                names = list(self._held)
-            if not names:
-                continue
-            try:
-                lost = self.store.renew_locks(names, self.owner, self.ttl, self.clock())
-            except Exception as exc:  # a store hiccup must not kill the heartbeat
-                log.warning("could not renew leases: %s", redaction.scrub(str(exc)))
-                continue
-            if lost:
-                with self._lock:
-                    self.lost |= lost
-                log.error("lost the lease on %s: another worker took over", ", ".join(lost))
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 class Engine:
     """Runs rotations for the credentials of one ``Policies`` against one state store."""
 
@@ -188,7 +126,7 @@ class Engine:
         self.stop_event = threading.Event()
         self._sleep = sleep or (lambda seconds: self.stop_event.wait(seconds) and None)
         self.owner = owner or lock_owner_id(secrets.token_hex(4))
-        self.leases = _Leases(store, self.owner, policies.settings.lock_ttl, clock)
+        self.leases = Leases(store, self.owner, policies.settings.lock_ttl, clock)
         self.listeners: list[Listener] = []
         self.call_observers: list[CallObserver] = []
         """Told of every provider/vault call attempt (metrics); must return at once."""
@@ -209,16 +147,29 @@ class Engine:
         self.store.sync_credentials(
             [(c.name, c.agent, c.provider) for c in self.policies.credentials], now, next_due)
 
-    def rotate(self, request: RotationRequest, *, wait: float = 0.0) -> RotationResult:
+    def rotate(self, request: RotationRequest, *, wait: float = 0.0,
+               claimed: bool = False) -> RotationResult:
         """Rotate one credential now, after finishing any rotation of it left unfinished.
 
         Waits up to ``wait`` seconds for another worker's rotation of the same credential.
+        ``claimed``: ``claim_due`` already took the lease; it is given back at the end, however
+        the call ends. A scheduled rotation runs only if the credential is still due once the
+        lease is held (another replica may have just rotated it).
         """
+        if claimed:
+            try:
+                return self._rotate(request, wait, claimed=True)
+            finally:
+                self.leases.release(request.credential)
+        return self._rotate(request, wait, claimed=False)
+
+    def _rotate(self, request: RotationRequest, wait: float, *,
+                claimed: bool) -> RotationResult:
         cred = self.policies.credential(request.credential)
         if request.revoke_mode not in REVOKE_MODES or request.trigger not in TRIGGERS:
             raise ValueError(f"bad request {request!r}")
         try:
-            with self._locked(cred.name, wait):
+            with self._locked(cred.name, wait, claimed=claimed):
                 for unfinished in self.store.unfinished_rotations(cred.name):
                     log.info("%s: resuming rotation %s at step %s first", cred.name,
                              unfinished.id, unfinished.step)
@@ -226,6 +177,9 @@ class Engine:
                     if earlier.outcome == "interrupted" or \
                             self._reload(unfinished.id).status == "running":
                         return earlier  # its clean-up is still pending: do not pile on
+                if request.trigger == "schedule" and not self._still_due(cred.name):
+                    return RotationResult(cred.name, None, "skipped",
+                                          "no longer due: another worker rotated it")
                 # An emergency also kills keys still in the grace of earlier rotations, first:
                 # they are no longer in the vault, and a service with a cap on live keys (AWS
                 # IAM: two per user) needs the room for the new one.
@@ -271,12 +225,33 @@ class Engine:
 
     def credentials_with_due_revocations(self) -> list[str]:
         """Credentials with an old key whose grace is over, or a rotation whose last
-        revocation was done just before a crash (so it only needs finishing)."""
+        revocation was done just before a crash (so it only needs finishing); leaving out
+        those another worker holds right now."""
         now = self.clock()
         names = {r.credential for r in self.store.pending_revocations(due_by=now)}
-        names |= {r.credential for r in self.store.rotations_in_grace()
-                  if not any(v.status == "pending" for v in self.store.revocations(r.id))}
+        names |= self.store.grace_without_pending()
+        if names:
+            names -= self.store.live_leases(now)
         return sorted(names)
+
+    def resumable(self) -> list[str]:
+        """Credentials with an unfinished rotation that no worker holds: their worker was
+        stopped, or died and its lease expired (or it ran on this host and its process is
+        gone). Any replica may take such a rotation over; it resumes from its last step."""
+        names = {r.credential for r in self.store.unfinished_rotations()}
+        if names:
+            names -= self.store.live_leases(self.clock())
+        return sorted(names)
+
+    def claim_due(self, names: list[str], limit: int, exclude: set[str]) -> list[str]:
+        """Claim up to ``limit`` due credentials among ``names`` for this process, atomically
+        against every other replica; run each with ``rotate(..., claimed=True)`` or give it
+        back with ``release``."""
+        return self.leases.claim_due(names, limit, exclude)
+
+    def release(self, name: str) -> None:
+        """Give back a lease taken by ``claim_due`` that will not be used."""
+        self.leases.release(name)
 
     def revoke_due(self, name: str) -> int:
         """Revoke ``name``'s old keys whose grace is over; 0 if another worker holds it."""
@@ -310,9 +285,9 @@ class Engine:
     # -- driving a rotation --------------------------------------------------------------------
 
     @contextmanager
-    def _locked(self, name: str, wait: float) -> Iterator[None]:
+    def _locked(self, name: str, wait: float, *, claimed: bool = False) -> Iterator[None]:
         deadline = time.monotonic() + wait
-        while True:
+        while not claimed:
             holder = self.leases.acquire(name)
             if holder is None:
                 break
@@ -323,6 +298,11 @@ class Engine:
             yield
         finally:
             self.leases.release(name)
+
+    def _still_due(self, name: str) -> bool:
+        state = self.store.credential(name)
+        return (state is not None and state.next_due_at is not None
+                and state.next_due_at <= self.clock())
 
     def _drive(self, rotation: Rotation, cred: CredentialConfig, *,
                step_row: int | None = None) -> RotationResult:
@@ -344,6 +324,10 @@ class Engine:
                 return self._interrupted(rotation, "the daemon is stopping")
             if cred.name in self.leases.lost:
                 return self._interrupted(rotation, "the lease was lost to another worker")
+            if not self.leases.usable(cred.name):
+                return self._interrupted(rotation, "the lease could not be renewed in time "
+                                         "(state store unreachable?); another worker may "
+                                         "take the rotation over")
             step = rotation.step
             if step == "revoke":
                 return self._revoke_phase(rotation, cred)
@@ -539,7 +523,14 @@ class Engine:
                 current = self._retry(vault.read, cred.path, cred.field)
             except NotFound:
                 current = None
-            if current is not None and current.metadata.get("rotation_id") == rot.id:
+            # The metadata names this rotation once the store step finished; if the step
+            # failed after writing the value (say, the metadata write was denied), the value
+            # itself says so: it is the key staged for this rotation.
+            if current is not None and (
+                    current.metadata.get("rotation_id") == rot.id
+                    or (current.secret is not None
+                        and current.secret == self._retry(vault.read_staged, cred.path,
+                                                          cred.field, rot.id))):
                 if rot.revoke_mode == "first" or not rot.old_version:
                     # Nothing working to go back to: the new key is the agent's only key.
                     why = ("the old key was already revoked (--revoke-first)"

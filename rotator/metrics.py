@@ -8,6 +8,7 @@ are credential, agent and provider names, triggers, outcomes and step names.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from rotator import __version__
 from rotator.events import PluginCall, RotationFinished, StepFinished
+from rotator.probes import ProbeResult
 
 if TYPE_CHECKING:
     from rotator.config import Policies
@@ -166,11 +168,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        metrics: Metrics = self.server.metrics  # type: ignore[attr-defined]
         if path == "/metrics":
-            metrics: Metrics = self.server.metrics  # type: ignore[attr-defined]
             self._send(200, CONTENT_TYPE_LATEST, metrics.render())
+        elif path in ("/healthz", "/readyz"):
+            probe = metrics.live if path == "/healthz" else metrics.ready
+            try:
+                result = probe()
+            except Exception as exc:  # a probe must answer, and say why it cannot
+                log.exception("%s failed", path)
+                result = ProbeResult(False, {"probe": f"internal error {type(exc).__name__}"})
+            body = json.dumps(result.as_json(), sort_keys=True).encode() + b"\n"
+            self._send(200 if result.ok else 503, "application/json", body)
         elif path == "/":
-            self._send(200, "text/plain; charset=utf-8", b"rotator: see /metrics\n")
+            self._send(200, "text/plain; charset=utf-8",
+                       b"rotator: see /metrics, /healthz and /readyz\n")
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
@@ -182,8 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def _always_ok() -> ProbeResult:
+    return ProbeResult(True, {})
+
+
 class Metrics:
-    """Owns the registry; subscribe ``on_event`` to the engine and call ``serve``."""
+    """Owns the registry; subscribe ``on_event`` to the engine and call ``serve``. The daemon
+    sets ``live`` and ``ready``, which ``/healthz`` and ``/readyz`` answer with (200 or 503,
+    JSON saying which check failed and why)."""
 
     def __init__(self, store: StateStore, policies: Callable[[], Policies]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -213,6 +231,10 @@ class Metrics:
         self.registry.register(_StateCollector(store))
         self.per_credential = _PerCredential(store, policies)
         self._server: ThreadingHTTPServer | None = None
+        self.live: Callable[[], ProbeResult] = _always_ok
+        """``/healthz``: is the process working at all (a failure means restart it)."""
+        self.ready: Callable[[], ProbeResult] = _always_ok
+        """``/readyz``: can it do its job now (state store and vaults reachable)."""
 
     def prime(self, policies: Policies) -> None:
         """Create every credential's counters at 0, so a first failure is an increase that
@@ -245,7 +267,8 @@ class Metrics:
             self.retries.labels(call.kind, call.plugin, call.operation).inc()
 
     def serve(self, address: str) -> str:
-        """Serve ``/metrics`` on ``host:port`` (port 0 picks one); returns the bound address."""
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0 picks
+        one); returns the bound address."""
         host, _, port = address.rpartition(":")
         server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
         server.daemon_threads = True

@@ -1,8 +1,11 @@
 """The daemon loop: the only module that runs APScheduler.
 
-APScheduler wakes the daemon (a periodic tick, plus a one-shot wake-up at the earliest due time);
-the state store decides what is due, so a restart or a second process sees the same schedule.
-Rotations run on a bounded worker pool of ``max_concurrent_rotations`` threads.
+APScheduler wakes the daemon (a periodic tick, and a one-shot wake-up at the earliest due time);
+a worker that frees up asks for a tick too. The state store decides what is due, so a restart
+or another replica sees the same schedule. Each tick *claims* due credentials in the store (row
+locks with SKIP LOCKED plus leases), so any number of replicas on PostgreSQL share the work and
+each due rotation runs once; rotations whose worker died are taken over once their lease
+expires. Rotations run on a bounded worker pool of ``max_concurrent_rotations`` threads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from rotator import systemd
 from rotator.audit import AuditLog
 from rotator.config import Policies, load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
@@ -27,14 +31,25 @@ from rotator.errors import ConfigError, PermanentError
 from rotator.log import log_event
 from rotator.metrics import Metrics
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
+from rotator.probes import Check, ProbeResult, ReadinessProbe
 from rotator.runtime import Runtime
+from rotator.state.daemon_lock import DaemonLock
 from rotator.state.store import StateStore
+from rotator.state.urls import safe_url
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("rotator.daemon")
 RELOAD_CHECK_SECONDS = 2.0
 ORPHAN_WARNING_SECONDS = 3600.0
+MIN_WAKEUP_SECONDS = 0.25
+"""Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
+at again this soon, not in a tight loop."""
+LIVE_AFTER_POLLS = 3
+LIVE_MIN_SECONDS = 60.0
+"""``/healthz`` fails when no tick started for this many poll intervals (and this long)."""
+SCHEMA_CHECK_SECONDS = 10.0
+CLOCK_WARN_SECONDS = 2.0
 
 
 class Daemon:
@@ -46,7 +61,17 @@ class Daemon:
         self.config_path = config_path
         self.policies = policies
         self.clock = clock
-        self.store = StateStore(policies.settings.state_url)
+        settings = policies.settings
+        # Before the store opens (and, on SQLite, upgrades itself): a second daemon on the same
+        # SQLite file is refused before it touches anything.
+        self._daemon_lock = DaemonLock.acquire(settings.state_url)
+        try:
+            self.store = StateStore(settings.state_url,
+                                    pool_size=settings.max_concurrent_rotations + 4)
+        except BaseException:
+            if self._daemon_lock is not None:
+                self._daemon_lock.release()
+            raise
         self.runtime = Runtime(policies)
         self.engine = Engine(policies, self.runtime, self.store, clock=clock)
         self.metrics = Metrics(self.store, lambda: self.policies)
@@ -69,7 +94,14 @@ class Daemon:
                                            thread_name_prefix="rotation")
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._tick_lock = threading.Lock()
+        self._tick_wanted = threading.Event()
+        self._tick_requested = threading.Event()
         self._orphans_warned = 0.0
+        self._last_tick = time.monotonic()
+        self._schema_checked = (0.0, True)
+        self._readiness = ReadinessProbe(self._ready_checks, describe=self.store.describe_error)
+        self.metrics.live = self.liveness
+        self.metrics.ready = self.readiness
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -80,11 +112,12 @@ class Daemon:
 
     def run(self) -> None:
         """Block until ``stop``; then wait for the steps in flight and return."""
+        settings = self.policies.settings
+        self._check_clock(at_start=True)
         self.engine.sync_credentials()
         self.runtime.warm_up(self.policies.credentials)
         self.preflight()
         self._warn_orphans(force=True)
-        settings = self.policies.settings
         self.metrics.prime(self.policies)
         try:
             bound = self.metrics.serve(settings.metrics_address)
@@ -95,24 +128,35 @@ class Daemon:
         self.metrics_url = f"http://{bound}/metrics"
         log.info("metrics on %s", self.metrics_url)
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
-                 len(self.policies.credentials), _safe_url(settings.state_url),
+                 len(self.policies.credentials), safe_url(settings.state_url),
                  settings.max_concurrent_rotations)
         self._resume_interrupted()
-        self._scheduler.add_job(self.tick, "interval", id="tick",
+        self._scheduler.add_job(self._request_tick, "interval", id="tick",
                                 seconds=settings.poll_interval.total_seconds(),
                                 next_run_time=datetime.now(UTC), coalesce=True, max_instances=1)
         self._scheduler.add_job(self._check_reload, "interval", id="reload",
                                 seconds=RELOAD_CHECK_SECONDS, coalesce=True, max_instances=1)
+        watchdog_seconds = systemd.watchdog_interval()
+        if watchdog_seconds is not None:
+            self._scheduler.add_job(self._watchdog, "interval", id="watchdog",
+                                    seconds=watchdog_seconds, next_run_time=datetime.now(UTC),
+                                    coalesce=True, max_instances=1)
         self._scheduler.start()
+        self._announce_ready()
         try:
-            while not self.stopping.wait(0.5):
-                pass
+            # Ticks run here, one at a time, whoever asked for them (the periodic job, a
+            # wake-up at a due time, a worker that just freed up).
+            while not self.stopping.is_set():
+                if self._tick_requested.wait(0.5):
+                    self._tick_requested.clear()
+                    self.tick()
         finally:
             self._shutdown()
 
     def stop(self, why: str = "stop requested") -> None:
         if not self.stopping.is_set():
             log.info("%s: stopping after the steps in flight", why)
+            systemd.stopping(f"{why}: stopping after the steps in flight")
         self.engine.stop_event.set()
         self.stopping.set()
 
@@ -127,11 +171,99 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
-        self.engine.close()
+        self._readiness.close()
+        self.engine.close()  # gives back leases of work claimed but never started
         self.notifier.close(EXIT_WAIT_SECONDS)
         self.runtime.close()
         self.store.close()
+        if self._daemon_lock is not None:
+            self._daemon_lock.release()
         log.info("rotator stopped")
+
+    # -- lifecycle hooks and probes ------------------------------------------------------------
+
+    def _announce_ready(self) -> None:
+        """The daemon serves: /metrics bound, interrupted work resumed, the scheduler running.
+        (A service manager's readiness notification, systemd's READY=1, belongs here.)"""
+        log.info("rotator ready")
+        systemd.ready(f"running: {len(self.policies.credentials)} credential(s)")
+
+    def _watchdog(self) -> None:
+        """systemd's watchdog follows /healthz: the pings stop once the scheduler stops
+        ticking, and systemd restarts the daemon."""
+        if self.liveness().ok:
+            systemd.watchdog()
+
+    def _heartbeat(self) -> None:
+        """Called at the start of every tick, so at least every ``poll_interval``: the
+        scheduler is alive. ``/healthz`` reads it (a watchdog ping, systemd's WATCHDOG=1,
+        belongs here)."""
+        self._last_tick = time.monotonic()
+
+    def liveness(self) -> ProbeResult:
+        """``/healthz``: fails only when the scheduler has stopped ticking (a stuck daemon,
+        which a restart fixes), never because a dependency is down."""
+        age = time.monotonic() - self._last_tick
+        limit = max(LIVE_AFTER_POLLS * self.policies.settings.poll_interval.total_seconds(),
+                    LIVE_MIN_SECONDS)
+        if age > limit:
+            return ProbeResult(False, {"scheduler": f"no tick for {age:.0f}s (limit "
+                                                    f"{limit:.0f}s): the daemon is stuck"})
+        return ProbeResult(True, {"scheduler": "ok"})
+
+    def readiness(self) -> ProbeResult:
+        """``/readyz``: the state store (reachable, schema at this release's head, clock in
+        step with it) and every vault answer; 503 naming what is not ready otherwise."""
+        if self.stopping.is_set():
+            return ProbeResult(False, {"daemon": "stopping"})
+        return self._readiness()
+
+    def _ready_checks(self) -> dict[str, Check]:
+        runtime = self.runtime
+        checks: dict[str, Check] = {"state_store": self._check_store}
+        for name in sorted(self.policies.vaults):
+            checks[f"vaults.{name}"] = lambda name=name: runtime.vault(name).health()
+        return checks
+
+    def _check_store(self) -> None:
+        self.store.require_head()
+        self._check_clock()
+
+    def _check_clock(self, *, at_start: bool = False) -> None:
+        """Leases expire by the workers' clocks: refuse a replica whose clock is off the
+        PostgreSQL server's by more than a quarter of ``lock_ttl`` (SQLite shares this host's
+        clock: nothing to compare)."""
+        before = self.clock()
+        server = self.store.database_time()
+        if server is None:
+            return
+        skew = (server - (before + (self.clock() - before) / 2)).total_seconds()
+        ttl = self.policies.settings.lock_ttl.total_seconds()
+        if abs(skew) > ttl / 4:
+            raise PermanentError(
+                f"this host's clock is {skew:+.1f}s off the state database server's; replicas "
+                f"must agree within {ttl / 4:.0f}s (a quarter of lock_ttl) for leases to keep "
+                "them apart: synchronise the clocks (NTP)")
+        if at_start and abs(skew) > CLOCK_WARN_SECONDS:
+            log.warning("this host's clock is %+.1fs off the state database server's; keep "
+                        "replicas' clocks synchronised (NTP)", skew)
+
+    def _schema_ok(self) -> bool:
+        """Whether the schema is still this release's (another release's ``rotator db upgrade``
+        may have run since start); checked every few seconds, and no new work starts until it
+        matches again."""
+        checked_at, ok = self._schema_checked
+        if time.monotonic() - checked_at < SCHEMA_CHECK_SECONDS:
+            return ok
+        try:
+            self.store.require_head()
+            ok = True
+        except PermanentError as exc:
+            if self._schema_checked[1]:
+                log.error("starting no new work: %s", exc)
+            ok = False
+        self._schema_checked = (time.monotonic(), ok)
+        return ok
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -141,9 +273,22 @@ class Daemon:
         Only hands work to the pool, so a slow provider never holds up the schedule; one tick
         at a time (the periodic job, the wake-up and a reload may fire together).
         """
-        if self.stopping.is_set() or not self._tick_lock.acquire(blocking=False):
-            return
+        self._tick_wanted.set()
+        while self._tick_wanted.is_set() and not self.stopping.is_set():
+            if not self._tick_lock.acquire(blocking=False):
+                return  # the tick running now sees the request when it finishes
+            try:
+                while self._tick_wanted.is_set() and not self.stopping.is_set():
+                    self._tick_wanted.clear()
+                    self._tick_once()
+            finally:
+                self._tick_lock.release()
+
+    def _tick_once(self) -> None:
         try:
+            self._heartbeat()
+            if not self._schema_ok():
+                return
             self._resume_interrupted()
             for name in self.engine.credentials_with_due_revocations():
                 self._submit(name, lambda name=name: self.engine.revoke_due(name))
@@ -152,8 +297,10 @@ class Daemon:
             self._warn_orphans()
         except Exception:
             log.exception("scheduler tick failed; retrying at the next tick")
-        finally:
-            self._tick_lock.release()
+
+    def _request_tick(self) -> None:
+        """Ask the daemon's loop for a tick (from APScheduler's jobs and finished workers)."""
+        self._tick_requested.set()
 
     def _warn_orphans(self, force: bool = False) -> None:
         """Say, at start, on reload and hourly, what rotator can no longer finish itself."""
@@ -175,36 +322,47 @@ class Daemon:
                       "fixed", problem)
 
     def _resume_interrupted(self) -> None:
-        for rotation in self.store.unfinished_rotations():
-            self._submit(rotation.credential, lambda name=rotation.credential:
-                         self.engine.resume(name))
+        """Take over rotations no worker holds (this daemon's before a restart, or those of a
+        replica that stopped or died); each resumes from its last recorded step."""
+        for name in self.engine.resumable():
+            self._submit(name, lambda name=name: self.engine.resume(name))
 
     def _start_due(self) -> None:
+        """Claim as many due credentials as there are free workers, and start them."""
         now = self.clock()
         names = [c.name for c in self.policies.credentials]
         with self._lock:
             busy = {n for n, f in self._in_flight.items() if not f.done()}
         free = self.policies.settings.max_concurrent_rotations - len(busy)
-        for name in self.store.due_credentials(now, names, free + len(busy)):
-            if name in busy or free <= 0:
-                continue
+        if free <= 0:
+            return
+        for name in self.engine.claim_due(names, free, busy):
             cred = self.policies.credential(name)
             if cred.window is not None and not cred.window.contains(now):
-                self.store.update_credential(name, next_due_at=cred.window.next_open(now),
-                                             due_reason="outside_window")
+                try:
+                    self.store.update_credential(name, next_due_at=cred.window.next_open(now),
+                                                 due_reason="outside_window")
+                finally:
+                    self.engine.release(name)
                 continue
-            self._submit(name, lambda name=name: self.engine.rotate(
-                RotationRequest(credential=name, trigger="schedule")))
-            free -= 1
+            if not self._submit(name, lambda name=name: self.engine.rotate(
+                    RotationRequest(credential=name, trigger="schedule"), claimed=True)):
+                self.engine.release(name)
 
-    def _submit(self, name: str, work: Callable[[], Any]) -> None:
+    def _submit(self, name: str, work: Callable[[], Any]) -> bool:
+        """Hand ``work`` to the pool unless ``name`` is already in flight; True if handed."""
         with self._lock:
             running = self._in_flight.get(name)
             if running is not None and not running.done():
-                return
+                return False
             if self.stopping.is_set():
-                return
-            self._in_flight[name] = self._workers.submit(self._guard, name, work)
+                return False
+            future = self._workers.submit(self._guard, name, work)
+            self._in_flight[name] = future
+        # Once the worker is free (the future done, so the tick counts its slot free), tick:
+        # due work queued behind it need not wait for the next poll.
+        future.add_done_callback(lambda _f: self._request_tick())
+        return True
 
     def _guard(self, name: str, work: Callable[[], Any]) -> None:
         try:
@@ -216,14 +374,17 @@ class Daemon:
             log.exception("%s: rotation crashed; it resumes from its last step", name)
 
     def _schedule_wakeup(self) -> None:
+        """A one-shot tick at the earliest due time no worker holds, if before the next
+        periodic tick (and no sooner than ``MIN_WAKEUP_SECONDS`` from now)."""
         names = [c.name for c in self.policies.credentials]
-        earliest = self.store.earliest_due(names)
+        now = self.clock()
+        earliest = self.store.earliest_due(names, unleased_at=now)
         poll = self.policies.settings.poll_interval
-        if earliest is None or earliest > self.clock() + poll:
+        if earliest is None or earliest > now + poll:
             return
-        when = max(earliest, self.clock()) + timedelta(milliseconds=50)
-        self._scheduler.add_job(self.tick, "date", id="wakeup", run_date=when,
-                                replace_existing=True)
+        delay = max((earliest - now).total_seconds(), MIN_WAKEUP_SECONDS) + 0.05
+        self._scheduler.add_job(self._request_tick, "date", id="wakeup", replace_existing=True,
+                                run_date=datetime.now(UTC) + timedelta(seconds=delay))
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -239,7 +400,11 @@ class Daemon:
         if self._reload_requested.is_set() or mtime != self._mtime:
             self._reload_requested.clear()
             self._mtime = mtime
-            self.reload()
+            systemd.reloading()
+            try:
+                self.reload()
+            finally:
+                systemd.ready(f"running: {len(self.policies.credentials)} credential(s)")
 
     def reload(self) -> bool:
         """Load the policy file again; an invalid file keeps the running policies."""
@@ -282,10 +447,3 @@ class Daemon:
                               detail={"config": str(self.config_path), **detail})
         except Exception:
             log.exception("could not write the policy reload to the audit trail")
-
-
-def _safe_url(url: str) -> str:
-    """The state URL without its password, for logs."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -217,3 +217,51 @@ def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
         proc.kill()
         proc.wait()
         raise AssertionError("daemon did not stop within 30s of SIGTERM") from None
+
+
+def postgres_state_url(cluster: Any) -> str:
+    """A fresh database on ``cluster`` (a ``PostgresCluster``) for one test's state store, as a
+    ``state_url`` without a password: policy files are searched by the leak scan, and operators
+    should not put one there either. Give the password to rotator as ``PGPASSWORD`` (libpq
+    reads it), e.g. with ``monkeypatch.setenv``; ``Runner.env`` passes it on."""
+    from psycopg import sql
+
+    name = f"state_{uuid.uuid4().hex[:12]}"
+    with cluster.connect_admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"postgresql+psycopg://{cluster.superuser}@{cluster.host}:{cluster.port}/{name}"
+
+
+def get_json(url: str, timeout: float = 5) -> tuple[int, Any]:
+    """``GET url``: its status and JSON body, whatever the status (503 included)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def pid_namespaces_work() -> bool:
+    """Whether ``unshare --pid`` works here (root, or a kernel allowing user namespaces)."""
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def start_daemon_elsewhere(runner: Runner, **env: str) -> subprocess.Popen[bytes]:
+    """``runner.start_daemon()`` in a PID namespace of its own (see ``pid_namespaces_work``):
+    to other processes on this machine it then looks like a daemon on another machine, whose
+    leases only expiry frees. ``sh`` stays PID 1 there, so the daemon's own SIGKILL (a
+    crashpoint) is not ignored as init's would be; a SIGKILL then exits 137."""
+    out, err = runner._outputs("run")
+    argv = ["unshare", "--pid", "--fork", "sh", "-c", '"$@"', "sh", *ROTATOR, "run"]
+    proc = subprocess.Popen(argv, env=runner.env(**env), stdout=out.open("w"),
+                            stderr=err.open("w"), stdin=subprocess.DEVNULL, cwd=runner.tmp)
+    STARTED.append(proc)
+    return proc

@@ -1,10 +1,13 @@
-"""The state store: schema, file permissions, leases."""
+"""The state store: schema, file permissions, leases, claims and the audit chain's append,
+the concurrency-sensitive parts on both SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,6 +21,22 @@ from rotator.state.models import Base
 from rotator.state.store import StateStore, lock_owner_id
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+TTL = timedelta(seconds=30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path, monkeypatch) -> str:
+    """A new, upgraded state store on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        from tests.support import postgres_state_url
+
+        cluster = request.getfixturevalue("postgres_cluster")
+        monkeypatch.setenv("PGPASSWORD", cluster.password.reveal())
+        url = postgres_state_url(cluster)
+    StateStore(url, migrate=True).close()
+    return url
 
 
 def test_migrations_create_exactly_the_models(tmp_path):
@@ -48,8 +67,8 @@ def test_a_database_from_a_newer_release_is_refused(tmp_path):
         StateStore(url)
 
 
-def test_lease_is_exclusive_until_it_expires(tmp_path):
-    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+def test_lease_is_exclusive_until_it_expires(store_url):
+    store = StateStore(store_url)
     ttl = timedelta(seconds=30)
     assert store.try_lock("cred", "host:1:a", ttl, NOW) is None
     assert store.try_lock("cred", "host:1:a", ttl, NOW) is None, "the holder renews"
@@ -100,3 +119,147 @@ def test_a_stale_worker_cannot_move_a_rotation_it_lost(tmp_path):
                               expect_step="create", new_key_id="k2")
     assert store.rotation("r1").new_key_id == "k1"
     store.close()
+
+
+def _due(store: StateStore, n: int) -> list[str]:
+    names = [f"agent-{i:02d}/openai" for i in range(n)]
+    store.sync_credentials([(name, "a", "p") for name in names], NOW,
+                           lambda _row: (NOW - timedelta(minutes=1), "interval"))
+    return names
+
+
+def test_claims_are_disjoint_across_concurrent_replicas(store_url):
+    """Four "replicas" (each its own store and connection pool) claim due work at once, five at
+    a time: every due credential goes to exactly one of them."""
+    setup = StateStore(store_url)
+    names = _due(setup, 40)
+    setup.close()
+    stores = [StateStore(store_url) for _ in range(4)]
+    claimed: dict[int, list[str]] = {i: [] for i in range(4)}
+    start = threading.Barrier(4)
+
+    def replica(i: int) -> None:
+        start.wait()
+        while batch := stores[i].claim_due(NOW, names, 5, f"h:{i}:x", TTL):
+            claimed[i] += batch
+
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [name for batch in claimed.values() for name in batch]
+    assert sorted(every) == names, "a credential claimed twice, or left out"
+    assert stores[0].claim_due(NOW, names, 5, "h:9:x", TTL) == [], "all leased now"
+    assert stores[0].claim_due(NOW + TTL + timedelta(seconds=1), names, 50, "h:9:x", TTL) \
+        == names, "expired leases can be claimed again"
+    for store in stores:
+        store.close()
+
+
+def test_claim_takes_only_due_and_unleased_credentials(store_url):
+    store = StateStore(store_url)
+    names = _due(store, 3)
+    store.update_credential(names[2], next_due_at=NOW + timedelta(hours=1))
+    assert store.try_lock(names[0], "other:1:x", TTL, NOW) is None
+    assert store.claim_due(NOW, names, 10, "h:1:x", TTL) == [names[1]]
+    assert store.live_leases(NOW) == {names[0], names[1]}
+    assert store.earliest_due(names, unleased_at=NOW) == NOW + timedelta(hours=1)
+    assert store.earliest_due(names) == NOW - timedelta(minutes=1)
+    store.close()
+
+
+def test_a_released_lease_is_not_revived_by_a_late_renewal(store_url):
+    """The heartbeat copies the names it renews, then renews them: a lease released in
+    between must stay released, or it blocks every other worker for a whole ttl."""
+    store = StateStore(store_url)
+    assert store.try_lock("cred", "h:1:a", TTL, NOW) is None
+    store.unlock("cred", "h:1:a")
+    assert store.renew_locks(["cred"], "h:1:a", TTL, NOW) == {"cred"}
+    assert store.try_lock("cred", "h:2:b", TTL, NOW) is None
+    store.close()
+
+
+def test_syncs_from_replicas_starting_together(store_url):
+    """Replicas starting at once add the same new credentials without tripping on each other."""
+    stores = [StateStore(store_url) for _ in range(3)]
+    creds = [(f"agent-{i}/openai", "a", "p") for i in range(30)]
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def sync(store: StateStore) -> None:
+        start.wait()
+        try:
+            store.sync_credentials(creds, NOW, lambda _row: (NOW, "new"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(stores[0].credentials()) == 30
+    for store in stores:
+        store.close()
+
+
+def test_audit_chain_stays_one_line_under_concurrent_appenders(store_url):
+    """Threads of several processes' worth of stores append at once: ids run 1..N with no gap
+    and every event chains onto the one before it."""
+    from rotator.audit import AuditLog
+
+    stores = [StateStore(store_url) for _ in range(4)]
+    start = threading.Barrier(8)
+
+    def append(store: StateStore, t: int) -> None:
+        start.wait()
+        for i in range(15):
+            AuditLog(store).record("manual", actor=f"t{t}", reason=f"événement {i} ✓",
+                                   detail={"i": i, "note": 'quotes " and \\ and \u2028'})
+
+    threads = [threading.Thread(target=append, args=(stores[t % 4], t)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    result = AuditLog(stores[0]).verify()
+    assert result.ok and result.checked == 120, result.problem
+    for store in stores:
+        store.close()
+
+
+def test_hash_parts_rebuild_event_hash():
+    """The PostgreSQL append hashes on the server from these parts; they must give exactly
+    the hash `audit verify` computes, whatever the text holds."""
+    import hashlib
+
+    from rotator.audit import event_hash, hash_parts
+
+    row = {"id": 0, "at": NOW, "kind": "step", "credential": 'a/"id":1', "rotation_id": None,
+           "actor": "ops\x00id\x00", "reason": "ünïcode ✓ \n", "detail": '{"id":7}',
+           "prev_hash": "ab" * 32}
+    before, after = hash_parts(row)
+    for event_id in (1, 42, 123456):
+        expected = event_hash({**row, "id": event_id})
+        text_ = row["prev_hash"] + before + str(event_id) + after
+        assert hashlib.sha256(text_.encode()).hexdigest() == expected
+
+
+def test_schema_state_is_reported_with_what_to_run(tmp_path):
+    from rotator.state import schema
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = schema.make_engine(url)
+    assert schema.status(engine).state == "empty"
+    with pytest.raises(PermanentError, match=r"no rotator schema yet.*rotator db upgrade"):
+        schema.require_head(engine, url)
+    assert schema.upgrade(engine, url) == (None, schema.HEAD)
+    schema.require_head(engine, url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    assert schema.status(engine).state == "behind"
+    with pytest.raises(PermanentError, match=re.escape("needs '0003': run `rotator db upgrade`")):
+        schema.require_head(engine, url)
+    engine.dispose()

@@ -48,7 +48,8 @@ class CredentialState(Base):
     last_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     current_key_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    next_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True,
+                                                         index=True)
     due_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     """Consecutive failed scheduled rotations: drives the retry backoff."""
@@ -147,3 +148,20 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The newest audit event's id, hash and previous hash, in one row.
+
+    Appending an event moves this row and inserts the event; on PostgreSQL both happen in one
+    statement, so the row lock that keeps the chain a single line across replicas is held only
+    for that statement and the commit.
+    """
+
+    __tablename__ = "audit_head"
+
+    one: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    """Always 1: there is one head."""
+    id: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))

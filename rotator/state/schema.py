@@ -1,27 +1,54 @@
-"""Open a state database and bring its schema to the release's alembic head.
+"""Open a state database and check or bring its schema to the release's alembic head.
 
-A database whose revision this release does not know (written by a newer rotator) is refused,
-never touched.
+Upgrade policy: SQLite (one daemon, zero set-up) upgrades itself when opened; PostgreSQL (shared
+by replicas) is only ever upgraded by ``rotator db upgrade``, run once, so no replica alters a
+schema other replicas are using. Either way a database at another revision than this release's
+head is refused with what to run, and one written by a newer release is never touched.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from rotator.errors import PermanentError
+from rotator.state.urls import backend, safe_url, scrub_url_password
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
+__all__ = ["HEAD", "SchemaStatus", "make_engine", "open_schema", "reaching", "require_head",
+           "status", "upgrade"]
+
+log = logging.getLogger("rotator.state")
+
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0002"
+HEAD = "0003"
 """The newest migration of this release; a test checks it against the migrations folder. Known
 here so that opening an up-to-date database does not import alembic (a tenth of a second)."""
+_UPGRADE_LOCK = 0x726F7461746F72
+"""PostgreSQL advisory lock key ("rotator") serialising concurrent ``rotator db upgrade``."""
+READ_ONLY = "rotator_read_only"
+"""Execution option marking a connection that only reads (SQLite then begins a deferred
+transaction instead of taking the write lock)."""
+PG_CONNECT_TIMEOUT = 10
+"""Seconds libpq waits for a connection (its default is forever) unless the URL says."""
+
+
+class SchemaStatus(NamedTuple):
+    revision: str | None
+    head: str
+    state: Literal["current", "behind", "empty", "newer"]
+    """``current`` at head; ``behind`` an older revision of this release's history; ``empty``
+    no rotator tables; ``newer`` a revision this release does not know (a newer rotator's)."""
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -41,41 +68,128 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
-            return None
-        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-
-
-def upgrade(engine: Engine) -> None:
-    """Apply every migration up to head; refuse a database from a newer release.
-
-    The check and the migration share one transaction that holds the database's write lock
-    (SQLite's BEGIN IMMEDIATE), so two processes starting at once on a new file do not both
-    try to create the tables.
-    """
-    if current_revision(engine) == HEAD:
-        return
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
+def _known_revisions() -> set[str]:
     from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory(str(MIGRATIONS))
-    head = head_revision()
+    return {rev.revision for rev in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+
+
+def _revision_in(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return _revision_in(conn)
+
+
+def _classify(revision: str | None) -> SchemaStatus:
+    if revision == HEAD:
+        return SchemaStatus(revision, HEAD, "current")
+    if revision is None:
+        return SchemaStatus(None, HEAD, "empty")
+    state = "behind" if revision in _known_revisions() else "newer"
+    return SchemaStatus(revision, HEAD, state)  # type: ignore[arg-type]
+
+
+def status(engine: Engine) -> SchemaStatus:
+    """Where the database's schema stands against this release (one query when current)."""
+    return _classify(current_revision(engine))
+
+
+def _newer_message(revision: str, where: str) -> str:
+    return (f"the state database {where} is at schema revision {revision!r}, which this "
+            f"rotator release does not know (it knows up to {HEAD!r}): it was written by a "
+            "newer rotator; upgrade rotator instead of pointing an old one at it")
+
+
+def require_head(engine: Engine, url: str) -> None:
+    """Raise ``PermanentError`` saying what to run unless the schema is exactly at head."""
+    found = status(engine)
+    where = safe_url(url)
+    if found.state == "newer":
+        raise PermanentError(_newer_message(str(found.revision), where))
+    if found.state == "empty":
+        raise PermanentError(
+            f"the state database {where} has no rotator schema yet: run `rotator db upgrade` "
+            "once (from one machine or job) to create it, then start rotator")
+    if found.state == "behind":
+        raise PermanentError(
+            f"the state database {where} is at schema revision {found.revision!r} and this "
+            f"rotator needs {HEAD!r}: run `rotator db upgrade` once (it keeps every row; stop "
+            "older replicas first), then start rotator")
+
+
+def upgrade(engine: Engine, url: str | None = None) -> tuple[str | None, str]:
+    """Apply every migration up to head; returns (revision before, revision after).
+
+    The check and the migration share one transaction holding the database's write lock
+    (SQLite's BEGIN IMMEDIATE; on PostgreSQL an advisory lock, with transactional DDL), so two
+    processes upgrading at once never both migrate, and a failed migration leaves nothing
+    half done. A database from a newer release is refused, never touched.
+    """
+    require_utf8(engine, url or str(engine.url))
+    if current_revision(engine) == HEAD:
+        return HEAD, HEAD
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
         current = MigrationContext.configure(conn).get_current_revision()
-        if current == head:
-            return
-        known = {rev.revision for rev in script.walk_revisions()}
-        if current is not None and current not in known:
-            raise PermanentError(
-                f"the state database is at schema revision {current!r}, which this rotator "
-                f"release does not know (head is {head!r}): it was written by a newer "
-                "rotator; upgrade rotator instead of pointing an old one at it")
+        if current == HEAD:
+            return HEAD, HEAD
+        if current is not None and current not in _known_revisions():
+            raise PermanentError(_newer_message(current, safe_url(url or str(engine.url))))
         cfg = alembic_config(engine)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    return current, HEAD
+
+
+def require_utf8(engine: Engine, url: str) -> None:
+    """PostgreSQL must store text as UTF-8: audit events are hashed by the server from it."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        encoding = conn.execute(text("SHOW server_encoding")).scalar()
+    if str(encoding).upper() not in ("UTF8", "UTF-8"):
+        raise PermanentError(
+            f"the state database {safe_url(url)} uses encoding {encoding}; rotator needs UTF8: "
+            "create it with CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0")
+
+
+def open_schema(engine: Engine, url: str, migrate: bool | None) -> None:
+    """Apply the upgrade policy: ``migrate`` True upgrades, False checks, None lets the backend
+    decide (SQLite upgrades itself, PostgreSQL is only checked)."""
+    require_utf8(engine, url)
+    if migrate is None:
+        migrate = backend(url) == "sqlite"
+    if not migrate:
+        require_head(engine, url)
+        return
+    before, after = upgrade(engine, url)
+    if before != after:
+        log.info("state store %s: schema upgraded from %s to %s", safe_url(url),
+                 before or "nothing", after)
+
+
+@contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Turn a failure to reach or write the database into one ``PermanentError`` line that
+    names the store (password hidden) and what to check."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError, ImportError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).split("\n")[0]
+        raise PermanentError(
+            f"cannot open the state store {safe_url(url)}: "
+            f"{scrub_url_password(str(reason), url)}; check `state_url` in [rotator], that the "
+            "database is reachable and that the directory or database is writable by "
+            "rotator") from exc
 
 
 def _prepare_sqlite_file(url: str, create: bool) -> None:
@@ -97,9 +211,10 @@ def _prepare_sqlite_file(url: str, create: bool) -> None:
     os.close(fd)
 
 
-def make_engine(url: str, *, create: bool = True) -> Engine:
-    """An engine tuned for the backend: SQLite gets WAL, a busy timeout and write-locking BEGIN."""
-    if url.startswith("sqlite"):
+def make_engine(url: str, *, create: bool = True, pool_size: int | None = None) -> Engine:
+    """An engine tuned for the backend: SQLite gets WAL, a busy timeout and write-locking BEGIN;
+    PostgreSQL a connect timeout, an application name and a pool sized for the workers."""
+    if backend(url) == "sqlite":
         _prepare_sqlite_file(url, create)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
@@ -115,9 +230,22 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            # Take the write lock up front: two processes upgrading read locks to write locks
-            # at once is how SQLite deadlocks ("database is locked") under concurrency.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front: two processes upgrading read locks to write
+            # locks at once is how SQLite deadlocks ("database is locked") under concurrency.
+            # Readers (marked READ_ONLY) never upgrade, and in WAL mode need no lock at all.
+            read_only = conn.get_execution_options().get(READ_ONLY)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    options: dict[str, object] = {"pool_pre_ping": True}
+    if backend(url) == "postgresql":
+        query = make_url(url).query
+        connect_args: dict[str, object] = {}
+        if "connect_timeout" not in query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        if "application_name" not in query:
+            connect_args["application_name"] = "rotator"
+        options["connect_args"] = connect_args
+        if pool_size is not None:
+            options.update(pool_size=pool_size, max_overflow=4)
+    return create_engine(url, **options)

@@ -1,8 +1,11 @@
 """The state store: every fact the engine needs to resume after a crash, and nothing secret.
 
-All writes are short transactions. Locks are leases in the ``locks`` table taken with a
-conditional UPDATE-or-INSERT, which is atomic on SQLite and PostgreSQL alike, so moving to
-several replicas changes the URL, not the engine.
+All writes are short transactions. Locks are leases in the ``locks`` table, taken with one
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` (free or expired or already ours), which is atomic
+on SQLite and PostgreSQL alike. Replicas pick due work with ``claim_due``: due credentials are
+read ``FOR UPDATE SKIP LOCKED`` and their leases taken in the same transaction, so two replicas
+never claim the same credential and never wait for each other. Moving to several replicas
+changes the URL, not the engine.
 """
 
 from __future__ import annotations
@@ -16,21 +19,22 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
 from rotator.state import schema
 from rotator.state.models import (
     AuditEvent,
+    AuditHead,
     CredentialState,
     Lock,
     Revocation,
     Rotation,
     RotationStep,
+    UTCDateTime,
 )
+from rotator.state.urls import backend, safe_url, scrub_url_password
 
 __all__ = ["StaleRotation", "StateStore", "lock_owner_id"]
 
@@ -53,6 +57,7 @@ _STEPS = RotationStep.__table__
 _REVOCATIONS = Revocation.__table__
 _LOCKS = Lock.__table__
 _AUDIT = AuditEvent.__table__
+_HEAD = AuditHead.__table__
 
 
 def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> int:
@@ -61,16 +66,32 @@ def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> i
     return int(result.inserted_primary_key[0])
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """A datetime read by a raw aggregate (no ``UTCDateTime`` on it) made aware UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _local_host() -> str:
+    """This host's name plus its PID namespace: containers sharing a host name (host
+    networking) have separate process tables, and one must never judge another's pid dead."""
+    try:
+        return f"{socket.gethostname()}~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def lock_owner_id(tag: str) -> str:
     """A lock owner id naming this host and process, so a dead local holder can be recognised."""
-    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
+    return f"{_local_host()}:{os.getpid()}:{tag}"
 
 
 def _holder_is_dead(owner: str) -> bool:
     """True only when the holder ran on this host and its process no longer exists."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != _local_host() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():
@@ -92,34 +113,116 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+def _dialect_insert(conn: Connection) -> Any:
+    """``insert`` with ``on_conflict_do_*`` for the backend (both speak ON CONFLICT)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+def _take_lease(conn: Connection, name: str, owner: str, ttl: timedelta, now: datetime) -> bool:
+    """One atomic statement: create the lease, or take it over if it expired or is ours."""
+    values = {"owner": owner, "acquired_at": now, "expires_at": now + ttl}
+    stmt = _dialect_insert(conn)(_LOCKS).values(name=name, **values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[_LOCKS.c.name], set_=values,
+        where=or_(_LOCKS.c.owner == owner, _LOCKS.c.expires_at < now),
+    ).returning(_LOCKS.c.name)
+    return conn.execute(stmt).first() is not None
+
+
+def _live_lease(now: datetime) -> Any:
+    """EXISTS: someone holds an unexpired lease on the credential of the enclosing query."""
+    return select(_LOCKS.c.name).where(_LOCKS.c.name == _CREDENTIALS.c.name,
+                                       _LOCKS.c.expires_at >= now).exists()
+
+
 def append_audit_in(conn: Connection, build: Callable[[int, str], dict[str, Any]]) -> int:
     """``StateStore.append_audit`` inside a write transaction the caller holds (so an event
-    commits atomically with the state change it records)."""
+    commits atomically with the state change it records). Call it last in the transaction:
+    from here to the commit no other writer can append."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE")
-    last = conn.execute(select(_AUDIT.c.id, _AUDIT.c.hash)
-                        .order_by(_AUDIT.c.id.desc()).limit(1)).first()
-    next_id = (last.id + 1) if last is not None else 1
-    conn.execute(insert(_AUDIT).values(**build(next_id, last.hash if last else "")))
-    return next_id
+        return _append_audit_pg(conn, build)
+    head = conn.execute(select(_HEAD.c.id, _HEAD.c.hash).where(_HEAD.c.one == 1)).first()
+    if head is None:
+        raise PermanentError(_NO_HEAD)
+    row = build(head.id + 1, head.hash)
+    conn.execute(update(_HEAD).where(_HEAD.c.one == 1).values(
+        id=row["id"], hash=row["hash"], prev_hash=row["prev_hash"]))
+    conn.execute(insert(_AUDIT).values(**row))
+    return int(row["id"])
+
+
+_NO_HEAD = ("the audit trail has no head row (table audit_head): the state store was altered "
+            "by hand; run `rotator audit verify` and restore it from a backup")
+
+_APPEND_PG = text("""
+WITH head AS (
+    UPDATE audit_head
+       SET id = id + 1, prev_hash = hash,
+           hash = encode(sha256(convert_to(hash || :before || (id + 1)::text || :after,
+                                           'UTF8')), 'hex')
+     WHERE one = 1
+ RETURNING id, prev_hash, hash)
+INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail,
+                          prev_hash, hash)
+SELECT id, :at, :kind, :credential, :rotation_id, :actor, :reason, :detail, prev_hash, hash
+  FROM head
+RETURNING id
+""").bindparams(bindparam("at", type_=UTCDateTime()))
+
+
+def _append_audit_pg(conn: Connection, build: Callable[[int, str], dict[str, Any]]) -> int:
+    """Number, chain and insert the event in ONE statement: the head row's lock (taken by the
+    UPDATE, which PostgreSQL re-evaluates on the newest head if another replica moved it
+    meanwhile) is then held for this statement and the commit only, not across round trips
+    to Python. The hash is the one :func:`rotator.audit.event_hash` computes, made by the
+    server from the parts around the id."""
+    from rotator.audit import hash_parts  # rotator.audit imports this module
+
+    row = build(0, "")
+    before, after = hash_parts(row)
+    event_id = conn.execute(_APPEND_PG, {
+        "before": before, "after": after, "at": row["at"], "kind": row["kind"],
+        "credential": row["credential"], "rotation_id": row["rotation_id"],
+        "actor": row["actor"], "reason": row["reason"], "detail": row["detail"]}).scalar()
+    if event_id is None:
+        raise PermanentError(_NO_HEAD)
+    return int(event_id)
 
 
 class StateStore:
     """Typed operations on the state database; callers never see a Session."""
 
-    def __init__(self, url: str, *, migrate: bool = True, create: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool | None = None, create: bool = True,
+                 pool_size: int | None = None) -> None:
+        """Open the store and apply the schema policy (see :mod:`rotator.state.schema`):
+        ``migrate`` None upgrades SQLite and only checks PostgreSQL, True upgrades, False
+        checks. ``pool_size`` sizes a PostgreSQL connection pool for that many workers."""
         self.url = url
-        where = make_url(url).render_as_string(hide_password=True)
-        try:
-            self.engine = schema.make_engine(url, create=create)
-            if migrate:
-                schema.upgrade(self.engine)
-        except (OSError, SQLAlchemyError, ImportError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc).split("\n")[0]
+        where = safe_url(url)
+        if backend(url) not in ("sqlite", "postgresql"):
             raise PermanentError(
-                f"cannot open the state store {where}: {reason}; check `state_url` in "
-                "[rotator] and that the directory exists and is writable by rotator") from exc
+                f"state_url {where}: rotator's state store runs on SQLite (one daemon) or "
+                "PostgreSQL (several replicas): use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST/DB")
+        with schema.reaching(url):
+            self.engine = schema.make_engine(url, create=create, pool_size=pool_size)
+        try:
+            with schema.reaching(url):
+                schema.open_schema(self.engine, url, migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads begin a plain (deferred) transaction on SQLite, not the writers' BEGIN
+        # IMMEDIATE: in WAL mode they then run beside the one writer instead of waiting for it.
+        self._reader = self.engine.execution_options(**{schema.READ_ONLY: True})
+        self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
         # SQLite takes one writer at a time and makes the others sleep in its busy handler
         # (up to 100 ms a try); queueing this process's threads on a lock instead is far
         # faster. Other processes still meet SQLite's own lock and busy timeout.
@@ -138,7 +241,7 @@ class StateStore:
     def _reading(self) -> Iterator[Session]:
         """A read-only session outside the writers' queue: SQLite in WAL mode (and PostgreSQL)
         lets readers run beside the one writer, so reads need not wait for writes."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             yield session
 
     @contextmanager
@@ -156,17 +259,27 @@ class StateStore:
     ) -> None:
         """In one transaction: add (name, agent, provider) rows not yet known, and set each
         credential's next due time to ``next_due(row)`` unless it returns None."""
+        names = [c[0] for c in credentials]
+        if not names:
+            return
         with self.session() as s:
-            names = [c[0] for c in credentials]
+            known = set(s.scalars(select(CredentialState.name)
+                                  .where(CredentialState.name.in_(names))))
+            new = [{"name": name, "agent": agent, "provider": provider, "first_seen_at": now,
+                    "failures": 0} for name, agent, provider in credentials if name not in known]
+            if new:
+                # Another replica starting at the same moment may add the same rows.
+                insert_new = _dialect_insert(s.connection())(_CREDENTIALS)
+                s.execute(insert_new.on_conflict_do_nothing(index_elements=["name"]), new)
+            # Row locks (PostgreSQL), in name order so two syncs cannot deadlock: a rotation
+            # finishing on another replica must not have its new due time overwritten by one
+            # computed from the last rotation time read before it committed.
             rows = {r.name: r for r in s.scalars(
-                select(CredentialState).where(CredentialState.name.in_(names)))}
+                select(CredentialState).where(CredentialState.name.in_(names))
+                .order_by(CredentialState.name).with_for_update())}
             for name, agent, provider in credentials:
-                row = rows.get(name)
-                if row is None:
-                    row = CredentialState(name=name, agent=agent, provider=provider,
-                                          first_seen_at=now, failures=0)
-                    s.add(row)
-                elif (row.agent, row.provider) != (agent, provider):
+                row = rows[name]
+                if (row.agent, row.provider) != (agent, provider):
                     row.agent, row.provider = agent, provider
                 due = next_due(row)
                 if due is not None and (row.next_due_at, row.due_reason) != due:
@@ -198,13 +311,34 @@ class StateStore:
             )
             return list(rows)
 
-    def earliest_due(self, names: Sequence[str]) -> datetime | None:
-        with self._reading() as s:
-            return s.scalar(
-                select(func.min(CredentialState.next_due_at)).where(
-                    CredentialState.name.in_(names)
-                )
-            )
+    def earliest_due(self, names: Sequence[str],
+                     unleased_at: datetime | None = None) -> datetime | None:
+        """The earliest next due time among ``names``; with ``unleased_at``, only among those
+        no worker holds at that time (the ones a tick could still claim)."""
+        q = select(func.min(_CREDENTIALS.c.next_due_at)).where(_CREDENTIALS.c.name.in_(names))
+        if unleased_at is not None:
+            q = q.where(~_live_lease(unleased_at))
+        with self._reader.connect() as conn:
+            return _aware(conn.scalar(q))
+
+    def claim_due(self, now: datetime, names: Sequence[str], limit: int, owner: str,
+                  ttl: timedelta) -> list[str]:
+        """Take the leases of up to ``limit`` due credentials among ``names`` that no one
+        holds, most overdue first; returns their names.
+
+        One transaction: the due rows are locked ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite
+        has one writer at a time anyway) and their leases taken before it commits, so replicas
+        claiming at the same instant get disjoint sets without waiting for each other.
+        """
+        if limit <= 0 or not names:
+            return []
+        c = _CREDENTIALS.c
+        q = (select(c.name).where(c.next_due_at <= now, c.name.in_(names), ~_live_lease(now))
+             .order_by(c.next_due_at).limit(limit)
+             .with_for_update(skip_locked=True, of=_CREDENTIALS))
+        with self._tx() as conn:
+            due = list(conn.scalars(q))
+            return [name for name in due if _take_lease(conn, name, owner, ttl, now)]
 
     # -- rotations -----------------------------------------------------------------------------
 
@@ -229,6 +363,14 @@ class StateStore:
         """Rotations whose new key is live and whose old key awaits (or just got) revocation."""
         with self._reading() as s:
             return list(s.scalars(select(Rotation).where(Rotation.status == "grace")))
+
+    def grace_without_pending(self) -> set[str]:
+        """Credentials of rotations in grace with no revocation pending: every old key is
+        revoked (just before a crash or a stop) and only the finish remains."""
+        r, v = _ROTATIONS.c, _REVOCATIONS.c
+        pending = select(v.id).where(v.rotation_id == r.id, v.status == "pending").exists()
+        with self._reader.connect() as conn:
+            return set(conn.scalars(select(r.credential).where(r.status == "grace", ~pending)))
 
     def rotations(self, credential: str | None = None, limit: int = 50) -> list[Rotation]:
         with self._reading() as s:
@@ -284,11 +426,12 @@ class StateStore:
                 raise StaleRotation(rotation_id, expect_step)
             conn.execute(update(_STEPS).where(_STEPS.c.id == step_row).values(
                 status=step_status, finished_at=now, message=message))
+            new_row = None
+            if next_step is not None and next_step not in _NOT_RUN:
+                new_row = _new_step(conn, rotation_id, next_step, now)
             if also is not None:
-                also(conn)  # e.g. the step's audit event, in the same commit
-            if next_step is None or next_step in _NOT_RUN:
-                return None
-            return _new_step(conn, rotation_id, next_step, now)
+                also(conn)  # the step's audit event, in the same commit; last (see append)
+            return new_row
 
     def enter_grace(self, rotation_id: str, credential: str, now: datetime,
                     revocation: tuple[str, str | None, datetime] | None,
@@ -362,7 +505,7 @@ class StateStore:
         """``(name, last_rotated_at, next_due_at)`` of every credential, cheaply (for
         ``/metrics``, which reads them on every scrape)."""
         c = _CREDENTIALS.c
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             rows = conn.execute(select(c.name, c.last_rotated_at, c.next_due_at)).all()
         return [(name, last, nxt) for name, last, nxt in rows]
 
@@ -380,40 +523,42 @@ class StateStore:
         longer exists (so a restart after kill -9 resumes at once instead of waiting it out).
         """
         locks = _LOCKS
-        values = {"owner": owner, "acquired_at": now, "expires_at": now + ttl}
         with self._tx() as conn:
-            taken = conn.execute(update(locks).where(
-                locks.c.name == name, or_(locks.c.owner == owner, locks.c.expires_at < now)
-            ).values(**values))
-            if taken.rowcount:
+            if _take_lease(conn, name, owner, ttl, now):
                 return None
             holder = conn.scalar(select(locks.c.owner).where(locks.c.name == name))
             if holder is not None and _holder_is_dead(holder):
                 taken = conn.execute(update(locks).where(
-                    locks.c.name == name, locks.c.owner == holder).values(**values))
+                    locks.c.name == name, locks.c.owner == holder).values(
+                    owner=owner, acquired_at=now, expires_at=now + ttl))
                 if taken.rowcount:
                     return None
-            if holder is not None:
-                return holder
-        try:
-            with self._tx() as conn:
-                conn.execute(insert(locks).values(name=name, **values))
-            return None
-        except IntegrityError:
-            with self._tx() as conn:
-                return conn.scalar(select(locks.c.owner).where(locks.c.name == name)) \
-                    or "unknown"
+            return holder or "unknown"
+
+    def live_leases(self, now: datetime) -> set[str]:
+        """Names whose lease someone holds at ``now`` (a dead local holder's counts as free)."""
+        with self._reader.connect() as conn:
+            rows = conn.execute(select(_LOCKS.c.name, _LOCKS.c.owner)
+                                .where(_LOCKS.c.expires_at >= now)).all()
+        return {name for name, owner in rows if not _holder_is_dead(owner)}
 
     def renew_locks(self, names: Sequence[str], owner: str, ttl: timedelta,
                     now: datetime) -> set[str]:
-        """Extend the leases ``owner`` still holds; returns the names it has lost."""
+        """Extend the leases ``owner`` still holds; returns the names it has lost.
+
+        Only live leases are extended: one released (or expired) while this renewal was on its
+        way stays released, instead of coming back to life and blocking every other worker
+        for a whole ``ttl``.
+        """
         if not names:
             return set()
-        with self.session() as s:
-            s.execute(update(Lock).where(Lock.name.in_(names), Lock.owner == owner)
-                      .values(expires_at=now + ttl))
-            held = set(s.scalars(select(Lock.name).where(Lock.name.in_(names),
-                                                          Lock.owner == owner)))
+        locks = _LOCKS
+        with self._tx() as conn:
+            renewed = conn.execute(
+                update(locks).where(locks.c.name.in_(names), locks.c.owner == owner,
+                                    locks.c.expires_at >= now)
+                .values(expires_at=now + ttl).returning(locks.c.name))
+            held = set(renewed.scalars())
         return set(names) - held
 
     def unlock(self, name: str, owner: str) -> None:
@@ -429,14 +574,38 @@ class StateStore:
                 return None
             return row.owner
 
+    # -- health --------------------------------------------------------------------------------
+
+    def schema_status(self) -> schema.SchemaStatus:
+        """Where the schema stands against this release (a replica of another release may have
+        run ``rotator db upgrade`` since this process opened the store)."""
+        return schema.status(self.engine)
+
+    def require_head(self) -> None:
+        """Raise ``PermanentError`` saying what to run unless the schema is this release's."""
+        schema.require_head(self.engine, self.url)
+
+    def database_time(self) -> datetime | None:
+        """The PostgreSQL server's clock (None on SQLite, which shares this host's), to check
+        that replicas' clocks agree well enough for leases measured in them."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        with self.engine.connect() as conn:
+            return conn.scalar(text("SELECT clock_timestamp()"))
+
+    def describe_error(self, exc: BaseException) -> str:
+        """A one-line description of a database error, safe to log or serve."""
+        first = str(exc).split("\n")[0] if str(exc) else type(exc).__name__
+        return scrub_url_password(first, self.url)[:300]
+
     # -- audit trail ---------------------------------------------------------------------------
 
     def append_audit(self, build: Callable[[int, str], dict[str, Any]]) -> int:
         """Append one audit event in ONE write transaction and return its id.
 
-        Reads the latest event's id and hash, then inserts ``build(next_id, prev_hash)`` (the
-        column values, ``id`` and ``prev_hash`` included). SQLite's BEGIN IMMEDIATE, and on
-        PostgreSQL a table lock, make read-then-insert atomic across threads, processes and
+        Inserts ``build(next_id, prev_hash)`` (the column values, ``id`` and ``prev_hash``
+        included) after the chain's head and moves the head to it. SQLite's BEGIN IMMEDIATE,
+        and on PostgreSQL the head row's lock, make this atomic across threads, processes and
         replicas, so two writers can never chain onto the same event. Ids are assigned here,
         consecutively, so a gap in ids always means a deleted event.
         """
@@ -451,6 +620,6 @@ class StateStore:
             q = q.where(_AUDIT.c.at >= since)
         if credential is not None:
             q = q.where(_AUDIT.c.credential == credential)
-        with self._serial, self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [dict(row._mapping) for row in
                     conn.execute(q.order_by(_AUDIT.c.id).limit(limit))]
