@@ -94,19 +94,35 @@ def cpu_times() -> tuple[float, float] | None:
     return sum(fields) - idle, sum(fields)
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU seconds used so far by every PostgreSQL process on this machine (0 elsewhere)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def process_cpu() -> tuple[float, float]:
+    """CPU seconds used so far by (PostgreSQL, this benchmark's whole process tree): the tree is
+    this process (and the fake provider in it), the replicas, PostgreSQL and OpenBao. Other
+    load on the machine is what the machine was busy with beyond it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    postgres: set[int] = set()
     for entry in Path("/proc").glob("[0-9]*/stat"):
         try:
             stat = entry.read_text()
         except OSError:
             continue
+        pid = int(entry.parent.name)
+        fields = stat[stat.rindex(")") + 2:].split()
+        parent[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
         if stat[stat.index("(") + 1:stat.rindex(")")] == "postgres":
-            fields = stat[stat.rindex(")") + 2:].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            postgres.add(pid)
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent.get(pid, 1)
+        return False
+
+    tree = {pid for pid in used if ours(pid)}
+    return sum(used[p] for p in postgres & tree), sum(used[p] for p in tree)
 
 
 def finished_rotations(conn: Any) -> int:
@@ -124,11 +140,16 @@ def wait_rotations(conn: Any, total: int, procs: list[subprocess.Popen[bytes]],
         time.sleep(0.05)
 
 
+Round = tuple[float, float | None, float, float | None]
+
+
 def timed_round(conn: Any, fake: FakeOpenAIServer, n: int, done_before: int,
-                procs: list[subprocess.Popen[bytes]]) -> tuple[float, float | None, float]:
-    """Make every credential due now: rotations per second over the round, start to end, how
-    busy the machine's CPUs were meanwhile (0-1), and PostgreSQL's CPU time per rotation."""
-    cpu_before, pg_before = cpu_times(), postgres_cpu_seconds()
+                procs: list[subprocess.Popen[bytes]]) -> Round:
+    """Make every credential due now. Returns rotations per second over the round, start to
+    end; how busy the machine's CPUs were meanwhile (0-1); PostgreSQL's CPU seconds per
+    rotation; and the share of the machine's CPUs busy with something else than this bench."""
+    cpu_before, (pg_before, tree_before) = cpu_times(), process_cpu()
+    started = time.monotonic()
     creates, deletes = (fake.request_count("POST", "/api_keys"),
                         fake.request_count("DELETE", "/api_keys/"))
     t0 = conn.execute("SELECT now() AT TIME ZONE 'utc'").fetchone()[0]
@@ -137,22 +158,24 @@ def timed_round(conn: Any, fake: FakeOpenAIServer, n: int, done_before: int,
     rows = conn.execute(
         "SELECT count(*), min(started_at), max(finished_at), count(DISTINCT credential) "
         "FROM rotations WHERE started_at >= %s", (t0,)).fetchone()
-    cpu_after, pg_cpu = cpu_times(), postgres_cpu_seconds() - pg_before
-    busy = None
+    cpu_after, (pg_after, tree_after) = cpu_times(), process_cpu()
+    elapsed = time.monotonic() - started
+    busy = other = None
     if cpu_before and cpu_after and cpu_after[1] > cpu_before[1]:
         busy = (cpu_after[0] - cpu_before[0]) / (cpu_after[1] - cpu_before[1])
+        other = max(busy - (tree_after - tree_before) / (elapsed * (os.cpu_count() or 1)), 0.0)
     count, first, last, distinct = rows
     made = fake.request_count("POST", "/api_keys") - creates
     revoked = fake.request_count("DELETE", "/api_keys/") - deletes
     if count != n or distinct != n or made != n or revoked != n:
         sys.exit(f"round wrong: {count} rotations of {distinct} credentials, {made} keys "
                  f"created and {revoked} revoked for {n} credentials")
-    return n / (last - first).total_seconds(), busy, pg_cpu / n
+    return n / (last - first).total_seconds(), busy, (pg_after - pg_before) / n, other
 
 
 def run_replicas(k: int, args: argparse.Namespace, pg: PostgresCluster, bao: OpenBaoDevServer,
                  fake: FakeOpenAIServer, work: Path
-                 ) -> list[tuple[float, float | None, float]]:
+                 ) -> list[Round]:
     from psycopg import sql
 
     db = f"bench_{k}"
@@ -179,9 +202,10 @@ def run_replicas(k: int, args: argparse.Namespace, pg: PostgresCluster, bao: Ope
             for round_no in range(args.rounds):
                 done = finished_rotations(conn)
                 rates.append(timed_round(conn, fake, args.credentials, done, procs))
-                rate, busy, pg = rates[-1]
+                rate, busy, pg, other = rates[-1]
                 print(f"  {k} replica(s), round {round_no + 1}: {rate:6.1f} rotations/s"
-                      + (f", CPUs {100 * busy:.0f}% busy" if busy is not None else "")
+                      + (f", CPUs {100 * busy:.0f}% busy ({100 * other:.0f}% not this bench)"
+                         if busy is not None and other is not None else "")
                       + f", PostgreSQL {1000 * pg:.1f} ms CPU per rotation", flush=True)
     finally:
         for proc in procs:
@@ -206,10 +230,10 @@ def main() -> None:
             fake.set_latency(LATENCY)
             for k in REPLICAS:
                 rounds = run_replicas(k, args, pg, bao, fake, work)
-                busy = [b for _, b, _ in rounds if b is not None]
-                results[k] = (statistics.median(r for r, _, _ in rounds),
+                busy = [b for _, b, _, _ in rounds if b is not None]
+                results[k] = (statistics.median(r for r, _, _, _ in rounds),
                               statistics.median(busy) if busy else None,
-                              statistics.median(p for _, _, p in rounds))
+                              statistics.median(p for _, _, p, _ in rounds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.credentials} credentials due at once, {int(LATENCY * 1000)} ms per provider "
