@@ -48,6 +48,7 @@ at again this soon, not in a tight loop."""
 LIVE_AFTER_POLLS = 3
 LIVE_MIN_SECONDS = 60.0
 """``/healthz`` fails when no tick started for this many poll intervals (and this long)."""
+TICK_COALESCE_SECONDS = 0.02
 SCHEMA_CHECK_SECONDS = 10.0
 CLOCK_WARN_SECONDS = 2.0
 
@@ -148,6 +149,8 @@ class Daemon:
             # wake-up at a due time, a worker that just freed up).
             while not self.stopping.is_set():
                 if self._tick_requested.wait(0.5):
+                    # Workers finishing together ask together: one tick serves them all.
+                    self.stopping.wait(TICK_COALESCE_SECONDS)
                     self._tick_requested.clear()
                     self.tick()
         finally:
@@ -183,8 +186,8 @@ class Daemon:
     # -- lifecycle hooks and probes ------------------------------------------------------------
 
     def _announce_ready(self) -> None:
-        """The daemon serves: /metrics bound, interrupted work resumed, the scheduler running.
-        (A service manager's readiness notification, systemd's READY=1, belongs here.)"""
+        """The daemon serves: /metrics bound, interrupted work resumed, the scheduler running;
+        systemd (``Type=notify``) hears READY=1 now."""
         log.info("rotator ready")
         systemd.ready(f"running: {len(self.policies.credentials)} credential(s)")
 
@@ -196,8 +199,7 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         """Called at the start of every tick, so at least every ``poll_interval``: the
-        scheduler is alive. ``/healthz`` reads it (a watchdog ping, systemd's WATCHDOG=1,
-        belongs here)."""
+        scheduler is alive. ``/healthz`` reads it, and systemd's watchdog through it."""
         self._last_tick = time.monotonic()
 
     def liveness(self) -> ProbeResult:
@@ -289,6 +291,8 @@ class Daemon:
             self._heartbeat()
             if not self._schema_ok():
                 return
+            if len(self._busy()) >= self.policies.settings.max_concurrent_rotations:
+                return  # nothing could start; the next worker to finish asks for a tick
             self._resume_interrupted()
             for name in self.engine.credentials_with_due_revocations():
                 self._submit(name, lambda name=name: self.engine.revoke_due(name))
@@ -331,8 +335,7 @@ class Daemon:
         """Claim as many due credentials as there are free workers, and start them."""
         now = self.clock()
         names = [c.name for c in self.policies.credentials]
-        with self._lock:
-            busy = {n for n, f in self._in_flight.items() if not f.done()}
+        busy = self._busy()
         free = self.policies.settings.max_concurrent_rotations - len(busy)
         if free <= 0:
             return
@@ -348,6 +351,11 @@ class Daemon:
             if not self._submit(name, lambda name=name: self.engine.rotate(
                     RotationRequest(credential=name, trigger="schedule"), claimed=True)):
                 self.engine.release(name)
+
+    def _busy(self) -> set[str]:
+        """Credentials with work in flight (running or queued) in this process."""
+        with self._lock:
+            return {n for n, f in self._in_flight.items() if not f.done()}
 
     def _submit(self, name: str, work: Callable[[], Any]) -> bool:
         """Hand ``work`` to the pool unless ``name`` is already in flight; True if handed."""

@@ -30,6 +30,8 @@ class Leases:
                  clock: Callable[[], datetime]) -> None:
         self.store, self.owner, self.ttl, self.clock = store, owner, ttl, clock
         self._held: set[str] = set()
+        self._releasing: set[str] = set()
+        """Given back to this process's bookkeeping, not yet to the store."""
         self._valid_until: dict[str, float] = {}
         """Monotonic time each held lease runs out, counted from before its last write."""
         self.lost: set[str] = set()
@@ -49,7 +51,7 @@ class Leases:
         like another process would be.
         """
         with self._lock:
-            if name in self._held:
+            if name in self._held or name in self._releasing:
                 return f"{self.owner} (another thread of this process)"
             self._held.add(name)
         started = time.monotonic()
@@ -74,7 +76,7 @@ class Leases:
         acquire a name while it is being claimed.
         """
         with self._lock:
-            skip = self._held | set(exclude)
+            skip = self._held | self._releasing | set(exclude)
             candidates = [n for n in names if n not in skip]
             started = time.monotonic()
             claimed = self.store.claim_due(self.clock(), candidates, limit, self.owner,
@@ -106,12 +108,14 @@ class Leases:
         with self._lock:
             if name not in self._held:
                 return
+            self._held.discard(name)
+            self._valid_until.pop(name, None)
+            self._releasing.add(name)  # the heartbeat neither renews it nor calls it lost
         try:
             self.store.unlock(name, self.owner)
         finally:
             with self._lock:
-                self._held.discard(name)
-                self._valid_until.pop(name, None)
+                self._releasing.discard(name)
 
     def _beat(self) -> None:
         interval = max(self.ttl.total_seconds() / 3, 0.2)
@@ -131,7 +135,7 @@ class Leases:
                 for name in set(names) - lost:
                     if name in self._held:
                         self._valid_until[name] = started + self.ttl.total_seconds()
-                # A lease released while this renewal ran was given back, not lost.
+                # A lease given back while this renewal ran was released, not lost.
                 lost &= self._held
                 self.lost |= lost
             if lost:
