@@ -1,5 +1,11 @@
 """A real Prometheus (Debian's package) scraping a running `rotator run`: every query of the
-Grafana dashboard returns data, and the failure alert fires after a forced failure."""
+Grafana dashboard returns data, and the failure alert fires after a forced failure.
+
+Prometheus scrapes the daemon as two targets (``replica="a"`` and ``"b"``), which is what it
+sees of two replicas on one state store: the same state gauges from two instances. Queries that
+join or plot those gauges must still give one series per credential and never fail with
+duplicate series. A third target that never answers is a replica down: a warning, while the
+fleet-wide RotatorDown stays quiet."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from tests.support import debian_tool, free_port, make_fleet, stop_daemon, wait_
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "rotator.json"
 RULES = ROOT / "deploy" / "prometheus" / "rotator-alerts.yml"
+REPLICAS = ("a", "b")
 
 
 def _api(port: int, path: str, **params: str) -> Any:
@@ -48,7 +55,7 @@ def test_dashboard_is_importable_json_with_a_datasource_variable():
 def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, openbao,
                                                                     fake_openai):
     binary = debian_tool("prometheus")
-    metrics_port, prom_port = free_port(), free_port()
+    metrics_port, prom_port, dead_port = free_port(), free_port(), free_port()
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2, interval="4s", grace="0s",
                        settings={"metrics_address": f"127.0.0.1:{metrics_port}",
                                  "poll_interval": "1s"})
@@ -57,7 +64,9 @@ def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, op
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n  - {RULES}\n"
         "scrape_configs:\n  - job_name: rotator\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+        + "".join(f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+                  f"        labels: {{replica: {name}}}\n" for name in REPLICAS)
+        + f"      - targets: ['127.0.0.1:{dead_port}']\n        labels: {{replica: dead}}\n")
     log = (tmp_path / "prometheus.log").open("w")
     prom = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -69,8 +78,8 @@ def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, op
         wait_for(lambda: all(sum(r.outcome == "success" for r in store.rotations(c["name"]))
                              >= 2 for c in fleet.credentials), timeout=90,
                  what="two rotations of each credential")
-        wait_for(lambda: _api(prom_port, "query", query='up{job="rotator"} == 1')["result"],
-                 what="a successful scrape")
+        wait_for(lambda: len(_api(prom_port, "query", query='up{job="rotator"} == 1')["result"])
+                 == len(REPLICAS), what="a successful scrape of each replica")
         # Force a failure: the provider now refuses to create keys for agent-1.
         broken = fleet.credentials[1]["service_account_id"]
         fake_openai.inject_fault(400, count=10_000, path_contains=f"/{broken}/api_keys",
@@ -86,9 +95,26 @@ def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, op
                        and a["state"] == "firing" for a in alerts)
 
         wait_for(alert_firing, timeout=60, what="RotatorRotationFailed to fire")
-        empty = [title for title, expr in _queries()
-                 if not _api(prom_port, "query", query=expr)["result"]]
+        results = {expr: _api(prom_port, "query", query=expr)["result"]
+                   for _, expr in _queries()}
+        empty = [title for title, expr in _queries() if not results[expr]]
         assert empty == [], f"dashboard queries with no data: {empty}"
+        for title, expr in _queries():
+            if "rotator_credential_" in expr:
+                names = [s["metric"].get("credential") for s in results[expr]]
+                assert len(names) == len(set(names)) == len(fleet.credentials), \
+                    f"{title}: one series per credential, not per replica: {names}"
+        in_progress = results["max(rotator_rotations_in_progress)"]
+        assert len(in_progress) == 1, "shared state gauges are shown once, not per replica"
+        wait_for(lambda: _rules_evaluated(prom_port), what="every alert rule to be evaluated")
+        bad = {r["name"]: r.get("lastError") for r in _rules(prom_port)
+               if r["health"] != "ok"}
+        assert bad == {}, f"alert rules failing to evaluate: {bad}"
+        # A replica that cannot be scraped is a warning; the fleet is down only with all.
+        alerts = {(a["labels"]["alertname"], a["labels"].get("replica")): a["state"]
+                  for a in _api(prom_port, "alerts")["alerts"]}
+        assert alerts.get(("RotatorReplicaDown", "dead")) == "pending", alerts
+        assert not {name for name, _ in alerts} & {"RotatorDown"}, alerts
     finally:
         stop_daemon(daemon)
         prom.terminate()
@@ -98,6 +124,14 @@ def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, op
             prom.kill()
         log.close()
         store.close()
+
+
+def _rules(port: int) -> list[dict[str, Any]]:
+    return [rule for group in _api(port, "rules")["groups"] for rule in group["rules"]]
+
+
+def _rules_evaluated(port: int) -> bool:
+    return all(rule.get("lastEvaluation", "").startswith("2") for rule in _rules(port))
 
 
 def _ready(port: int) -> bool:
