@@ -2,7 +2,7 @@
 #   docker build -t rotator:0.1.0 .
 #   docker run --read-only -v /path/to/rotation-policies.toml:/etc/rotator/rotation-policies.toml:ro \
 #              -v rotator-state:/var/lib/rotator -e VAULT_TOKEN rotator:0.1.0
-# The image holds no secret and no policy file: both are given at run time (docs/deploy.md).
+# The image holds no secret and no policy file: both are given at run time (README.md, "Deploying").
 # For reproducible builds pin the digest too: FROM python:3.11.14-slim-bookworm@sha256:...
 
 FROM python:3.11.14-slim-bookworm AS build
