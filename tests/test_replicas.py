@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -81,6 +81,13 @@ def _agents(fleet: Fleet, creds: list[dict], period: float) -> list[SampleAgent]
     return agents
 
 
+def _held_by(store: StateStore, pid: int) -> list[str]:
+    """Ids of the unfinished rotations whose lease process ``pid`` holds."""
+    now = datetime.now(UTC)
+    return [r.id for r in store.unfinished_rotations()
+            if (store.lock_holder(r.credential, now) or "").split(":")[1:2] == [str(pid)]]
+
+
 def _log_lines(path: Path) -> list[dict]:
     lines = []
     for line in path.read_text().splitlines():
@@ -101,7 +108,9 @@ def _finished_by(path: Path) -> list[str]:
 def test_three_replicas_rotate_each_due_credential_exactly_once(tmp_path, openbao, fake_openai,
                                                                 pg_url):
     """50 credentials due at once, then every few seconds: three replicas share the work, no
-    rotation runs twice or is lost, and agents never read a key the provider refuses."""
+    rotation runs twice or is lost, and agents never read a key the provider refuses; one
+    replica is killed (kill -9) with rotations in flight in the second round and replaced, as
+    an orchestrator would: the others finish what it left, and no key it created survives."""
     interval = 3
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=50, interval=f"{interval}s",
                        grace="1s", settings={"state_url": pg_url, "lock_ttl": "10s",
@@ -111,11 +120,19 @@ def test_three_replicas_rotate_each_due_credential_exactly_once(tmp_path, openba
     daemons = [fleet.start_daemon() for _ in range(3)]
     store = StateStore(pg_url)
     try:
+        wait_for(lambda: all(_successes(store, c["name"]) >= 1 for c in fleet.credentials),
+                 timeout=60, what="the first round")
+        victim = daemons.pop(0)
+        in_flight = wait_for(lambda: _held_by(store, victim.pid), timeout=30, interval=0.01,
+                             what="the victim to hold a rotation in flight")
+        victim.kill()
+        assert victim.wait(10) == -signal.SIGKILL
+        daemons.append(fleet.start_daemon())
         wait_for(lambda: all(_successes(store, c["name"]) >= 3 for c in fleet.credentials),
                  timeout=90, what="three rounds of rotations")
         # Stop scheduling (every replica reloads the file), then let the last grace end.
         fleet.config.write_text(fleet.config.read_text().replace(f'"{interval}s"', '"30d"'))
-        logs = sorted((tmp_path / "out").glob("*-run.stderr"))
+        logs = sorted((tmp_path / "out").glob("*-run.stderr"))[1:]  # not the victim's
         wait_for(lambda: all("policies reloaded" in p.read_text() for p in logs),
                  what="every replica to reload")
         _wait_quiet(store)
@@ -137,14 +154,22 @@ def test_three_replicas_rotate_each_due_credential_exactly_once(tmp_path, openba
         gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
         assert len(starts) >= 3 and min(gaps) >= interval, \
             f"{name} rotated twice for one due time: starts {starts}"
-    # Exactly one key created per rotation and one old key revoked per rotation.
-    assert _creates(fleet) == len(rotations)
-    assert _revokes(fleet) == len(rotations)
-    # The work was shared: each replica finished some, and together each rotation once.
+    # One key created per rotation; the only extra creates are keys the victim had made but
+    # not yet recorded when it died. Every old key and every such extra key was revoked (one
+    # live key per credential at the end: assert_settled below); a DELETE can be sent twice
+    # when the victim died between sending it and recording it.
+    creates = _creates(fleet)
+    assert len(rotations) <= creates <= len(rotations) + len(in_flight), \
+        (creates, len(rotations), len(in_flight))
+    assert _revokes(fleet) >= creates
+    # The work was shared: each replica finished some, and together each rotation once. The
+    # rotations the victim held were resumed (same ids, no second rotation) by the others.
     logs = sorted((tmp_path / "out").glob("*-run.stderr"))
     finished = [_finished_by(path) for path in logs]
-    assert all(finished), f"a replica did no work: {[len(f) for f in finished]}"
+    assert all(finished[:3]), f"a replica did no work: {[len(f) for f in finished]}"
     assert sorted(rid for ids in finished for rid in ids) == sorted(r.id for r in rotations)
+    assert not set(in_flight) & set(finished[0]), "logs[0] is the victim's (started first)"
+    assert set(in_flight) <= {r.id for r in rotations}
     assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
     assert sum(a.successes for a in agents) > 100
     assert fleet.cli("audit", "verify").returncode == 0, "the audit chain forked"
@@ -306,8 +331,6 @@ def test_readiness_answers_in_time_when_a_check_hangs():
 
 def test_lease_expiry_is_measured_in_ttl(tmp_path):
     """The heartbeat's view: a lease whose renewals stop is unusable before it can expire."""
-    from datetime import UTC, datetime
-
     from rotator.state.leases import Leases
 
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
