@@ -78,7 +78,7 @@ def test_the_policy_names_every_path_rotator_uses():
     assert set(stanzas) == {
         "secret/data/agents/*", "secret/metadata/agents/*", "secret/data/rotator/pending/*",
         "secret/metadata/rotator/pending/*", "secret/data/rotator/admin/*",
-        "auth/token/lookup-self"}
+        "auth/token/lookup-self", "auth/token/renew-self"}
     assert '"delete"' not in stanzas["secret/data/agents/*"] + stanzas["secret/metadata/agents/*"]
     assert re.search(r'capabilities = \["read"\]', stanzas["secret/data/rotator/admin/*"])
     assert "sudo" not in POLICY.read_text() and '"list"' not in POLICY.read_text()
@@ -133,7 +133,7 @@ def test_a_token_missing_any_stanza_fails_clearly_and_keeps_the_old_key(tmp_path
             token = _token(openbao, f"rotator-{fleet.prefix}",
                            hcl.replace(_stanzas(hcl)[own], ""))
             wanted = own.removesuffix("*")
-        command = ["check", "--online"] if path == "auth/token/lookup-self" else \
+        command = ["check", "--online"] if path and path.startswith("auth/token/") else \
             ["rotate-now", "--all", "--yes"]
         cases.append((path, token, fleet, wanted, command))
 

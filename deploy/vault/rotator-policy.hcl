@@ -47,3 +47,10 @@ path "secret/data/rotator/admin/*" {
 path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
+
+# The daemon keeps its own token alive (as Vault Agent does): a token given by token_env or
+# token_file is renewed once less than half of its TTL is left, so a periodic token never
+# expires while rotator runs. The start-up check renews it once to prove it can.
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
