@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -305,13 +306,22 @@ class _CommandOutcome:
     error: str | None = None
 
 
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|CREDENTIAL",
+                          re.IGNORECASE)
+"""Variables a hook never inherits by their name alone: secrets rotator never reads itself but a
+library does (``PGPASSWORD`` for the state store, ``AWS_SECRET_ACCESS_KEY`` for boto3), and
+systemd's ``CREDENTIALS_DIRECTORY``."""
+
+
 def _command_env(ctx: CheckContext) -> dict[str, str]:
-    """The daemon's environment plus ``ROTATOR_*``, less anything that holds a known secret.
+    """The daemon's environment plus ``ROTATOR_*``, less anything that holds a secret.
 
     A hook needs PATH, HOME, locale and friends to run ``systemctl`` or ``kubectl``; it must not
-    inherit, say, the provider admin key the daemon read from ``OPENAI_ADMIN_KEY``.
+    inherit, say, the provider admin key the daemon read from ``OPENAI_ADMIN_KEY`` (a value
+    rotator knows is a secret) or the state store's ``PGPASSWORD`` (a name that says it is one).
     """
-    env = {k: v for k, v in os.environ.items() if redaction.scrub(v) == v}
+    env = {k: v for k, v in os.environ.items()
+           if redaction.scrub(v) == v and not _SECRET_NAME.search(k)}
     env.update(ctx.env())
     return env
 

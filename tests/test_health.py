@@ -304,6 +304,10 @@ def test_command_hook_env_has_identifiers_and_no_secret(tmp_path: Path,
     Secret(value)  # the daemon resolved it: rotator.redaction now knows it is a secret
     monkeypatch.setenv("OPENAI_ADMIN_KEY", value)
     monkeypatch.setenv("ROTATOR_TEST_HARMLESS", "plain")
+    # Secrets rotator never reads itself (libpq and boto3 do): recognised by their names.
+    for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "VAULT_TOKEN",
+                 "CREDENTIALS_DIRECTORY"):
+        monkeypatch.setenv(name, "never-seen-" + name.lower())
     out = tmp_path / "env.json"
     run_hook(_env_dump_hook(out), CTX)
     env = json.loads(out.read_text())
@@ -314,6 +318,7 @@ def test_command_hook_env_has_identifiers_and_no_secret(tmp_path: Path,
     assert env["ROTATOR_TEST_HARMLESS"] == "plain"  # the daemon's environment is inherited
     assert "OPENAI_ADMIN_KEY" not in env
     assert value not in out.read_text()
+    assert "never-seen" not in out.read_text()
 
 
 def test_command_hook_without_key_id_gets_empty_variable(tmp_path: Path) -> None:
