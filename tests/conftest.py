@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -53,27 +54,39 @@ def _no_daemon_outlives_its_test() -> Iterator[None]:
             proc.wait()
 
 
+class IssuingFake(Protocol):
+    """An in-process fake of a service that issues secrets (``FakeOpenAIServer`` and kin)."""
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+    def issued_values(self) -> Iterable[str]: ...
+
+
+FakeT = TypeVar("FakeT", bound=IssuingFake)
+
+
+def serve_fake(fake: FakeT) -> Iterator[FakeT]:
+    """The body of a fake's fixture (``yield from serve_fake(...)``): start it, yield it, then
+    hand every value it issued to the leak scan and stop it."""
+    fake.start()
+    try:
+        yield fake
+    finally:
+        remember_issued(fake.issued_values())
+        fake.stop()
+
+
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBaoDevServer]:
     """One real OpenBao dev server for the whole session (tests use distinct paths)."""
-    server = OpenBaoDevServer()
-    server.start()
-    try:
+    with OpenBaoDevServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def fake_openai() -> Iterator[FakeOpenAIServer]:
     """A fresh stateful fake of the OpenAI Admin API per test."""
-    server = FakeOpenAIServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        remember_issued(server.issued_values())
-        server.stop()
+    yield from serve_fake(FakeOpenAIServer())
 
 
 HASHES_FILE = "issued-secret-hashes.txt"

@@ -3,48 +3,32 @@
 The vault plugin is tested against the real thing rather than a fake: check-and-set, custom
 metadata, policies and AppRole behave exactly as in production. The server runs in memory, keeps
 its files (HOME, log) in a private temporary directory so it never touches the user's
-``~/.vault-token``, and is stopped by pid, never by name.
+``~/.vault-token``, and is stopped by pid, never by name (see
+:mod:`rotator.testing.server_process`).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
-import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from rotator.errors import PermanentError
+from rotator.testing.server_process import HOST, ServerProcess, clean_env, http_answer
 
 if TYPE_CHECKING:
     import hvac
 
 __all__ = ["OpenBaoDevServer", "OpenBaoError", "find_bao_binary"]
 
-log = logging.getLogger(__name__)
-
 START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
-_PORT_ATTEMPTS = 3
-_LOG_TAIL_LINES = 20
-# Dev mode prints these; they must not reach an exception message or a log line.
-_SECRET_LINE_MARKERS = ("Root Token", "Unseal Key", "root_token", "unseal")
-
-_running: set[OpenBaoDevServer] = set()
-_running_lock = threading.Lock()
 
 
 class OpenBaoError(PermanentError):
@@ -65,29 +49,7 @@ def find_bao_binary() -> str:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _child_env(home: str) -> dict[str, str]:
-    """The parent's environment without BAO_*/VAULT_* settings that could redirect the server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-    env["HOME"] = home
-    return env
-
-
-@atexit.register
-def _stop_all() -> None:
-    """Stop servers a crashed test run or demo forgot, so none outlives the interpreter."""
-    with _running_lock:
-        servers = list(_running)
-    for server in servers:
-        server.stop()
-
-
-class OpenBaoDevServer:
+class OpenBaoDevServer(ServerProcess):
     """``bao server -dev`` on 127.0.0.1: in memory, unsealed, KV v2 mounted at ``secret/``.
 
     ``start()`` returns only once the server accepts its root token, and raises
@@ -95,149 +57,50 @@ class OpenBaoDevServer:
     ``stop()`` is idempotent and also runs at interpreter exit.
     """
 
+    label = "the OpenBao dev server"
+    slug = "openbao"
+    error = OpenBaoError
+    port_taken = "address already in use"
+    start_timeout = START_TIMEOUT
+    stop_grace = STOP_GRACE
+    # Dev mode prints these; they must not reach an exception message or a log line.
+    secret_line_markers = ("Root Token", "Unseal Key", "root_token", "unseal")
+
     def __init__(self, port: int | None = None, root_token: str | None = None) -> None:
-        self._requested_port = port
-        self.port: int = port or 0
+        super().__init__(port)
         self.root_token: str = root_token or f"dev-{secrets.token_urlsafe(24)}"
-        self.url: str = ""
-        self.pid: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._tmpdir: str | None = None
-        self._log: IO[bytes] | None = None
-        self._lock = threading.Lock()
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> OpenBaoDevServer:
-        """Start the server and wait until it serves requests; a started server is left alone."""
-        with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                return self
-            binary = find_bao_binary()
-            attempts = 1 if self._requested_port else _PORT_ATTEMPTS
-            for attempt in range(1, attempts + 1):
-                self.port = self._requested_port or _free_port()
-                self.url = f"http://127.0.0.1:{self.port}"
-                try:
-                    self._spawn(binary)
-                    self._wait_ready()
-                except OpenBaoError as exc:
-                    tail = self._log_tail()
-                    self._terminate()
-                    if attempt < attempts and "address already in use" in tail:
-                        log.debug("port %d was taken, retrying on another", self.port)
-                        continue
-                    raise OpenBaoError(f"{exc}\n--- last lines of the OpenBao log ---\n{tail}"
-                                       ) from None
-                except OSError as exc:
-                    self._terminate()
-                    raise OpenBaoError(f"could not run {binary}: {exc.strerror or exc}") from exc
-                except BaseException:
-                    self._terminate()  # e.g. Ctrl-C while waiting: leave nothing behind
-                    raise
-                break
-            with _running_lock:
-                _running.add(self)
-            log.debug("OpenBao dev server pid %s listening on %s", self.pid, self.url)
-            return self
-
-    def _spawn(self, binary: str) -> None:
-        self._tmpdir = tempfile.mkdtemp(prefix="rotator-openbao-")
-        home = os.path.join(self._tmpdir, "home")
-        os.mkdir(home, 0o700)
-        env = _child_env(home)
-        # Passed through the environment rather than -dev-root-token-id so `ps` cannot show it.
-        env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
-        self._log = open(os.path.join(self._tmpdir, "bao.log"), "wb")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{self.port}",
-             "-dev-no-store-token", "-log-level=warn"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            cwd=self._tmpdir,
-            # Its own session: a Ctrl-C meant for the demo reaches us, and we stop it cleanly.
-            start_new_session=True,
-        )
-        self.pid = self._proc.pid
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        # Asking with our own random root token proves the answer comes from this server and
-        # not from another process that already holds the port.
-        probe = urllib.request.Request(f"{self.url}/v1/auth/token/lookup-self",
-                                       headers={"X-Vault-Token": self.root_token})
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise OpenBaoError(f"the OpenBao dev server exited with status {code} at start")
-            try:
-                with urllib.request.urlopen(probe, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                exc.close()
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise OpenBaoError(
-                    f"the OpenBao dev server at {self.url} did not become healthy within "
-                    f"{START_TIMEOUT:.0f}s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Terminate the server by pid (SIGTERM, then SIGKILL) and remove its files."""
-        with self._lock:
-            self._terminate()
-        with _running_lock:
-            _running.discard(self)
-
-    def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_GRACE)
-            except ProcessLookupError:
-                pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        self.pid = None
-
-    def _log_tail(self) -> str:
-        """The end of the server log, without the lines that carry the root token or keys."""
-        if self._tmpdir is None:
-            return "(no log)"
-        if self._log is not None:
-            self._log.flush()
-        try:
-            text = Path(self._tmpdir, "bao.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        lines = [line.replace(self.root_token, "[REDACTED]") for line in text.splitlines()
-                 if not any(marker in line for marker in _SECRET_LINE_MARKERS)]
-        return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
+        self._binary = ""
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}" if self.port else ""
 
-    def __enter__(self) -> OpenBaoDevServer:
-        return self.start()
+    def _prepare(self) -> None:
+        assert self._tmpdir is not None
+        self._binary = find_bao_binary()
+        os.mkdir(os.path.join(self._tmpdir, "home"), 0o700)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _command(self) -> list[str]:
+        return [self._binary, "server", "-dev", f"-dev-listen-address={HOST}:{self.port}",
+                "-dev-no-store-token", "-log-level=warn"]
+
+    def _env(self) -> dict[str, str]:
+        """No BAO_*/VAULT_* settings that could redirect the server; HOME in the private dir.
+        The root token goes through the environment, not -dev-root-token-id, so `ps` cannot
+        show it."""
+        assert self._tmpdir is not None
+        return clean_env(("BAO_", "VAULT_"), HOME=os.path.join(self._tmpdir, "home"),
+                         BAO_DEV_ROOT_TOKEN_ID=self.root_token)
+
+    def _probe(self) -> bool:
+        # Asking with our own random root token proves the answer comes from this server and
+        # not from another process that already holds the port.
+        answer = http_answer(f"{self.url}/v1/auth/token/lookup-self",
+                             {"X-Vault-Token": self.root_token})
+        return answer is not None and answer[0] == 200
+
+    def _secret_values(self) -> list[str]:
+        return [self.root_token]
 
     def __repr__(self) -> str:
         return f"OpenBaoDevServer(url={self.url!r}, pid={self.pid})"

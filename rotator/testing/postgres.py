@@ -4,49 +4,37 @@ The ``postgres`` provider is tested against the real server rather than a fake, 
 matters is exactly what a fake would get wrong: SCRAM verifiers, ``COMMENT ON ROLE``, what the
 server logs and who may alter whom. The cluster lives in a private temporary directory (data,
 unix socket, log), uses SCRAM-SHA-256 for every connection, and is stopped by pid, never by
-name. Run as root, ``initdb`` and ``postgres`` run as the ``postgres`` OS user (PostgreSQL
-refuses to run as root); otherwise they run as the current user.
+name (see :mod:`rotator.testing.server_process`). Run as root, ``initdb`` and ``postgres`` run
+as the ``postgres`` OS user (PostgreSQL refuses to run as root); otherwise they run as the
+current user.
 """
 
 from __future__ import annotations
 
-import atexit
 import glob
-import logging
 import os
 import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from rotator.errors import PermanentError
 from rotator.interfaces import Secret
+from rotator.testing.server_process import HOST, ServerProcess, clean_env
 
 if TYPE_CHECKING:
     import psycopg
 
 __all__ = ["PostgresCluster", "PostgresError", "find_pg_bindir"]
 
-log = logging.getLogger(__name__)
-
 START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
-_PORT_ATTEMPTS = 3
-_LOG_TAIL_LINES = 20
 _RUN_AS = "postgres"
 """The OS user that owns the cluster when this process is root."""
-
-_running: set[PostgresCluster] = set()
-_running_lock = threading.Lock()
 
 
 class PostgresError(PermanentError):
@@ -75,98 +63,59 @@ def find_pg_bindir() -> str:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@atexit.register
-def _stop_all() -> None:
-    """Stop clusters a crashed test run forgot, so none outlives the interpreter."""
-    with _running_lock:
-        clusters = list(_running)
-    for cluster in clusters:
-        cluster.stop()
-
-
-class PostgresCluster:
+class PostgresCluster(ServerProcess):
     """A throw-away cluster: ``initdb --auth=scram-sha-256`` and ``postgres`` on 127.0.0.1.
 
     The superuser's password is random, handed to ``initdb`` in a file that is deleted right
     after, and exposed only as a :class:`Secret`. ``settings`` adds ``-c name=value`` server
     settings (``log_statement="all"`` for the tests that search the log for passwords).
     ``preload_pg_stat_statements`` loads that extension when the installation has it.
-    ``start()`` returns once the superuser can log in; ``stop()`` is idempotent and also runs
-    at interpreter exit.
+    ``start()`` returns once the superuser can log in; ``stop()`` (a fast shutdown: SIGINT,
+    then SIGQUIT, then SIGKILL) is idempotent and also runs at interpreter exit.
     """
+
+    label = "PostgreSQL"
+    slug = "postgres"
+    error = PostgresError
+    port_taken = "could not bind"
+    start_timeout = START_TIMEOUT
+    stop_grace = STOP_GRACE
+    # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
+    stop_signals = (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL)
 
     def __init__(self, *, superuser: str = "postgres", port: int | None = None,
                  settings: Mapping[str, str] | None = None,
                  preload_pg_stat_statements: bool = False) -> None:
-        self.host = "127.0.0.1"
+        super().__init__(port)
+        self.host = HOST
         self.superuser = superuser
         self.password = Secret(secrets.token_urlsafe(24))
-        self.port: int = port or 0
-        self.pid: int | None = None
         self.pg_stat_statements = False
         """True once started with pg_stat_statements preloaded (the extension still has to be
         created in a database with CREATE EXTENSION)."""
-        self._requested_port = port
         self._settings = dict(settings or {})
         self._want_pgss = preload_pg_stat_statements
         self._bindir = ""
-        self._tmpdir: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._lock = threading.Lock()
-
-    # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def datadir(self) -> str:
         assert self._tmpdir is not None, "the cluster is not started"
         return os.path.join(self._tmpdir, "data")
 
-    @property
-    def log_path(self) -> Path:
-        assert self._tmpdir is not None, "the cluster is not started"
-        return Path(self._tmpdir, "postgres.log")
+    def _prepare(self) -> None:
+        """Find the binaries, give the private directory to the owner, initdb."""
+        assert self._tmpdir is not None
+        self._bindir = find_pg_bindir()
+        owner = self._popen_extra()
+        if owner:
+            os.chown(self._tmpdir, owner["user"], owner["group"])
+        self._initdb()
 
-    def start(self) -> PostgresCluster:
-        """initdb, start the server and wait until the superuser can log in."""
-        with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                return self
-            self._bindir = find_pg_bindir()
-            try:
-                self._make_dir()
-                self._initdb()
-                attempts = 1 if self._requested_port else _PORT_ATTEMPTS
-                for attempt in range(1, attempts + 1):
-                    self.port = self._requested_port or _free_port()
-                    try:
-                        self._spawn()
-                        self._wait_ready()
-                    except PostgresError as exc:
-                        tail = self._log_tail()
-                        self._kill_server()
-                        if attempt < attempts and "could not bind" in tail:
-                            log.debug("port %d was taken, retrying on another", self.port)
-                            continue
-                        raise PostgresError(
-                            f"{exc}\n--- last lines of the PostgreSQL log ---\n{tail}") from None
-                    break
-            except BaseException:
-                self._terminate()  # e.g. Ctrl-C while waiting: leave nothing behind
-                raise
-            with _running_lock:
-                _running.add(self)
-            log.debug("PostgreSQL pid %s listening on %s:%s", self.pid, self.host, self.port)
-            return self
+    def _popen_extra(self) -> dict[str, Any]:
+        """``subprocess`` arguments that run a child as the cluster's owner (postgres if root).
 
-    def _as_owner(self) -> dict[str, Any]:
-        """``subprocess`` arguments that run a child as the cluster's owner (postgres if root)."""
+        Popen(user=...) rather than runuser: the pid we hold is the postmaster itself, so
+        stopping by pid signals the server and nothing else."""
         if os.geteuid() != 0:
             return {}
         try:
@@ -179,22 +128,14 @@ class PostgresCluster:
             ) from None
         return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
-    def _make_dir(self) -> None:
-        self._tmpdir = tempfile.mkdtemp(prefix="rotator-postgres-")
-        owner = self._as_owner()
-        if owner:
-            os.chown(self._tmpdir, owner["user"], owner["group"])
-
-    def _child_env(self) -> dict[str, str]:
+    def _env(self) -> dict[str, str]:
         """A clean environment: no PG* variables from the parent, HOME in the private dir."""
         assert self._tmpdir is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(HOME=self._tmpdir, LC_ALL="C", LANG="C")
-        return env
+        return clean_env(("PG",), HOME=self._tmpdir, LC_ALL="C", LANG="C")
 
     def _initdb(self) -> None:
         assert self._tmpdir is not None
-        owner = self._as_owner()
+        owner = self._popen_extra()
         pwfile = os.path.join(self._tmpdir, "pwfile")
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -207,7 +148,7 @@ class PostgresCluster:
                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8",
                  "--locale=C", "--no-sync", "--no-instructions"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=self._child_env(), cwd=self._tmpdir, timeout=120, check=False, **owner,
+                env=self._env(), cwd=self._tmpdir, timeout=120, check=False, **owner,
             )
         finally:
             Path(pwfile).unlink(missing_ok=True)
@@ -242,90 +183,25 @@ class PostgresCluster:
                                   capture_output=True, text=True, check=False).stdout.strip()
         return bool(sharedir) and Path(sharedir, "extension", f"{name}.control").is_file()
 
-    def _spawn(self) -> None:
-        assert self._tmpdir is not None
+    def _command(self) -> list[str]:
         args = [os.path.join(self._bindir, "postgres"), "-D", self.datadir]
         for name, value in self._server_settings().items():
             args += ["-c", f"{name}={value}"]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        # Popen(user=...) rather than runuser: the pid we hold is the postmaster itself, so
-        # stopping by pid signals the server and nothing else.
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=self._child_env(), cwd=self._tmpdir, start_new_session=True, **self._as_owner(),
-        )
-        self.pid = self._proc.pid
+        return args
 
-    def _wait_ready(self) -> None:
-        """Poll until the superuser logs in: with our random password, so the answer comes
-        from this cluster and not from another server that already held the port."""
+    def _probe(self) -> bool:
+        """Can the superuser log in? With our random password, so the answer comes from this
+        cluster and not from another server that already held the port."""
         import psycopg
 
-        assert self._proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise PostgresError(f"PostgreSQL exited with status {code} at start")
-            try:
-                with self.connect_admin(connect_timeout=2):
-                    return
-            except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise PostgresError(f"PostgreSQL on {self.host}:{self.port} did not accept "
-                                    f"connections within {START_TIMEOUT:.0f}s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Fast shutdown by pid (SIGINT, then SIGQUIT, then SIGKILL) and remove the files."""
-        with self._lock:
-            self._terminate()
-        with _running_lock:
-            _running.discard(self)
-
-    def _kill_server(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
-            for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL):
-                try:
-                    os.kill(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=STOP_GRACE)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self.pid = None
-
-    def _terminate(self) -> None:
-        self._kill_server()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    def _log_tail(self) -> str:
         try:
-            text = self.log_text()
-        except (OSError, AssertionError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-_LOG_TAIL_LINES:]) or "(empty log)"
+            with self.connect_admin(connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def _secret_values(self) -> list[str]:
+        return [self.password.reveal()]
 
     def __repr__(self) -> str:
         return f"PostgresCluster(host={self.host!r}, port={self.port}, pid={self.pid})"
@@ -334,8 +210,6 @@ class PostgresCluster:
 
     def log_text(self) -> str:
         """Everything the server logged so far (with ``log_statement=all``, every statement)."""
-        if self._log is not None:
-            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def dsn_for(self, user: str, password: Secret | str | None = None,
