@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 import pytest
 
 from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
-from tests.support import ISSUED_SECRETS, remember_issued
+from tests.support import ISSUED_SECRETS, serve_fake
 
 pytest_plugins = ["tests.fixtures.aws", "tests.fixtures.postgres", "tests.fixtures.stripe",
                   "tests.fixtures.http_fakes"]
@@ -52,28 +51,6 @@ def _no_daemon_outlives_its_test() -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-class IssuingFake(Protocol):
-    """An in-process fake of a service that issues secrets (``FakeOpenAIServer`` and kin)."""
-
-    def start(self) -> object: ...
-    def stop(self) -> None: ...
-    def issued_values(self) -> Iterable[str]: ...
-
-
-FakeT = TypeVar("FakeT", bound=IssuingFake)
-
-
-def serve_fake(fake: FakeT) -> Iterator[FakeT]:
-    """The body of a fake's fixture (``yield from serve_fake(...)``): start it, yield it, then
-    hand every value it issued to the leak scan and stop it."""
-    fake.start()
-    try:
-        yield fake
-    finally:
-        remember_issued(fake.issued_values())
-        fake.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import tomli_w
@@ -36,6 +36,28 @@ STARTED: list[subprocess.Popen[bytes]] = []
 def remember_issued(values: Iterable[str]) -> None:
     """Add secret values a test service issued to the leak scan (call it in fixture teardown)."""
     ISSUED_SECRETS.update(v for v in values if v and len(v) >= 8)
+
+
+class IssuingFake(Protocol):
+    """An in-process fake of a service that issues secrets (``FakeOpenAIServer`` and kin)."""
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+    def issued_values(self) -> Iterable[str]: ...
+
+
+FakeT = TypeVar("FakeT", bound=IssuingFake)
+
+
+def serve_fake(fake: FakeT) -> Iterator[FakeT]:
+    """The body of a fake's fixture (``yield from serve_fake(...)``): start it, yield it, then
+    hand every value it issued to the leak scan and stop it."""
+    fake.start()
+    try:
+        yield fake
+    finally:
+        remember_issued(fake.issued_values())
+        fake.stop()
 
 
 class Runner:

@@ -30,19 +30,13 @@ from rotator.testing.provider_contract import (
 )
 from tests.harnesses.base import SeededCredential
 from tests.harnesses.stripe import StripeHarness
-from tests.support import remember_issued
+from tests.support import serve_fake
 
 
 @pytest.fixture
 def fake(request: pytest.FixtureRequest) -> Iterator[FakeStripeServer]:
     quiet_sdk_debug_logs()
-    server = FakeStripeServer(livemode=request.cls.livemode)
-    server.start()
-    try:
-        yield server
-    finally:
-        remember_issued(server.issued_values())
-        server.stop()
+    yield from serve_fake(FakeStripeServer(livemode=request.cls.livemode))
 
 
 @pytest.fixture

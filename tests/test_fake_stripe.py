@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from providers.stripe_keys import quiet_sdk_debug_logs
 from rotator.testing.fake_stripe import FakeStripeServer
-from tests.support import remember_issued
+from tests.support import serve_fake
 
 
 class Clock:
@@ -55,13 +55,7 @@ def clock() -> Clock:
 
 def _serve(livemode: bool, clock: Clock) -> Iterator[FakeStripeServer]:
     quiet_sdk_debug_logs()
-    server = FakeStripeServer(livemode=livemode, clock=clock)
-    server.start()
-    try:
-        yield server
-    finally:
-        remember_issued(server.issued_values())
-        server.stop()
+    yield from serve_fake(FakeStripeServer(livemode=livemode, clock=clock))
 
 
 @pytest.fixture
