@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.testing.fake_http_services import (
+from rotator.testing.fake_server import (
     ApiError,
     JsonApiFake,
     Request,

@@ -5,276 +5,32 @@ bodies and error envelopes (SendGrid ``{"errors": [{"field", "message"}]}``, Clo
 ``{"success", "errors", "messages", "result"}``), and keep state: a deleted key really stops
 working, which is what lets "no outage" and "old key revoked" fail when they should.
 
-:class:`JsonApiFake` is the small threaded server both (and ``FakeAnthropicAdmin``) share:
-routing, fault injection, latency and a request log. Nothing here logs a key value; values leave
-only in create responses and in ``seed_*`` return values, where the real services hand them out.
+:class:`~rotator.testing.fake_server.JsonApiFake` serves them (routing, fault injection, latency
+and a request log); it is re-exported here with ``ApiError`` and ``Request``. Nothing here logs a
+key value; values leave only in create responses and in ``seed_*`` return values, where the real
+services hand them out.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import logging
 import re
 import secrets
 import string
-import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, ClassVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
+
+from rotator.testing.fake_server import (
+    ApiError,
+    JsonApiFake,
+    Request,
+    bearer,
+    random_text,
+    rfc3339,
+)
 
 __all__ = ["ApiError", "FakeCloudflare", "FakeSendGrid", "JsonApiFake", "Request"]
-
-log = logging.getLogger(__name__)
-
-_URLSAFE = string.ascii_letters + string.digits + "-_"
-
-
-def random_text(length: int, alphabet: str = _URLSAFE) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(length))
-
-
-def rfc3339(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request as a handler sees it; ``headers`` keys are lower-case."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: Mapping[str, str]
-    raw_body: bytes
-
-    def json(self) -> Any:
-        if not self.raw_body:
-            return {}
-        return json.loads(self.raw_body)
-
-
-class ApiError(Exception):
-    """An error response: ``status`` with ``body`` (already in the service's shape)."""
-
-    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-        self.headers = headers or {}
-
-
-@dataclass
-class _Fault:
-    status: int
-    remaining: int
-    path_contains: str
-    method: str | None
-    retry_after: float | None
-
-    def matches(self, method: str, target: str) -> bool:
-        return (self.remaining > 0 and self.path_contains in target
-                and (self.method is None or self.method == method))
-
-
-Route = tuple[str, re.Pattern[str], str]
-
-
-class JsonApiFake:
-    """A JSON API on loopback: subclasses declare ``routes`` and implement the handlers.
-
-    A handler is ``(request, **path_groups) -> (status, body)`` and runs with ``self._lock``
-    held; it raises :class:`ApiError` for an error response. ``error_body`` shapes injected
-    faults and routing errors the way the service does.
-    """
-
-    routes: ClassVar[list[Route]] = []
-    name: ClassVar[str] = "fake"
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._host = host
-        self._port = port
-        self._lock = threading.RLock()
-        self._faults: list[_Fault] = []
-        self._requests: list[tuple[str, str]] = []
-        self._latency = 0.0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> JsonApiFake:
-        """Bind (port 0 picks a free one) and serve in a daemon thread; returns ``self``."""
-        if self._server is None:
-            server = _Server((self._host, self._port), _Handler)
-            server.fake = self
-            self._server = server
-            self._port = server.server_address[1]
-            self._thread = threading.Thread(target=server.serve_forever, name=self.name,
-                                            kwargs={"poll_interval": 0.05}, daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> JsonApiFake:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``, without a trailing slash or path."""
-        return f"http://{self._host}:{self._port}"
-
-    # -- test controls -------------------------------------------------------------------------
-
-    def inject_fault(self, status: int, count: int = 1, path_contains: str = "",
-                     method: str | None = None, retry_after: float | None = None) -> None:
-        """The next ``count`` requests matching ``method`` and ``path_contains`` (query string
-        included) get ``status`` in the service's error shape, before authentication;
-        ``retry_after`` sets the ``Retry-After`` header."""
-        with self._lock:
-            self._faults.append(_Fault(status, count, path_contains,
-                                       method.upper() if method else None, retry_after))
-
-    def set_latency(self, seconds: float) -> None:
-        """Delay every response by ``seconds`` (for client timeout tests)."""
-        with self._lock:
-            self._latency = seconds
-
-    def reset_faults(self) -> None:
-        """Forget pending faults and latency."""
-        with self._lock:
-            self._faults.clear()
-            self._latency = 0.0
-
-    def request_count(self, method: str | None = None, path_contains: str = "") -> int:
-        """How many requests (query string included in the path) matched so far."""
-        wanted = method.upper() if method else None
-        with self._lock:
-            return sum(1 for m, p in self._requests
-                       if (wanted is None or m == wanted) and path_contains in p)
-
-    # -- hooks for subclasses ------------------------------------------------------------------
-
-    def error_body(self, status: int, message: str) -> Any:
-        """The service's error body for ``status`` (faults, unknown routes, bad JSON)."""
-        return {"error": message}
-
-    def response_headers(self) -> dict[str, str]:
-        """Headers added to every response (request ids)."""
-        return {}
-
-    # -- dispatch (server threads) -------------------------------------------------------------
-
-    def _handle(self, method: str, target: str, headers: Mapping[str, str],
-                raw: bytes) -> tuple[int, Any, dict[str, str]]:
-        split = urlsplit(target)
-        path = unquote(split.path).rstrip("/") or "/"
-        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-        with self._lock:
-            self._requests.append((method, target))
-            latency = self._latency
-            fault = next((f for f in self._faults if f.matches(method, target)), None)
-            if fault is not None:
-                fault.remaining -= 1
-        log.debug("%s: %s %s", self.name, method, split.path)
-        if latency:
-            time.sleep(latency)
-        extra = self.response_headers()
-        if fault is not None:
-            fault_headers = dict(extra)
-            if fault.retry_after is not None:
-                fault_headers["retry-after"] = f"{fault.retry_after:g}"
-            return fault.status, self.error_body(fault.status, "injected fault"), fault_headers
-        request = Request(method, path, query, headers, raw)
-        for route_method, pattern, handler_name in self.routes:
-            match = pattern.fullmatch(path)
-            if match and route_method == method:
-                try:
-                    with self._lock:
-                        status, body = getattr(self, handler_name)(request, **match.groupdict())
-                except ApiError as exc:
-                    return exc.status, exc.body, {**extra, **exc.headers}
-                except ValueError:  # a body that is not JSON
-                    return 400, self.error_body(400, "request body is not valid JSON"), extra
-                return status, body, extra
-        return 404, self.error_body(404, f"no route for {method} {split.path}"), extra
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: JsonApiFake
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that time out and hang up are expected here; stay quiet about them."""
-        log.debug("%s: connection from %s ended with an error", self.fake.name, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: the default writes request lines to stderr."""
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        status, body, extra = self.server.fake._handle(method, self.path, headers, raw)
-        data = b"" if body is None else json.dumps(body).encode()
-        self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def _bearer(headers: Mapping[str, str]) -> str | None:
-    scheme, _, token = (headers.get("authorization") or "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 def _same(a: str, b: str) -> bool:
@@ -385,7 +141,7 @@ class FakeSendGrid(JsonApiFake):
         return key
 
     def _caller(self, request: Request) -> _SgKey:
-        token = _bearer(request.headers)
+        token = bearer(request.headers.get("authorization"))
         key = self._live_by_value(token) if token else None
         if key is None:
             raise ApiError(401, self.error_body(401, "authorization required"))
@@ -555,7 +311,7 @@ class FakeCloudflare(JsonApiFake):
                      if not t.deleted and _same(t.value, value)), None)
 
     def _caller(self, request: Request) -> _CfToken:
-        value = _bearer(request.headers)
+        value = bearer(request.headers.get("authorization"))
         token = self._live_by_value(value) if value else None
         if token is None:
             raise ApiError(401, _cf(None, errors=[{"code": 1000,

@@ -13,30 +13,26 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import re
 import secrets
 import string
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+
+from rotator.testing.fake_server import ApiError, JsonApiFake, Request, bearer, random_text
 
 __all__ = ["FakeOpenAIServer"]
-
-log = logging.getLogger(__name__)
 
 _ALNUM = string.ascii_letters + string.digits
 _DEFAULT_LIMIT = 20
 _MAX_LIMIT = 100
 _MODELS = ("gpt-4o-mini", "gpt-4.1", "text-embedding-3-small")
+_PROJECT = r"/v1/organization/projects/(?P<project_id>[^/]+)"
 
 
 def _random_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(length))
+    return prefix + random_text(length, _ALNUM)
 
 
 def redact(value: str) -> str:
@@ -84,23 +80,7 @@ class _Key:
         return not self.deleted and (self.expires_at is None or now < self.expires_at)
 
 
-@dataclass
-class _Fault:
-    status: int
-    remaining: int
-    path_contains: str
-    method: str | None
-    retry_after: float | None
-
-    def matches(self, method: str, path: str) -> bool:
-        return (
-            self.remaining > 0
-            and self.path_contains in path
-            and (self.method is None or self.method == method)
-        )
-
-
-class _ApiError(Exception):
+class _ApiError(ApiError):
     """An error response in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
     def __init__(
@@ -113,17 +93,12 @@ class _ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-        self.headers = headers or {}
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        super().__init__(status, body, headers)
 
 
-def _fault_error(fault: _Fault) -> _ApiError:
-    status = fault.status
-    headers: dict[str, str] = {}
-    if fault.retry_after is not None:
-        headers["retry-after"] = f"{fault.retry_after:g}"
+def _fault_error(status: int, retry_after: float | None) -> _ApiError:
+    headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
     if status == 429:
         return _ApiError(
             429,
@@ -155,82 +130,7 @@ def _fault_error(fault: _Fault) -> _ApiError:
     return _ApiError(status, "Injected fault.", headers=headers)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeOpenAIServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that time out and hang up are expected here; stay quiet about them."""
-        log.debug("fake OpenAI: connection from %s ended with an error", client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "FakeOpenAI/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: the default writes request lines to stderr; ``_dispatch`` logs method+path."""
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        status, body, headers = self.server.fake._handle(
-            method, self.path, self.headers.get("Authorization"), raw
-        )
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-request-id", _random_id("req_", 32))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-
-_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-    ("GET", re.compile(r"/v1/models"), "_list_models"),
-    ("GET", re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)"), "_get_project"),
-    (
-        "GET",
-        re.compile(
-            r"/v1/organization/projects/(?P<project_id>[^/]+)/service_accounts/(?P<sa_id>[^/]+)"
-        ),
-        "_get_service_account",
-    ),
-    (
-        "POST",
-        re.compile(
-            r"/v1/organization/projects/(?P<project_id>[^/]+)/service_accounts/(?P<sa_id>[^/]+)"
-            r"/api_keys"
-        ),
-        "_create_key",
-    ),
-    ("GET", re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys"), "_list_keys"),
-    (
-        "GET",
-        re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys/(?P<key_id>[^/]+)"),
-        "_get_key",
-    ),
-    (
-        "DELETE",
-        re.compile(r"/v1/organization/projects/(?P<project_id>[^/]+)/api_keys/(?P<key_id>[^/]+)"),
-        "_delete_key",
-    ),
-]
-
-
-class FakeOpenAIServer:
+class FakeOpenAIServer(JsonApiFake):
     """In-memory projects, service accounts and keys behind the Admin API's HTTP surface.
 
     Usage::
@@ -243,74 +143,37 @@ class FakeOpenAIServer:
     All state is guarded by one lock; the HTTP server runs in a daemon thread.
     """
 
+    name = "fake-openai"
+    server_version = "FakeOpenAI/1.0"
+    tcp_nodelay = False  # keeps its ~40 ms a response, which bench/ figures were measured with
+    routes = [
+        ("GET", re.compile(r"/v1/models"), "_list_models"),
+        ("GET", re.compile(_PROJECT), "_get_project"),
+        ("GET", re.compile(rf"{_PROJECT}/service_accounts/(?P<sa_id>[^/]+)"),
+         "_get_service_account"),
+        ("POST", re.compile(rf"{_PROJECT}/service_accounts/(?P<sa_id>[^/]+)/api_keys"),
+         "_create_key"),
+        ("GET", re.compile(rf"{_PROJECT}/api_keys"), "_list_keys"),
+        ("GET", re.compile(rf"{_PROJECT}/api_keys/(?P<key_id>[^/]+)"), "_get_key"),
+        ("DELETE", re.compile(rf"{_PROJECT}/api_keys/(?P<key_id>[^/]+)"), "_delete_key"),
+    ]
+
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, admin_key: str | None = None
     ) -> None:
+        super().__init__(host, port)
         self.admin_key = admin_key or "sk-admin-" + secrets.token_urlsafe(32)
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
         self._projects: dict[str, _Project] = {}
         self._service_accounts: dict[str, _ServiceAccount] = {}
         self._keys: dict[str, _Key] = {}  # insertion order is listing order
         self._by_value: dict[str, str] = {}
-        self._faults: list[_Fault] = []
-        self._requests: list[tuple[str, str]] = []
-        self._latency = 0.0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> FakeOpenAIServer:
-        """Bind (port 0 picks a free one) and serve in a daemon thread; returns ``self``."""
-        if self._server is not None:
-            return self
-        server = _Server((self._host, self._port), _Handler)
-        server.fake = self
-        self._server = server
-        self._port = server.server_address[1]
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            name="fake-openai",
-            kwargs={"poll_interval": 0.05},
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def base_url(self) -> str:
         """The URL to give an OpenAI client (``…/v1``, like ``https://api.openai.com/v1``)."""
-        if self._server is None:
+        if not self.started:
             raise RuntimeError("FakeOpenAIServer is not started")
-        return f"http://{self._host}:{self._port}/v1"
+        return self.url + "/v1"
 
     # -- state set-up and inspection -----------------------------------------------------------
 
@@ -371,99 +234,34 @@ class FakeOpenAIServer:
         with self._lock:
             return [self.admin_key, *(k.value for k in self._keys.values())]
 
-    # -- fault injection -----------------------------------------------------------------------
+    # -- how OpenAI answers (server threads) --------------------------------------------------
 
-    def inject_fault(
-        self,
-        status: int,
-        count: int = 1,
-        path_contains: str = "",
-        method: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        """The next ``count`` requests matching ``method`` and ``path_contains`` get ``status``.
+    def response_headers(self) -> dict[str, str]:
+        return {"x-request-id": _random_id("req_", 32)}
 
-        Faults are answered before authentication, in OpenAI's error shape; ``retry_after`` sets
-        the ``Retry-After`` header (OpenAI sends it with 429s).
-        """
+    def fault_error(self, request: Request, status: int, retry_after: float | None) -> ApiError:
+        """OpenAI's error for ``status``; ``retry_after`` is sent with all but 401, 403 and 404."""
+        return _fault_error(status, retry_after)
+
+    def no_route(self, request: Request, other_method: bool) -> ApiError:
+        return _ApiError(404, f"Invalid URL ({request.method} {request.path})")
+
+    def dispatch(self, request: Request) -> tuple[int, Any]:
+        """Every call but ``GET /v1/models`` needs the admin key; then the JSON body is parsed
+        and the handler called as ``(authorization=, query=, body=, **path_groups)``."""
+        handler_name, groups = self.route(request)
+        authorization = request.headers.get("authorization")
         with self._lock:
-            self._faults.append(
-                _Fault(
-                    status, count, path_contains, method.upper() if method else None, retry_after
-                )
-            )
-
-    def set_latency(self, seconds: float) -> None:
-        """Delay every response by ``seconds`` (for client timeout tests)."""
-        with self._lock:
-            self._latency = seconds
-
-    def reset_faults(self) -> None:
-        """Forget pending faults and latency."""
-        with self._lock:
-            self._faults.clear()
-            self._latency = 0.0
-
-    def request_count(self, method: str | None = None, path_contains: str = "") -> int:
-        """How many requests (query string included in the path) matched so far."""
-        wanted = method.upper() if method else None
-        with self._lock:
-            return sum(
-                1
-                for m, p in self._requests
-                if (wanted is None or m == wanted) and path_contains in p
-            )
-
-    # -- HTTP handling (called from server threads) --------------------------------------------
-
-    def _handle(
-        self, method: str, target: str, authorization: str | None, raw_body: bytes
-    ) -> tuple[int, Any, dict[str, str]]:
-        path = urlsplit(target).path.rstrip("/") or "/"
-        query = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
-        with self._lock:
-            self._requests.append((method, target))
-            latency = self._latency
-            fault = next((f for f in self._faults if f.matches(method, target)), None)
-            if fault is not None:
-                fault.remaining -= 1
-        log.debug("fake OpenAI: %s %s", method, path)
-        if latency:
-            time.sleep(latency)
-        try:
-            if fault is not None:
-                raise _fault_error(fault)
-            return 200, self._route(method, path, query, authorization, raw_body), {}
-        except _ApiError as exc:
-            return exc.status, exc.body, exc.headers
-
-    def _route(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, str],
-        authorization: str | None,
-        raw_body: bytes,
-    ) -> Any:
-        for route_method, pattern, handler_name in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match and route_method == method:
-                handler = getattr(self, handler_name)
-                with self._lock:
-                    if handler_name != "_list_models":
-                        self._check_admin(authorization)
-                    return handler(
-                        authorization=authorization,
-                        query=query,
-                        body=_parse_body(raw_body),
-                        **match.groupdict(),
-                    )
-        raise _ApiError(404, f"Invalid URL ({method} {path})")
+            if handler_name != "_list_models":
+                self._check_admin(authorization)
+            handler = getattr(self, handler_name)
+            return 200, handler(authorization=authorization, query=request.query,
+                                body=_parse_body(request.raw_body), **groups)
 
     # The handlers below run with self._lock held.
 
     def _check_admin(self, authorization: str | None) -> None:
-        token = _bearer(authorization)
+        token = bearer(authorization)
         if token is None:
             raise _ApiError(
                 401,
@@ -487,7 +285,7 @@ class FakeOpenAIServer:
         raise _invalid_key(token)
 
     def _list_models(self, authorization: str | None, **_: Any) -> Any:
-        token = _bearer(authorization)
+        token = bearer(authorization)
         if token is None:
             raise _ApiError(401, "You didn't provide an API key.")
         key = self._lookup_value(token)
@@ -669,14 +467,6 @@ class FakeOpenAIServer:
             },
             "owner_project_access": "active",
         }
-
-
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 def _invalid_key(token: str) -> _ApiError:

@@ -42,25 +42,19 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import os
 import re
-import secrets
-import socket
 import string
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["FakeStripeServer"]
+from rotator.testing.fake_server import ApiError, JsonApiFake, Request, random_text
 
-log = logging.getLogger(__name__)
+__all__ = ["FakeStripeServer"]
 
 _ALNUM = string.ascii_letters + string.digits
 _MAX_V2_LIMIT = 100
@@ -71,7 +65,7 @@ _BALANCE_PERMISSION = "balance_read"
 
 
 def _random(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(length))
+    return prefix + random_text(length, _ALNUM)
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -172,23 +166,7 @@ class _ApiKey:
         return self.permissions is not None
 
 
-@dataclass
-class _Fault:
-    status: int
-    remaining: int
-    path_contains: str
-    method: str | None
-    retry_after: float | None
-
-    def matches(self, method: str, target: str) -> bool:
-        return (
-            self.remaining > 0
-            and self.path_contains in target
-            and (self.method is None or self.method == method)
-        )
-
-
-class _ApiError(Exception):
+class _ApiError(ApiError):
     """An error in Stripe's shape: ``{"error": {type, code, message, param}}``."""
 
     def __init__(
@@ -201,15 +179,12 @@ class _ApiError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
         error: dict[str, Any] = {"type": type_, "message": message}
         if code:
             error["code"] = code
         if param:
             error["param"] = param
-        self.body = {"error": error}
-        self.headers = headers or {}
+        super().__init__(status, {"error": error}, headers)
 
 
 def _missing(kind: str, object_id: str, param: str = "id") -> _ApiError:
@@ -218,9 +193,8 @@ def _missing(kind: str, object_id: str, param: str = "id") -> _ApiError:
     )
 
 
-def _fault_error(fault: _Fault, v2: bool) -> _ApiError:
-    headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
-    status = fault.status
+def _fault_error(status: int, retry_after: float | None, v2: bool) -> _ApiError:
+    headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
     if status == 429:
         return _ApiError(
             429,
@@ -255,55 +229,6 @@ def _fault_error(fault: _Fault, v2: bool) -> _ApiError:
     return _ApiError(status, "Injected fault.", headers=headers)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeStripeServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that time out and hang up are expected here; stay quiet about them."""
-        log.debug("fake Stripe: connection from %s ended with an error", client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "FakeStripe/1.0"
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without this, Nagle's algorithm and the
-        # client's delayed ACK add ~40 ms to every response on a kept-alive connection.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: the default writes request lines to stderr."""
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        status, body, headers = self.server.fake._handle(
-            method, self.path, self.headers.get("Authorization"), raw
-        )
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Request-Id", _random("req_", 14))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-
 _ID = r"(?P<id>[^/]+)"
 _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     # (method, path, handler, who may call it: "any" live key, "endpoints", "admin")
@@ -321,9 +246,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("POST", re.compile(rf"/v2/iam/api_keys/{_ID}/expire"), "_expire_key", "admin"),
     ("POST", re.compile(rf"/v2/iam/api_keys/{_ID}/rotate"), "_rotate_key", "admin"),
 ]
+_ACCESS = {handler: who for _, _, handler, who in _ROUTES}
 
 
-class FakeStripeServer:
+class FakeStripeServer(JsonApiFake):
     """One Stripe account's webhook endpoints and API keys behind Stripe's HTTP surface.
 
     Usage::
@@ -335,6 +261,9 @@ class FakeStripeServer:
     All state is guarded by one lock; the HTTP server runs in a daemon thread.
     """
 
+    name = "fake-stripe"
+    server_version = "FakeStripe/1.0"
+    routes = [(method, pattern, handler) for method, pattern, handler, _ in _ROUTES]
     jwe_alg: str = "RSA-OAEP-256"
     """The key-wrapping ``alg`` of the JWEs it issues (``RSA-OAEP`` is the other one Stripe
     may send)."""
@@ -347,77 +276,25 @@ class FakeStripeServer:
         livemode: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(host, port)
         self.livemode = livemode
         self._mode = "live" if livemode else "test"
         self.admin_key = _random(f"sk_{self._mode}_51", 96)
         self.account_id = _random("acct_1", 15)
         self._clock = clock
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
         self._endpoints: dict[str, _Endpoint] = {}
         self._keys: dict[str, _ApiKey] = {}
         self._by_token: dict[str, str] = {}
         self._retired_admin_keys: list[str] = []
         self._seq = 0
         self._propagation = 0.0
-        self._faults: list[_Fault] = []
-        self._requests: list[tuple[str, str]] = []
-        self._latency = 0.0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> FakeStripeServer:
-        """Bind (port 0 picks a free one) and serve in a daemon thread; returns ``self``."""
-        if self._server is not None:
-            return self
-        server = _Server((self._host, self._port), _Handler)
-        server.fake = self
-        self._server = server
-        self._port = server.server_address[1]
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            name="fake-stripe",
-            kwargs={"poll_interval": 0.05},
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FakeStripeServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def base_url(self) -> str:
         """The API base to give a Stripe client (like ``https://api.stripe.com``: no ``/v1``)."""
-        if self._server is None:
+        if not self.started:
             raise RuntimeError("FakeStripeServer is not started")
-        return f"http://{self._host}:{self._port}"
+        return self.url
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -552,99 +429,36 @@ class FakeStripeServer:
                 *(e.secret for e in self._endpoints.values()),
             ]
 
-    # -- fault injection -----------------------------------------------------------------------
+    # -- how Stripe answers (server threads) --------------------------------------------------
 
-    def inject_fault(
-        self,
-        status: int,
-        count: int = 1,
-        path_contains: str = "",
-        method: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        """The next ``count`` requests matching ``method`` and ``path_contains`` (query string
-        included) get ``status`` in Stripe's error shape, before authentication; ``retry_after``
-        sets the ``Retry-After`` header."""
+    def response_headers(self) -> dict[str, str]:
+        return {"Request-Id": _random("req_", 14)}
+
+    def fault_error(self, request: Request, status: int, retry_after: float | None) -> ApiError:
+        """Stripe's error for ``status`` (v1 or v2 flavour); ``Retry-After`` with 409, 429, 5xx
+        and other statuses, not with 401, 403 or 404."""
+        return _fault_error(status, retry_after, request.path.startswith("/v2/"))
+
+    def no_route(self, request: Request, other_method: bool) -> ApiError:
+        return _ApiError(405 if other_method else 404,
+                         f"Unrecognized request URL ({request.method}: {request.path}).")
+
+    def dispatch(self, request: Request) -> tuple[int, Any]:
+        """Parse the body (JSON on v2, a form on v1, whose GETs take it from the query string),
+        route, authenticate for the route, then call the handler as ``(query=, body=,
+        **path_groups)``."""
+        query_string = urlsplit(request.target).query
+        if request.path.startswith("/v2/"):
+            body = _parse_json(request.raw_body) if request.method == "POST" else {}
+        else:
+            body = _parse_form(request.raw_body.decode() if request.method == "POST"
+                               else query_string)
+        query = dict(parse_qsl(query_string, keep_blank_values=True))
+        handler_name, groups = self.route(request)
         with self._lock:
-            self._faults.append(
-                _Fault(
-                    status, count, path_contains, method.upper() if method else None, retry_after
-                )
-            )
-
-    def set_latency(self, seconds: float) -> None:
-        """Delay every response by ``seconds`` (for client timeout tests)."""
-        with self._lock:
-            self._latency = seconds
-
-    def reset_faults(self) -> None:
-        """Forget pending faults and latency."""
-        with self._lock:
-            self._faults.clear()
-            self._latency = 0.0
-
-    def request_count(self, method: str | None = None, path_contains: str = "") -> int:
-        """How many requests (query string included in the path) matched so far."""
-        wanted = method.upper() if method else None
-        with self._lock:
-            return sum(
-                1
-                for m, p in self._requests
-                if (wanted is None or m == wanted) and path_contains in p
-            )
-
-    # -- HTTP handling (server threads) --------------------------------------------------------
-
-    def _handle(
-        self, method: str, target: str, authorization: str | None, raw_body: bytes
-    ) -> tuple[int, Any, dict[str, str]]:
-        split = urlsplit(target)
-        path = split.path.rstrip("/") or "/"
-        v2 = path.startswith("/v2/")
-        with self._lock:
-            self._requests.append((method, target))
-            latency = self._latency
-            fault = next((f for f in self._faults if f.matches(method, target)), None)
-            if fault is not None:
-                fault.remaining -= 1
-        log.debug("fake Stripe: %s %s", method, path)
-        if latency:
-            time.sleep(latency)
-        try:
-            if fault is not None:
-                raise _fault_error(fault, v2)
-            query = dict(parse_qsl(split.query, keep_blank_values=True))
-            if v2:
-                body = _parse_json(raw_body) if method == "POST" else {}
-            else:
-                body = _parse_form(raw_body.decode() if method == "POST" else split.query)
-            return 200, self._route(method, path, authorization, query, body), {}
-        except _ApiError as exc:
-            return exc.status, exc.body, exc.headers
-
-    def _route(
-        self,
-        method: str,
-        path: str,
-        authorization: str | None,
-        query: dict[str, str],
-        body: dict[str, Any],
-    ) -> Any:
-        allowed = False
-        for route_method, pattern, handler_name, who in _ROUTES:
-            match = pattern.fullmatch(path)
-            if not match:
-                continue
-            allowed = True
-            if route_method != method:
-                continue
-            with self._lock:
-                self._authenticate(authorization, who, path)
-                handler = getattr(self, handler_name)
-                return handler(query=query, body=body, **match.groupdict())
-        if allowed:
-            raise _ApiError(405, f"Unrecognized request URL ({method}: {path}).")
-        raise _ApiError(404, f"Unrecognized request URL ({method}: {path}).")
+            self._authenticate(request.headers.get("authorization"), _ACCESS[handler_name],
+                               request.path)
+            return 200, getattr(self, handler_name)(query=query, body=body, **groups)
 
     # Everything below runs with self._lock held.
 
