@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from providers.http_requests import send, status_error
-from rotator import redaction
+from providers.http_requests import HttpSession, status_error
 from rotator.config import SecretRef
 from rotator.errors import (
     CredentialRejected,
@@ -44,6 +42,7 @@ from rotator.interfaces import (
     Secret,
     SecretResolver,
 )
+from rotator.plugin_support import params_as, remote_message
 
 if TYPE_CHECKING:
     import httpx
@@ -125,9 +124,9 @@ class AnthropicProvider(Provider):
 
     def __init__(self, name: str, settings: PluginSettings, resolve_secret: SecretResolver) -> None:
         super().__init__(name, settings, resolve_secret)
-        self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
-        self._admin_key: Secret | None = None
+        self._session = HttpSession(name, timeout=self.config.timeout,
+                                    headers={"User-Agent": "rotator"},
+                                    resolve=lambda: self.resolve_secret(self.config.admin_key))
 
     @property
     def config(self) -> AnthropicSettings:
@@ -218,45 +217,19 @@ class AnthropicProvider(Provider):
         import httpx  # noqa: F401
 
     def close(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._session.close()
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _http(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                import httpx
-
-                self._client = httpx.Client(timeout=self.config.timeout, follow_redirects=False,
-                                            headers={"User-Agent": "rotator"})
-            return self._client
-
-    def _admin(self) -> Secret:
-        with self._lock:
-            cached = self._admin_key
-        if cached is None:
-            cached = self.resolve_secret(self.config.admin_key)
-            with self._lock:
-                self._admin_key = cached
-        return cached
 
     def _request(self, method: str, path: str, action: str, *, key: Secret | None = None,
                  params: Mapping[str, str] | None = None, json: Any = None) -> httpx.Response:
         """Send with ``key``, or with the admin key (dropped from the cache if refused)."""
-        admin = key is None
-        credential = self._admin() if key is None else key
+        credential = self._session.secrets() if key is None else key
         headers = {"x-api-key": credential.reveal(),
                    "anthropic-version": self.config.anthropic_version,
                    "accept": "application/json"}
-        response = send(self._http(), method, self.config.base_url + path, who=self.name,
-                        action=action, headers=headers, params=params, json=json)
-        if admin and response.status_code in (401, 403):
-            with self._lock:
-                self._admin_key = None
-        return response
+        return self._session.request(method, self.config.base_url + path, action=action,
+                                     admin=key is None, headers=headers, params=params, json=json)
 
     def _get_key(self, key_id: str, action: str) -> dict[str, Any] | None:
         response = self._request("GET", f"/v1/organizations/api_keys/{_segment(key_id)}", action)
@@ -312,15 +285,7 @@ class AnthropicProvider(Provider):
 
 
 def _params(credential: CredentialInfo) -> AnthropicParams:
-    params = credential.params
-    if isinstance(params, AnthropicParams):
-        return params
-    if isinstance(params, Mapping):
-        return AnthropicParams.model_validate(dict(params))
-    if type(params) is PluginSettings:  # a credential given no [credentials.params]
-        return AnthropicParams()
-    raise PermanentError(f"{credential.name}: params are not anthropic provider params "
-                         f"({type(params).__name__})")
+    return params_as(credential, AnthropicParams, "anthropic", optional=True)
 
 
 def _segment(key_id: str) -> str:
@@ -367,8 +332,4 @@ def _error_type(response: httpx.Response) -> str:
 
 def _error_message(response: httpx.Response) -> str:
     """Anthropic's message, cut short and stripped of anything key-shaped."""
-    message = _error_body(response).get("message")
-    if not isinstance(message, str) or not message:
-        return ""
-    message = _KEY_LIKE.sub("sk-ant-[redacted]", redaction.scrub(message))
-    return message if len(message) <= 200 else message[:200] + "..."
+    return remote_message(_error_body(response).get("message"), _KEY_LIKE, "sk-ant-[redacted]")

@@ -50,13 +50,14 @@ from rotator.aws import (
     AUTH_CODES,
     DENIED_CODES,
     AwsCredentialRefs,
+    AwsEndpoint,
+    AwsRegion,
     aws_detail,
-    check_endpoint,
-    check_region,
     error_code,
     is_transient,
     make_client,
     transport_error,
+    warm_up_clients,
 )
 from rotator.errors import (
     CredentialRejected,
@@ -74,6 +75,7 @@ from rotator.interfaces import (
     Secret,
     SecretResolver,
 )
+from rotator.plugin_support import params_as
 from rotator.testing.crashpoints import crashpoint
 
 __all__ = ["AwsIamParams", "AwsIamProvider", "AwsIamSettings"]
@@ -102,22 +104,12 @@ class AwsIamSettings(AwsCredentialRefs):
     default chain is used (environment, ``~/.aws``, an instance or pod role).
     """
 
-    region: str = Field(description="Region for STS and the partition, e.g. us-east-1.")
-    endpoint_url: str | None = Field(
+    region: AwsRegion = Field(description="Region for STS and the partition, e.g. us-east-1.")
+    endpoint_url: AwsEndpoint = Field(
         default=None, description="IAM and STS endpoint (a test server such as moto).")
-    sts_endpoint_url: str | None = Field(
+    sts_endpoint_url: AwsEndpoint = Field(
         default=None, description="STS endpoint when it differs from endpoint_url.")
     timeout: float = Field(default=30, gt=0, description="Seconds per request.")
-
-    @field_validator("region")
-    @classmethod
-    def _region_name(cls, value: str) -> str:
-        return check_region(value)
-
-    @field_validator("endpoint_url", "sts_endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return check_endpoint(value)
 
 
 class AwsIamParams(PluginSettings):
@@ -211,13 +203,7 @@ def _arn_user(arn: str) -> str | None:
 
 
 def _params(credential: CredentialInfo) -> AwsIamParams:
-    params = credential.params
-    if isinstance(params, AwsIamParams):
-        return params
-    if isinstance(params, Mapping):
-        return AwsIamParams.model_validate(dict(params))
-    raise PermanentError(
-        f"{credential.name}: params are not aws-iam provider params ({type(params).__name__})")
+    return params_as(credential, AwsIamParams, "aws-iam")
 
 
 class AwsIamProvider(Provider):
@@ -350,12 +336,7 @@ class AwsIamProvider(Provider):
                 raise
 
     def warm_up(self) -> None:
-        import botocore.exceptions  # noqa: F401
-
-        for service in ("iam", "sts"):  # built, never called: imports botocore's lazy parts
-            make_client(service, region=self.config.region, endpoint_url=None, timeout=1,
-                        credentials={"aws_access_key_id": "warm-up",
-                                     "aws_secret_access_key": "warm-up"}).close()
+        warm_up_clients(self.config.region, "iam", "sts")
 
     def close(self) -> None:
         with self._lock:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import quote
 
-from providers.http_requests import send, status_error
+from providers.http_requests import HttpSession, send, status_error
 from providers.http_settings import Call, HttpParams, HttpSettings, ListCall, VerifyCall
 from providers.http_templates import (
     MissingVar,
@@ -45,6 +44,7 @@ from rotator.interfaces import (
     SecretResolver,
     key_name_for,
 )
+from rotator.plugin_support import params_as
 
 if TYPE_CHECKING:
     import httpx
@@ -96,9 +96,11 @@ class HttpProvider(Provider):
         cfg = self.config
         self.capabilities = Capabilities(  # type: ignore[misc]
             create=True, identify=cfg.identify is not None, verify_revoked=cfg.verify is not None)
-        self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
-        self._secrets: dict[str, Secret] | None = None
+        self._session: HttpSession[dict[str, Secret]] = HttpSession(
+            name, timeout=cfg.timeout,
+            headers={"User-Agent": "rotator", "Accept": "application/json"},
+            resolve=lambda: {key: self.resolve_secret(ref)
+                             for key, ref in self.config.secrets.items()})
 
     @property
     def config(self) -> HttpSettings:
@@ -224,7 +226,7 @@ class HttpProvider(Provider):
     def check_access(self) -> None:
         """Resolve every secret, and run the list call's first page if it needs no
         ``{vars.*}`` in its path or query (headers that need them are left out)."""
-        self._resolved_secrets()
+        self._session.secrets()
         call = self.config.list
         if call is None or any(t.startswith("vars.") for tmpl in call.templates()
                                for t in template_placeholders(tmpl)):
@@ -239,32 +241,9 @@ class HttpProvider(Provider):
         import httpx  # noqa: F401
 
     def close(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._session.close()
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _http(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                import httpx
-
-                self._client = httpx.Client(
-                    timeout=self.config.timeout, follow_redirects=False,
-                    headers={"User-Agent": "rotator", "Accept": "application/json"})
-            return self._client
-
-    def _resolved_secrets(self) -> dict[str, Secret]:
-        with self._lock:
-            cached = self._secrets
-        if cached is None:
-            cached = {name: self.resolve_secret(ref)
-                      for name, ref in self.config.secrets.items()}
-            with self._lock:
-                self._secrets = cached
-        return cached
 
     def _values(self, credential: CredentialInfo | None, *, admin: bool,
                 **fixed: str) -> dict[str, str]:
@@ -273,7 +252,7 @@ class HttpProvider(Provider):
             values.update({f"vars.{k}": v for k, v in _params(credential).vars.items()})
         if admin:
             values.update({f"secrets.{k}": s.reveal()
-                           for k, s in self._resolved_secrets().items()})
+                           for k, s in self._session.secrets().items()})
         return values
 
     def _call(self, call: Call, credential: CredentialInfo | None, values: Mapping[str, str],
@@ -310,12 +289,9 @@ class HttpProvider(Provider):
             query[call.page_param] = str(page)
         if body is not None:
             headers.setdefault("Content-Type", "application/json")
-        response = send(self._http(), call.method, url, who=self.name, action=action,
-                        headers=headers, params=query, json=body)
-        if admin and response.status_code in (401, 403):
-            with self._lock:
-                self._secrets = None  # resolve again next time: the admin key may be rotated
-        return response
+        # A refused admin call drops the secrets: the admin key may have been rotated.
+        return self._session.request(call.method, url, action=action, admin=admin,
+                                     headers=headers, params=query, json=body)
 
     def _verify(self, credential: CredentialInfo, secret: Secret) -> httpx.Response:
         call = cast(VerifyCall, self.config.verify)
@@ -380,12 +356,4 @@ class HttpProvider(Provider):
 
 
 def _params(credential: CredentialInfo) -> HttpParams:
-    params = credential.params
-    if isinstance(params, HttpParams):
-        return params
-    if isinstance(params, Mapping):
-        return HttpParams.model_validate(dict(params))
-    if type(params) is PluginSettings:  # a credential given no [credentials.params]
-        return HttpParams()
-    raise PermanentError(f"{credential.name}: params are not http provider params "
-                         f"({type(params).__name__})")
+    return params_as(credential, HttpParams, "http", optional=True)

@@ -2,26 +2,29 @@
 
 Shared by the providers that speak plain JSON over HTTP with ``httpx`` (``http``, ``anthropic``):
 transport failures and unexpected statuses become ``TransientError`` (retry later),
-``NotFound`` or ``PermanentError`` (fix the configuration), each saying which. Nothing here
-quotes a header value or a response body: either may hold a secret. ``httpx`` is imported when
-a request is first sent.
+``NotFound`` or ``PermanentError`` (fix the configuration), each saying which; an
+:class:`HttpSession` holds a provider's client and resolved admin secrets. Nothing here quotes
+a header value or a response body: either may hold a secret. ``httpx`` is imported when a
+request is first sent.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
+from rotator.errors import PermanentError, RotatorError, TransientError
+from rotator.plugin_support import classify_status, retry_after, status_where
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["retry_after", "send", "status_error"]
+__all__ = ["HttpSession", "retry_after", "send", "status_error"]
+
+T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_\-:.]{1,100}")
 
@@ -62,38 +65,73 @@ def status_error(response: httpx.Response, *, who: str, action: str,
     ``admin_hint`` says how to fix it), 429/5xx/408/409 are transient, 404 is ``NotFound``.
     Never quotes the body: only ``detail``, which the caller has made safe."""
     status = response.status_code
-    where = f"HTTP {status}" + (f" {detail}" if detail else "")
     request_id = response.headers.get("request-id") or response.headers.get("x-request-id")
-    if request_id and _REQUEST_ID.fullmatch(request_id):
-        where += f", request id {request_id}"
+    where = status_where(status, detail,
+                         request_id if request_id and _REQUEST_ID.fullmatch(request_id) else None)
     prefix = f"{who}: {action}"
     if status in (401, 403) and admin_hint:
         return PermanentError(f"{prefix}: the service refused the admin credential ({where}); "
                               f"{admin_hint}")
-    if status == 429:
-        return TransientError(f"{prefix}: rate limited ({where})",
-                              retry_after=retry_after(response.headers))
-    if status >= 500 or status in (408, 409, 425):
-        return TransientError(f"{prefix}: the service is unavailable ({where})",
-                              retry_after=retry_after(response.headers))
     if 300 <= status < 400:
         return PermanentError(f"{prefix}: the service redirected ({where}); point base_url at "
                               "the final address")
-    if status == 404:
-        return NotFound(f"{prefix}: not found ({where})" + (f"; {not_found}" if not_found else ""))
-    return PermanentError(f"{prefix}: the service refused the request ({where})")
+    return classify_status(status, prefix=prefix, detail=where, service="the service",
+                           wait=retry_after(response.headers), not_found=not_found,
+                           transient=(408, 409, 425))
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date)."""
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+class HttpSession(Generic[T]):
+    """One provider instance's ``httpx.Client`` and its resolved admin secret(s) ``T``.
+
+    The client is made on first use (importing ``httpx`` only then). The secrets are resolved
+    on first use, outside the lock (resolving may be a vault round trip), and dropped when an
+    admin request is refused with 401/403, so that the next call resolves them again: an admin
+    key may itself have been rotated. Thread-safe: one client serves every thread.
+    """
+
+    def __init__(self, who: str, *, timeout: float, headers: Mapping[str, str],
+                 resolve: Callable[[], T]) -> None:
+        self.who = who
+        self._timeout = timeout
+        self._headers = dict(headers)
+        self._resolve = resolve
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._secrets: T | None = None
+
+    def secrets(self) -> T:
+        """The admin secret(s), resolved on first use and after a refusal."""
+        with self._lock:
+            cached = self._secrets
+        if cached is None:
+            cached = self._resolve()
+            with self._lock:
+                self._secrets = cached
+        return cached
+
+    def request(self, method: str, url: str, *, action: str, admin: bool,
+                headers: Mapping[str, str], params: Mapping[str, str] | None = None,
+                json: Any = None) -> httpx.Response:
+        """:func:`send` with this session's client; an ``admin`` request refused with 401/403
+        drops the secrets."""
+        response = send(self._http(), method, url, who=self.who, action=action,
+                        headers=headers, params=params, json=json)
+        if admin and response.status_code in (401, 403):
+            with self._lock:
+                self._secrets = None
+        return response
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(timeout=self._timeout, follow_redirects=False,
+                                            headers=self._headers)
+            return self._client

@@ -14,15 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from rotator import redaction
 from rotator.config import SecretRef
 from rotator.errors import (
     CredentialRejected,
@@ -41,6 +38,13 @@ from rotator.interfaces import (
     SecretResolver,
     key_name_for,
 )
+from rotator.plugin_support import (
+    classify_status,
+    params_as,
+    remote_message,
+    retry_after,
+    status_where,
+)
 
 if TYPE_CHECKING:
     import openai
@@ -54,7 +58,6 @@ log = logging.getLogger(__name__)
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-*.]{6,}")
 # How OpenAI redacts a key in listings: a prefix, "..." (sometimes with asterisks), a suffix.
 _REDACTION_GAP = re.compile(r"(?:\*+|\.{3}|\u2026)+")
-_MAX_REMOTE_MESSAGE = 200
 
 
 class OpenAISettings(PluginSettings):
@@ -321,9 +324,7 @@ class OpenAIProvider(Provider):
     ) -> RotatorError:
         status = exc.status_code
         code = exc.code
-        where = f"HTTP {status}" + (f" {code}" if code else "")
-        if exc.request_id:
-            where += f", request id {exc.request_id}"
+        where = status_where(status, code, exc.request_id)
         prefix = f"{self.name}: {action}"
         if status in (401, 403):
             # OpenAI quotes part of the refused key in these messages: never pass them on.
@@ -335,33 +336,16 @@ class OpenAIProvider(Provider):
                 f"project {self.config.project_id}"
             )
         detail = f"{where}: {_remote_message(exc)}"
-        if status == 429:
-            if code == "insufficient_quota":
-                return PermanentError(
-                    f"{prefix}: the OpenAI organization is out of quota ({detail})"
-                )
-            return TransientError(
-                f"{prefix}: rate limited ({detail})", retry_after=_retry_after(exc.response.headers)
-            )
-        if status >= 500 or status in (408, 409):
-            return TransientError(
-                f"{prefix}: OpenAI is unavailable ({detail})",
-                retry_after=_retry_after(exc.response.headers),
-            )
+        if status == 429 and code == "insufficient_quota":
+            return PermanentError(f"{prefix}: the OpenAI organization is out of quota ({detail})")
         if status == 404:
             return NotFound(f"{prefix}: {not_found or 'not found'} ({detail})")
-        return PermanentError(f"{prefix}: OpenAI refused the request ({detail})")
+        return classify_status(status, prefix=prefix, detail=detail, service="OpenAI",
+                               wait=_retry_after(exc.response.headers))
 
 
 def _params(credential: CredentialInfo) -> OpenAIParams:
-    params = credential.params
-    if isinstance(params, OpenAIParams):
-        return params
-    if isinstance(params, Mapping):
-        return OpenAIParams.model_validate(dict(params))
-    raise PermanentError(
-        f"{credential.name}: params are not OpenAI provider params ({type(params).__name__})"
-    )
+    return params_as(credential, OpenAIParams, "OpenAI")
 
 
 def _no_ambient_scope(openai: Any) -> Any:
@@ -385,30 +369,9 @@ def _remote_message(exc: openai.APIStatusError) -> str:
     """OpenAI's own error message, cut short and stripped of anything key-shaped."""
     body = exc.body
     message = body.get("message") if isinstance(body, Mapping) else None
-    if not isinstance(message, str) or not message:
-        return "no message"
-    message = _KEY_LIKE.sub("sk-[redacted]", redaction.scrub(message))
-    if len(message) > _MAX_REMOTE_MESSAGE:
-        message = message[:_MAX_REMOTE_MESSAGE] + "..."
-    return message
+    return remote_message(message, _KEY_LIKE, "sk-[redacted]") or "no message"
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    return retry_after(headers, milliseconds=True)

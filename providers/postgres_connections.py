@@ -19,6 +19,7 @@ from providers.postgres_settings import PostgresSettings
 from rotator import redaction
 from rotator.errors import CredentialRejected, PermanentError, RotatorError, TransientError
 from rotator.interfaces import Secret, SecretResolver
+from rotator.plugin_support import shorten
 
 if TYPE_CHECKING:
     import psycopg
@@ -27,7 +28,6 @@ __all__ = ["Connections"]
 
 _MAX_POOLED = 16
 _STATEMENT_TIMEOUT = "30s"
-_MAX_REMOTE_MESSAGE = 200
 # libpq's text for failures the server or the network may get over by itself.
 _TRANSIENT_CONNECT = (
     "the database system is starting up", "the database system is shutting down",
@@ -194,9 +194,7 @@ def _server_message(exc: BaseException) -> str:
     text = re.sub(r"^connection failed: ", "", text)
     text = re.sub(r"connection to server at \"[^\"]*\"(?: \([^)]*\))?, port \d+ failed: ", "",
                   text)
-    text = " ".join(redaction.scrub(text).split())
-    if len(text) > _MAX_REMOTE_MESSAGE:
-        text = text[:_MAX_REMOTE_MESSAGE] + "..."
+    text = shorten(" ".join(redaction.scrub(text).split()))
     return text or type(exc).__name__
 
 

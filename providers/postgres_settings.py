@@ -6,14 +6,13 @@ its roles is reported with its file and line before anything touches a server.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from rotator.config import SecretRef
-from rotator.errors import PermanentError
 from rotator.interfaces import CredentialInfo, PluginSettings
+from rotator.plugin_support import params_as
 
 __all__ = ["PostgresParams", "PostgresSettings", "params_of"]
 
@@ -154,10 +153,4 @@ class PostgresParams(PluginSettings):
 
 def params_of(credential: CredentialInfo) -> PostgresParams:
     """The credential's params as :class:`PostgresParams` (validated again if given raw)."""
-    params = credential.params
-    if isinstance(params, PostgresParams):
-        return params
-    if isinstance(params, Mapping):
-        return PostgresParams.model_validate(dict(params))
-    raise PermanentError(
-        f"{credential.name}: params are not postgres provider params ({type(params).__name__})")
+    return params_as(credential, PostgresParams, "postgres")

@@ -34,7 +34,6 @@ the old key at once; minting keys may need a Stripe App's key holding ``api_key_
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -48,6 +47,7 @@ from providers.stripe_jwe import Undecryptable, key_pair, token_from
 from providers.stripe_settings import StripeParams
 from rotator.errors import NotFound, PermanentError, RotatorError
 from rotator.interfaces import CredentialInfo, NewKey, Secret, key_name_for
+from rotator.plugin_support import same_text
 
 __all__ = ["ApiKeys", "redaction_fits"]
 
@@ -216,7 +216,7 @@ class ApiKeys:
                 continue
             token = (item.get("secret_key") or {}).get("token")
             if isinstance(token, str) and token:
-                if hmac.compare_digest(token.encode(), value.encode()):
+                if same_text(token, value):
                     exact.append(key.id)
             elif redaction_fits(key.redacted, value):
                 fitting.append(key.id)

@@ -12,22 +12,14 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 from providers.stripe_settings import StripeSettings
-from rotator import redaction
-from rotator.errors import (
-    CredentialRejected,
-    NotFound,
-    PermanentError,
-    RotatorError,
-    TransientError,
-)
+from rotator.errors import CredentialRejected, PermanentError, RotatorError, TransientError
 from rotator.interfaces import SecretResolver
+from rotator.plugin_support import classify_status, remote_message, retry_after, status_where
 
 if TYPE_CHECKING:
     import stripe
@@ -35,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["StripeAccount", "quiet_sdk_debug_logs", "retry_after"]
 
 _KEY_LIKE = re.compile(r"(?:sk|rk|pk|whsec)_[A-Za-z0-9_*.]{4,}")
-_MAX_REMOTE_MESSAGE = 200
 
 
 class StripeAccount:
@@ -141,10 +132,7 @@ class StripeAccount:
     ) -> RotatorError:
         import stripe
 
-        code = exc.code
-        where = f"HTTP {status}" + (f" {code}" if code else "")
-        if exc.request_id:
-            where += f", request id {exc.request_id}"
+        where = status_where(status, exc.code, exc.request_id)
         prefix = f"{self.name}: {action}"
         if status in (401, 403):
             # Stripe quotes part of the refused key in these messages: never pass them on.
@@ -160,17 +148,9 @@ class StripeAccount:
                 "need a secret key or a restricted key with webhook write access, API keys a "
                 f"key allowed to manage API keys (see stripe_context in [providers.{self.name}])"
             )
-        detail = f"{where}: {_remote_message(exc)}"
-        wait = retry_after(exc.headers or {})
-        if isinstance(exc, stripe.RateLimitError) or status == 429:
-            return TransientError(f"{prefix}: rate limited ({detail})", retry_after=wait)
-        if status >= 500 or status in (408, 409):
-            return TransientError(
-                f"{prefix}: Stripe is unavailable ({detail})", retry_after=wait
-            )
-        if status == 404:
-            return NotFound(f"{prefix}: not found ({detail})")
-        return PermanentError(f"{prefix}: Stripe refused the request ({detail})")
+        return classify_status(status, prefix=prefix, detail=f"{where}: {_remote_message(exc)}",
+                               service="Stripe", wait=retry_after(exc.headers or {}),
+                               rate_limited=isinstance(exc, stripe.RateLimitError))
 
 
 class _NoSdkDebug(logging.Filter):
@@ -206,24 +186,4 @@ def _remote_message(exc: stripe.StripeError) -> str:
     body = exc.json_body
     error = body.get("error") if isinstance(body, Mapping) else None
     message = error.get("message") if isinstance(error, Mapping) else None
-    if not isinstance(message, str) or not message:
-        return "no message"
-    message = _KEY_LIKE.sub("[redacted]", redaction.scrub(message))
-    if len(message) > _MAX_REMOTE_MESSAGE:
-        message = message[:_MAX_REMOTE_MESSAGE] + "..."
-    return message
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``Retry-After`` (seconds or an HTTP date), whatever the header's case."""
-    raw = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    return remote_message(message, _KEY_LIKE, "[redacted]") or "no message"

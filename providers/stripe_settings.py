@@ -7,14 +7,13 @@ params of the other ``kind`` are reported with their file and line before Stripe
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from rotator.config import SecretRef
-from rotator.errors import PermanentError
 from rotator.interfaces import CredentialInfo, PluginSettings
+from rotator.plugin_support import params_as
 
 __all__ = ["StripeParams", "StripeSettings", "params_of"]
 
@@ -172,11 +171,4 @@ class StripeParams(PluginSettings):
 
 def params_of(credential: CredentialInfo) -> StripeParams:
     """The credential's params as :class:`StripeParams` (validated again if given raw)."""
-    params = credential.params
-    if isinstance(params, StripeParams):
-        return params
-    if isinstance(params, Mapping):
-        return StripeParams.model_validate(dict(params))
-    raise PermanentError(
-        f"{credential.name}: params are not Stripe provider params ({type(params).__name__})"
-    )
+    return params_as(credential, StripeParams, "Stripe")

@@ -1,7 +1,7 @@
 """AWS helpers shared by the aws-iam provider and the aws-secretsmanager vault.
 
-One botocore session for every client (with the SDK's retries off: the engine retries), checks
-of region and endpoint settings, and the mapping of AWS's error codes onto
+One botocore session for every client (with the SDK's retries off: the engine retries), the
+region and endpoint setting types, the warm-up, and the mapping of AWS's error codes onto
 :mod:`rotator.errors`: which codes a retry can fix, which blame the credentials, which a missing
 permission. Both plugins translate at their own boundary with these, so the same AWS answer
 means the same thing to both.
@@ -13,14 +13,15 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import model_validator
+from pydantic import AfterValidator, model_validator
 
 from rotator import redaction
 from rotator.config import SecretRef
 from rotator.errors import PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings
+from rotator.plugin_support import shorten
 
 if TYPE_CHECKING:
     from botocore.config import Config
@@ -31,6 +32,8 @@ __all__ = [
     "SERVER_CODES",
     "THROTTLE_CODES",
     "AwsCredentialRefs",
+    "AwsEndpoint",
+    "AwsRegion",
     "aws_detail",
     "boto_config",
     "check_endpoint",
@@ -41,10 +44,10 @@ __all__ = [
     "make_client",
     "quiet_sdk_loggers",
     "transport_error",
+    "warm_up_clients",
 ]
 
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-_MAX_REMOTE_MESSAGE = 200
 _session_lock = threading.Lock()
 _botocore_session: Any = None
 _XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
@@ -92,6 +95,12 @@ def check_endpoint(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
+AwsRegion = Annotated[str, AfterValidator(check_region)]
+"""A region setting, checked by :func:`check_region`."""
+AwsEndpoint = Annotated[str | None, AfterValidator(check_endpoint)]
+"""An optional endpoint setting, checked by :func:`check_endpoint`."""
+
+
 def boto_config(timeout: float) -> Config:
     """Client settings: no SDK retries (the engine retries ``TransientError`` with its own
     backoff and deadline; two retry loops would multiply), and bounded timeouts."""
@@ -121,6 +130,17 @@ def make_client(service: str, *, region: str, endpoint_url: str | None, timeout:
         return _botocore_session.create_client(
             service, region_name=region, endpoint_url=endpoint_url,
             config=boto_config(timeout), **dict(credentials or {}))
+
+
+def warm_up_clients(region: str, *services: str) -> None:
+    """Build (never call) a client of each service: imports botocore's lazy parts and loads
+    the service models, so that the first real call does not pay for them."""
+    import botocore.exceptions  # noqa: F401
+
+    for service in services:
+        make_client(service, region=region, endpoint_url=None, timeout=1,
+                    credentials={"aws_access_key_id": "warm-up",
+                                 "aws_secret_access_key": "warm-up"}).close()
 
 
 def quiet_sdk_loggers() -> None:
@@ -176,9 +196,7 @@ def aws_detail(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     code, message = _error(exc)
     code = code or type(exc).__name__
-    message = redaction.scrub(" ".join(message.split()))
-    if len(message) > _MAX_REMOTE_MESSAGE:
-        message = message[:_MAX_REMOTE_MESSAGE] + "..."
+    message = shorten(redaction.scrub(" ".join(message.split())))
     request_id = (response.get("ResponseMetadata") or {}).get("RequestId")
     parts = [code] + ([message] if message else [])
     text = ": ".join(parts)

@@ -36,6 +36,7 @@ import httpx
 
 from rotator import redaction
 from rotator.errors import PermanentError, TransientError
+from rotator.plugin_support import retry_after
 
 __all__ = [
     "CheckContext",
@@ -190,7 +191,7 @@ def _run_http_hook(hook: HookSpec, ctx: CheckContext,
     message = (f"{ctx.credential}: on_rotate {where} answered {response.status_code}"
                f"{_tail_suffix(response.text, EXCERPT, head=True, label='body')}")
     if response.status_code >= 500 or response.status_code == 429:
-        raise TransientError(message, retry_after=_retry_after(response))
+        raise TransientError(message, retry_after=retry_after(response.headers))
     raise PermanentError(message)
 
 
@@ -403,13 +404,6 @@ def _seconds(value: timedelta | float | int) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     return float(value)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers.get("retry-after", ""))
-    except ValueError:
-        return None
 
 
 def _substitute(template: str, ctx: CheckContext) -> str | None:

@@ -26,7 +26,6 @@ anywhere) and never logged: messages name the target ``notify.NAME``.
 from __future__ import annotations
 
 import collections
-import email.utils
 import json
 import logging
 import random
@@ -44,6 +43,7 @@ import httpx
 from rotator import __version__, redaction
 from rotator.errors import RotatorError, TransientError
 from rotator.events import RotationFinished, StepFinished
+from rotator.plugin_support import retry_after
 
 __all__ = [
     "EXIT_WAIT_SECONDS",
@@ -438,7 +438,8 @@ class _Sender:
         excerpt = self._clean(" ".join(response.text.split())[:_EXCERPT], secrets)
         why = f"answered {status}" + (f": {excerpt}" if excerpt else "")
         if status in (408, 429) or status >= 500:
-            return _Attempt(ok=False, retry=True, retry_after=_retry_after(response), why=why)
+            return _Attempt(ok=False, retry=True, retry_after=retry_after(response.headers),
+                            why=why)
         if 300 <= status < 400:
             why += " (redirects are not followed: use the final URL)"
         return _Attempt(ok=False, why=why)
@@ -497,24 +498,6 @@ def _secret_parts(value: str) -> list[str]:
                                                                                   "replace")]
     parts += [segment for segment in url.path.split("/") if len(segment) >= 6]
     return [p for p in parts if len(p) >= 6]
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds, from either of its two forms."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 _httpx_filter_lock = threading.Lock()

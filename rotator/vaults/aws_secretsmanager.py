@@ -43,7 +43,6 @@ The helpers shared with ``providers/aws_iam.py`` (client factory, error codes) a
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -57,24 +56,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from rotator.aws import (
     AUTH_CODES,
     DENIED_CODES,
     AwsCredentialRefs,
+    AwsEndpoint,
+    AwsRegion,
     aws_detail,
-    check_endpoint,
-    check_region,
     error_code,
     is_transient,
     make_client,
     quiet_sdk_loggers,
     transport_error,
+    warm_up_clients,
 )
 from rotator.config import SecretRef
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.plugin_support import same_text
 from rotator.systemd import expand_credentials_directory
 
 # quiet_sdk_loggers is re-exported: rotator.testing.moto_server imports it from here.
@@ -109,20 +110,10 @@ class SecretsManagerSettings(AwsCredentialRefs):
     its own credentials from a vault.
     """
 
-    region: str = Field(description="The region of the secrets, e.g. us-east-1.")
-    endpoint_url: str | None = Field(
+    region: AwsRegion = Field(description="The region of the secrets, e.g. us-east-1.")
+    endpoint_url: AwsEndpoint = Field(
         default=None, description="A VPC or FIPS endpoint, or a test server such as moto.")
     timeout: float = Field(default=10, gt=0, description="Seconds per request.")
-
-    @field_validator("region")
-    @classmethod
-    def _region_name(cls, value: str) -> str:
-        return check_region(value)
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return check_endpoint(value)
 
     @model_validator(mode="after")
     def _no_vault_refs(self) -> SecretsManagerSettings:
@@ -153,10 +144,6 @@ class _Described:
 
 class _Conflict(Exception):
     """``AWSCURRENT`` was not on the version we took it from: another writer moved it."""
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _as_text(value: Any) -> str | None:
@@ -392,12 +379,7 @@ class SecretsManagerVault(Vault):
             raise
 
     def warm_up(self) -> None:
-        import botocore.exceptions  # noqa: F401
-
-        # Building a client (never called) imports botocore's lazy parts and loads the model.
-        make_client("secretsmanager", region=self.cfg.region, endpoint_url=None, timeout=1,
-                    credentials={"aws_access_key_id": "warm-up",
-                                 "aws_secret_access_key": "warm-up"}).close()
+        warm_up_clients(self.cfg.region, "secretsmanager")
 
     def close(self) -> None:
         with self._lock:
@@ -555,7 +537,7 @@ class SecretsManagerVault(Vault):
             now = _as_text(current.data.get(field))
             then = self._get(path, version_id=vid)
             was = _as_text(then.data.get(field)) if then is not None else None
-            if now is None or was is None or not _same(now, was):
+            if now is None or was is None or not same_text(now, was):
                 return {}
         return {"key_id": key_id, "rotation_id": rotation_id, "rotated_at": rotated_at}
 

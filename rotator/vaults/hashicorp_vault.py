@@ -27,7 +27,6 @@ a new token) and after a 403; AppRole and Kubernetes tokens are replaced by logg
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from rotator import redaction
 from rotator.durations import format_duration
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.plugin_support import same_text
 from rotator.systemd import expand_credentials_directory
 
 if TYPE_CHECKING:
@@ -176,10 +176,6 @@ def _file_signature(path: str) -> tuple[int, int, int, int] | None:
 
 class _CasConflict(Exception):
     """Another writer created a version between our read and our write."""
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _as_text(value: Any) -> str | None:
@@ -347,7 +343,7 @@ class HashiCorpVault(Vault):
                 current = self._get(path, what=f"reading {where}")
             live = current if current is not None and current.data is not None else None
             present = _as_text(live.data.get(field)) if live and live.data else None
-            if (live is not None and present is not None and _same(present, value)
+            if (live is not None and present is not None and same_text(present, value)
                     and all(live.data.get(k) == v for k, v in companions.items())):
                 if self._field_metadata(path, field, live).get("rotation_id") != rotation_id:
                     self._set_field_metadata(path, field, live.number, metadata, rotation_id)
@@ -499,7 +495,7 @@ class HashiCorpVault(Vault):
         if then is None or then.data is None:
             return {}
         before, now = _as_text(then.data.get(field)), _as_text(current.data.get(field))
-        if before is None or now is None or not _same(before, now):
+        if before is None or now is None or not same_text(before, now):
             return {}
         return metadata
 
