@@ -650,6 +650,7 @@ def test_a_reload_applies_the_new_notify_section(tmp_path: Path, openbao: Any,
         assert daemon.notifier is not before
         assert before.stats()["ops"]["queued"] == 0
         daemon.wait_idle(60)
+        assert daemon.notifier.flush(20), "notifications still queued"
         name = fleet.credentials[0]["name"]
         if not receiver.bodies("/after"):  # nothing was due at the reload's tick
             assert daemon.engine.rotate(RotationRequest(credential=name, trigger="manual")).ok
