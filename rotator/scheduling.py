@@ -101,6 +101,7 @@ class Daemon:
         self._last_tick = time.monotonic()
         self._schema_checked = (0.0, True)
         self._readiness = ReadinessProbe(self._ready_checks, describe=self.store.describe_error)
+        self._store_down_since: float | None = None  # monotonic time the store was lost
         self.metrics.live = self.liveness
         self.metrics.ready = self.readiness
 
@@ -299,8 +300,18 @@ class Daemon:
             self._start_due()
             self._schedule_wakeup()
             self._warn_orphans()
-        except Exception:
-            log.exception("scheduler tick failed; retrying at the next tick")
+            if self._store_down_since is not None:
+                log.warning("state store reachable again after %.0fs; carrying on",
+                            time.monotonic() - self._store_down_since)
+                self._store_down_since = None
+        except Exception as exc:
+            if not self.store.is_unreachable(exc):
+                log.exception("scheduler tick failed; retrying at the next tick")
+            elif self._store_down_since is None:  # once per outage, and no traceback
+                self._store_down_since = time.monotonic()
+                log.error("state store unavailable: %s; nothing starts until it is back "
+                          "(rotations in flight stop at their next step and resume then)",
+                          self.store.describe_error(exc))
 
     def _request_tick(self) -> None:
         """Ask the daemon's loop for a tick (from APScheduler's jobs and finished workers)."""
@@ -378,8 +389,13 @@ class Daemon:
             if isinstance(result, RotationResult) and not result.ok \
                     and result.outcome != "skipped":
                 log.warning("%s: %s: %s", name, result.outcome, result.message)
-        except Exception:
-            log.exception("%s: rotation crashed; it resumes from its last step", name)
+        except Exception as exc:
+            if self.store.is_unreachable(exc):
+                log.error("%s: rotation stopped, the state store is unavailable (%s); it "
+                          "resumes from its last step once the store is back", name,
+                          self.store.describe_error(exc))
+            else:
+                log.exception("%s: rotation crashed; it resumes from its last step", name)
 
     def _schedule_wakeup(self) -> None:
         """A one-shot tick at the earliest due time no worker holds, if before the next

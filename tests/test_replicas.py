@@ -23,6 +23,7 @@ import pytest
 from rotator.probes import ReadinessProbe
 from rotator.state.store import StateStore
 from rotator.testing.agent import SampleAgent
+from rotator.testing.postgres import PostgresCluster
 from tests.support import (
     Fleet,
     free_port,
@@ -30,6 +31,7 @@ from tests.support import (
     make_fleet,
     pid_namespaces_work,
     postgres_state_url,
+    remember_issued,
     start_daemon_elsewhere,
     stop_daemon,
     wait_for,
@@ -247,6 +249,60 @@ def test_a_replica_killed_mid_rotation_is_taken_over_after_its_lease(tmp_path, o
     assert set(orphans) <= resumed, "another replica resumed each orphaned rotation"
     assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
     fleet.assert_settled()  # one live key each: nothing the victim created is left over
+
+
+@pytest.mark.slow
+def test_replicas_ride_out_a_state_store_restart(tmp_path, openbao, fake_openai, monkeypatch):
+    """PostgreSQL goes away for a few seconds under two busy replicas (a restart, a failover):
+    the replicas stay up, and once it is back every rotation they had in flight finishes and
+    rotations go on; agents never see a rejected key."""
+    cluster = PostgresCluster().start()
+    try:
+        monkeypatch.setenv("PGPASSWORD", cluster.password.reveal())
+        remember_issued([cluster.password.reveal()])
+        url = postgres_state_url(cluster)
+        fleet = make_fleet(tmp_path, openbao, fake_openai, n=10, interval="2s", grace="1s",
+                           settings={"state_url": url, "lock_ttl": "6s",
+                                     "max_concurrent_rotations": 4})
+        assert fleet.cli("db", "upgrade").returncode == 0
+        fake_openai.set_latency(0.1)
+        agents = _agents(fleet, fleet.credentials, period=0.1)
+        daemons = [fleet.start_daemon() for _ in range(2)]
+        store = StateStore(url)
+        try:
+            wait_for(lambda: all(_successes(store, c["name"]) >= 1 for c in fleet.credentials),
+                     timeout=60, what="the first round")
+            wait_for(lambda: store.unfinished_rotations(), timeout=20, interval=0.01,
+                     what="rotations in flight")
+            before = {c["name"]: _successes(store, c["name"]) for c in fleet.credentials}
+            cluster.restart(downtime=4)
+            assert [d.poll() for d in daemons] == [None, None], "a replica died with the store"
+            wait_for(lambda: all(_successes(store, c["name"]) >= before[c["name"]] + 2
+                                 for c in fleet.credentials), timeout=90,
+                     what="two more rotations of every credential after the restart")
+            fleet.config.write_text(fleet.config.read_text().replace('"2s"', '"30d"'))
+            _wait_quiet(store)
+            rotations = store.rotations(limit=10_000)
+        finally:
+            codes = [stop_daemon(d) for d in daemons]
+            for agent in agents:
+                agent.stop()
+            store.close()
+        assert codes == [0, 0]
+        assert all(r.status == "succeeded" for r in rotations), \
+            [(r.credential, r.status, r.error) for r in rotations if r.status != "succeeded"]
+        assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
+        # The outage is reported in a line, once per replica, with the recovery; no traceback.
+        lines = [line for path in sorted((tmp_path / "out").glob("*-run.stderr"))
+                 for line in _log_lines(path)]
+        assert not [line["message"] for line in lines if "exception" in line], \
+            "a state store outage is not a crash"
+        down = [line for line in lines if line["message"].startswith("state store unavailable")]
+        back = [line for line in lines if line["message"].startswith("state store reachable")]
+        assert 1 <= len(down) <= 2 and len(back) == len(down)
+        fleet.assert_settled()
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.slow

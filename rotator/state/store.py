@@ -593,6 +593,15 @@ class StateStore:
         with self.engine.connect() as conn:
             return conn.scalar(text("SELECT clock_timestamp()"))
 
+    @staticmethod
+    def is_unreachable(exc: BaseException) -> bool:
+        """Whether ``exc`` says the database could not be reached or dropped the connection (a
+        restart, a failover, a network cut), as opposed to a bug: nothing to fix in rotator,
+        the same work succeeds once it is back."""
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
+        return isinstance(exc, OperationalError | InterfaceError)
+
     def describe_error(self, exc: BaseException) -> str:
         """A one-line description of a database error, safe to log or serve."""
         first = str(exc).split("\n")[0] if str(exc) else type(exc).__name__

@@ -218,6 +218,22 @@ class ServerProcess:
                                  f"{self.start_timeout:.0f}s")
             time.sleep(0.05)
 
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server by pid, stay down ``downtime`` seconds, start it again on the same
+        port with the same files: what clients see of a database or vault restart."""
+        with self._lock:
+            assert self._tmpdir is not None, f"{self.label} is not started"
+            self._kill()
+            time.sleep(downtime)
+            try:
+                self._spawn()
+                self._wait_ready()
+            except self.error as exc:
+                tail = self._log_tail()
+                self._kill()
+                raise self.error(f"{exc}\n--- last lines of {self.label}'s log ---\n{tail}"
+                                 ) from None
+
     def stop(self) -> None:
         """Stop the server by pid (``stop_signals`` in turn) and remove its files."""
         with self._lock:
