@@ -208,7 +208,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                           f"[{style}]{outcome}[/]" if style else outcome,
                           _when(r["next_due_at"]) + (f" ({r['due_reason']})"
                                                      if r["due_reason"] else ""),
-                          r["rotating_step"] or "")
+                          " on ".join(filter(None, (r["rotating_step"], r["rotating_on"]))))
         _console().print(table)
         return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
-from rotator.state.store import StateStore
+from rotator.state.store import COMMAND_TAG, StateStore, describe_owner, lock_owner_id
 
 __all__ = [
     "Context",
@@ -54,7 +55,9 @@ def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
     read, so a mistyped ``state_url`` is an error rather than a new empty store."""
     store = StateStore(policies.settings.state_url, create=create)
     runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store, clock=clock)
+    # A command's leases say so, for `rotator status` on the replicas' side.
+    engine = Engine(policies, runtime, store, clock=clock,
+                    owner=lock_owner_id(f"{COMMAND_TAG}{secrets.token_hex(4)}"))
     audit = AuditLog(store)
     engine.listeners.append(audit.listener(_os_user()))
     notifier = Notifier(policies.notify, runtime.resolve_secret)
@@ -79,6 +82,7 @@ def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
     """One row per credential of the policy file (SPEC: ``rotator status``)."""
     states = {s.name: s for s in ctx.store.credentials()}
     active = ctx.store.active_rotation_steps()
+    holders = ctx.store.lease_holders(now)
     rows = []
     for cred in ctx.policies.credentials:
         state = states.get(cred.name)
@@ -101,6 +105,7 @@ def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
             "next_due_at": _iso(state.next_due_at) if state else None,
             "due_reason": state.due_reason if state else None,
             "rotating_step": active.get(cred.name),
+            "rotating_on": describe_owner(holders[cred.name]) if cred.name in holders else None,
         })
     return rows
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from rotator.probes import ReadinessProbe
-from rotator.state.store import StateStore
+from rotator.state.store import COMMAND_TAG, StateStore, lock_owner_id
 from rotator.testing.agent import SampleAgent
 from rotator.testing.postgres import PostgresCluster
 from tests.support import (
@@ -303,6 +305,28 @@ def test_replicas_ride_out_a_state_store_restart(tmp_path, openbao, fake_openai,
         fleet.assert_settled()
     finally:
         cluster.stop()
+
+
+def test_status_names_the_replica_holding_each_rotation(tmp_path, openbao, fake_openai):
+    """With replicas, `rotator status` says which one (host and pid: the pod's name on
+    Kubernetes) holds a credential, and when it is a command such as rotate-now."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=3)
+    assert fleet.cli("db", "upgrade").returncode == 0
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    now = datetime.now(UTC)
+    try:
+        for name, tag in (("agent-0/openai", "a1b2"), ("agent-1/openai", f"{COMMAND_TAG}c3")):
+            assert store.try_lock(name, lock_owner_id(tag), timedelta(minutes=5), now) is None
+        status = fleet.cli("status", "--json")
+        table = fleet.cli("status")
+    finally:
+        store.close()
+    assert status.returncode == 0, status.stderr
+    on = {row["credential"]: row["rotating_on"] for row in json.loads(status.stdout)}
+    me = f"{socket.gethostname()} pid {os.getpid()}"
+    assert on == {"agent-0/openai": me, "agent-1/openai": f"a command on {me}",
+                  "agent-2/openai": None}
+    assert f"pid {os.getpid()}" in table.stdout
 
 
 @pytest.mark.slow

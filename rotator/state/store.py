@@ -36,7 +36,7 @@ from rotator.state.models import (
 )
 from rotator.state.urls import backend, safe_url, scrub_url_password
 
-__all__ = ["StaleRotation", "StateStore", "lock_owner_id"]
+__all__ = ["COMMAND_TAG", "StaleRotation", "StateStore", "describe_owner", "lock_owner_id"]
 
 
 class StaleRotation(RotatorError):
@@ -85,6 +85,19 @@ def _local_host() -> str:
 def lock_owner_id(tag: str) -> str:
     """A lock owner id naming this host and process, so a dead local holder can be recognised."""
     return f"{_local_host()}:{os.getpid()}:{tag}"
+
+
+COMMAND_TAG = "cmd-"
+"""Starts the tag of a lock taken by a command (``rotate-now``), not by a daemon."""
+
+
+def describe_owner(owner: str) -> str:
+    """A lock owner id as an operator reads it: ``host pid N`` (the replica's host name, which
+    is the pod's name on Kubernetes), or ``a command on host pid N`` (``rotate-now``)."""
+    host, _, rest = owner.partition(":")
+    pid, _, tag = rest.partition(":")
+    who = f"{host.partition('~')[0]} pid {pid}" if pid.isdigit() else owner
+    return f"a command on {who}" if tag.startswith(COMMAND_TAG) else who
 
 
 def _holder_is_dead(owner: str) -> bool:
@@ -537,10 +550,14 @@ class StateStore:
 
     def live_leases(self, now: datetime) -> set[str]:
         """Names whose lease someone holds at ``now`` (a dead local holder's counts as free)."""
+        return set(self.lease_holders(now))
+
+    def lease_holders(self, now: datetime) -> dict[str, str]:
+        """Name -> owner id of every lease someone holds at ``now`` (see ``live_leases``)."""
         with self._reader.connect() as conn:
             rows = conn.execute(select(_LOCKS.c.name, _LOCKS.c.owner)
                                 .where(_LOCKS.c.expires_at >= now)).all()
-        return {name for name, owner in rows if not _holder_is_dead(owner)}
+        return {name: owner for name, owner in rows if not _holder_is_dead(owner)}
 
     def renew_locks(self, names: Sequence[str], owner: str, ttl: timedelta,
                     now: datetime) -> set[str]:
