@@ -65,6 +65,26 @@ class _StateCollector(Collector):
         yield from (in_progress, awaiting, info)
 
 
+class _ReadinessCollector(Collector):
+    """``rotator_ready{check}``: /readyz's checks as a gauge, so Prometheus sees (and alerts on)
+    a replica that cannot reach its state store or a vault, not just Kubernetes."""
+
+    def __init__(self, ready: Callable[[], Callable[[], ProbeResult]]) -> None:
+        self.ready = ready
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("rotator_ready", "1 while this readiness check passes (the "
+                                  "same checks as /readyz), 0 while it fails.", labels=["check"])
+        try:
+            result = self.ready()()
+        except Exception:  # a scrape must answer even when a check misbehaves
+            log.exception("could not run the readiness checks for /metrics")
+            return
+        for check, status in sorted(result.checks.items()):
+            gauge.add_metric([check], 1 if status == "ok" else 0)
+        yield gauge
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -229,6 +249,7 @@ class Metrics:
             "rotator_notifications_total", "Webhook notifications by outcome (sent, failed, "
             "dropped).", ["notifier", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(store))
+        self.registry.register(_ReadinessCollector(lambda: self.ready))
         self.per_credential = _PerCredential(store, policies)
         self._server: ThreadingHTTPServer | None = None
         self.live: Callable[[], ProbeResult] = _always_ok

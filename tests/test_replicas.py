@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -378,12 +379,23 @@ def test_healthz_and_readyz(tmp_path, openbao, fake_openai):
             body["checks"]["vaults.backup"]
         assert get_json(f"{base}/healthz") == (200, {"status": "ok",
                                                      "checks": {"scheduler": "ok"}})
+        page = _get_text(f"{base}/metrics")
+        assert 'rotator_ready{check="vaults.backup"} 0.0' in page
+        assert 'rotator_ready{check="vaults.main"} 1.0' in page
+        assert 'rotator_ready{check="state_store"} 1.0' in page
         text = fleet.config.read_text()
         fleet.config.write_text(text[:text.index("[vaults.backup]")]
                                 + text[text.index("[providers"):])
         wait_for(lambda: get_json(f"{base}/readyz")[0] == 200, what="ready once reloaded")
+        page = _get_text(f"{base}/metrics")
+        assert "vaults.backup" not in page and 'rotator_ready{check="vaults.main"} 1.0' in page
     finally:
         assert stop_daemon(daemon) == 0
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
 
 
 def _try_get(url: str):
