@@ -249,13 +249,14 @@ class Metrics:
             "rotator_notifications_total", "Webhook notifications by outcome (sent, failed, "
             "dropped).", ["notifier", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(store))
-        self.registry.register(_ReadinessCollector(lambda: self.ready))
         self.per_credential = _PerCredential(store, policies)
         self._server: ThreadingHTTPServer | None = None
         self.live: Callable[[], ProbeResult] = _always_ok
         """``/healthz``: is the process working at all (a failure means restart it)."""
         self.ready: Callable[[], ProbeResult] = _always_ok
         """``/readyz``: can it do its job now (state store and vaults reachable)."""
+        # Registered last: the registry collects once on registration, reading ``ready``.
+        self.registry.register(_ReadinessCollector(lambda: self.ready))
 
     def prime(self, policies: Policies) -> None:
         """Create every credential's counters at 0, so a first failure is an increase that

@@ -391,6 +391,9 @@ def test_healthz_and_readyz(tmp_path, openbao, fake_openai):
         assert "vaults.backup" not in page and 'rotator_ready{check="vaults.main"} 1.0' in page
     finally:
         assert stop_daemon(daemon) == 0
+    log = sorted((tmp_path / "out").glob("*-run.stderr"))[-1]
+    assert [line["message"] for line in _log_lines(log) if "exception" in line] == [], \
+        "a dead vault is reported, not a crash; and a scrape never fails"
 
 
 def _get_text(url: str) -> str:
