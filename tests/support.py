@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import tomli_w
 
 from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
+from rotator.testing.server_process import free_port as free_port  # re-exported for tests
 
 ROTATOR = [sys.executable, "-m", "rotator.cli"]
 ISSUED_SECRETS: set[str] = set()
@@ -201,21 +201,15 @@ def make_fleet(tmp: Path, bao: OpenBaoDevServer, fake: FakeOpenAIServer, n: int 
     return fleet
 
 
-def free_port() -> int:
-    """A free TCP port on loopback (for a server the test starts itself)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def debian_tool(name: str) -> str:
-    """Path of a tool from a Debian package .ci/run installs (prometheus, promtool): in CI a
-    missing one fails the test; elsewhere it is skipped, saying what to install."""
+def debian_tool(name: str, package: str = "prometheus") -> str:
+    """Path of a tool from a Debian package .ci/run installs (prometheus, promtool,
+    systemd-analyze): in CI a missing one fails the test; elsewhere it is skipped, saying what
+    to install."""
     found = shutil.which(name)
     if found is None and os.environ.get("CI"):
-        pytest.fail(f"{name} not found: .ci/run installs Debian's prometheus package")
+        pytest.fail(f"{name} not found: .ci/run installs Debian's {package} package")
     if found is None:
-        pytest.skip(f"{name} not found: apt-get install prometheus to run this test")
+        pytest.skip(f"{name} not found: apt-get install {package} to run this test")
     return found
 
 

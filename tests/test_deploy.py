@@ -40,17 +40,6 @@ CUSTOM_KINDS = {"Kustomization", "ServiceMonitor", "PrometheusRule"}
 """Kinds kubernetes-validate has no schema for; the tests check them otherwise."""
 
 
-def systemd_tool(name: str) -> str:
-    """Path of a tool from Debian's systemd package: in CI a missing one fails the test (.ci/run
-    installs it); elsewhere the test is skipped, saying what to install."""
-    found = shutil.which(name)
-    if found is None and os.environ.get("CI"):
-        pytest.fail(f"{name} not found: .ci/run installs Debian's systemd package")
-    if found is None:
-        pytest.skip(f"{name} not found: apt-get install systemd to run this test")
-    return found
-
-
 # -- systemd -----------------------------------------------------------------------------------
 
 
@@ -86,7 +75,7 @@ def _installed_unit(tmp_path: Path) -> Path:
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
-    tool = systemd_tool("systemd-analyze")
+    tool = debian_tool("systemd-analyze", "systemd")
     assert INSTALLED_AT in UNIT.read_text()
     result = subprocess.run([tool, "verify", str(_installed_unit(tmp_path))],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -95,7 +84,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 def test_systemd_unit_sandbox_scores_ok_in_systemd_analyze_security(tmp_path):
-    tool = systemd_tool("systemd-analyze")
+    tool = debian_tool("systemd-analyze", "systemd")
     result = subprocess.run([tool, "security", "--offline=yes", "--no-pager",
                              str(_installed_unit(tmp_path))],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
 from rotator.interfaces import Secret
 from rotator.testing.openbao import OpenBaoDevServer
+from rotator.testing.server_process import free_port
 from rotator.vaults.hashicorp_vault import HashiCorpVault, HashiCorpVaultSettings
 
 TOKEN_ENV = "ROTATOR_TEST_VAULT_TOKEN"
@@ -397,10 +397,7 @@ def test_a_kv_version_1_mount_fails_health(make_vault: Any, openbao: OpenBaoDevS
 
 
 def test_unreachable_vault_is_transient(make_vault: Any) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    vault = make_vault(url=f"http://127.0.0.1:{port}", timeout=2)
+    vault = make_vault(url=f"http://127.0.0.1:{free_port()}", timeout=2)
     with pytest.raises(TransientError, match="unreachable"):
         vault.health()
     with pytest.raises(TransientError):
