@@ -184,8 +184,7 @@ class ServerProcess:
                 if attempt < attempts and self.port_taken in tail:
                     log.debug("port %d was taken, retrying on another", self.port)
                     continue
-                raise self.error(f"{exc}\n--- last lines of {self.label}'s log ---\n{tail}"
-                                 ) from None
+                raise self._with_log(exc, tail) from None
 
     def _spawn(self) -> None:
         assert self._tmpdir is not None
@@ -231,8 +230,11 @@ class ServerProcess:
             except self.error as exc:
                 tail = self._log_tail()
                 self._kill()
-                raise self.error(f"{exc}\n--- last lines of {self.label}'s log ---\n{tail}"
-                                 ) from None
+                raise self._with_log(exc, tail) from None
+
+    def _with_log(self, exc: Exception, tail: str) -> Exception:
+        """``exc`` again, followed by the end of the server's log (secrets removed)."""
+        return self.error(f"{exc}\n--- last lines of {self.label}'s log ---\n{tail}")
 
     def stop(self) -> None:
         """Stop the server by pid (``stop_signals`` in turn) and remove its files."""
