@@ -19,7 +19,7 @@ from rotator.testing.openbao import OpenBaoDevServer
 from tests.support import ISSUED_SECRETS, serve_fake
 
 pytest_plugins = ["tests.fixtures.aws", "tests.fixtures.postgres", "tests.fixtures.stripe",
-                  "tests.fixtures.http_fakes"]
+                  "tests.fixtures.http_fakes", "tests.fixtures.vaults"]
 
 
 @pytest.fixture(scope="session", autouse=True)

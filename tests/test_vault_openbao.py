@@ -16,8 +16,7 @@ from rotator.interfaces import Secret
 from rotator.testing.openbao import OpenBaoDevServer
 from rotator.testing.server_process import free_port
 from rotator.vaults.hashicorp_vault import HashiCorpVault, HashiCorpVaultSettings
-
-TOKEN_ENV = "ROTATOR_TEST_VAULT_TOKEN"
+from tests.fixtures.vaults import TOKEN_ENV
 
 
 def unique(prefix: str = "agents") -> str:
@@ -40,25 +39,6 @@ def assert_no_secret(exc: BaseException, *values: str) -> None:
             assert value not in str(seen)
             assert value not in repr(seen)
         seen = seen.__cause__
-
-
-@pytest.fixture
-def make_vault(openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv(TOKEN_ENV, openbao.root_token)
-    made: list[HashiCorpVault] = []
-
-    def make(**overrides: Any) -> HashiCorpVault:
-        fields: dict[str, Any] = {"url": openbao.url, "token_env": TOKEN_ENV}
-        fields.update(overrides)
-        if {"token_file", "approle", "kubernetes"} & overrides.keys():
-            fields.pop("token_env")
-        vault = HashiCorpVault("main", HashiCorpVaultSettings(**fields))
-        made.append(vault)
-        return vault
-
-    yield make
-    for vault in made:
-        vault.close()
 
 
 @pytest.fixture

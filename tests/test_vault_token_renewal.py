@@ -19,11 +19,9 @@ import pytest
 
 from rotator.errors import PermanentError
 from rotator.testing.openbao import OpenBaoDevServer
-from tests import test_vault_openbao
 from tests.support import wait_for
 from tests.test_vault_openbao import RW_POLICY, new_value, stage_and_promote, unique
 
-make_vault = test_vault_openbao.make_vault  # the fixture the other vault tests build with
 LOGGER = "rotator.vaults.hashicorp_vault"
 
 
