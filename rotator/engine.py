@@ -845,8 +845,13 @@ class Engine:
                 continue
             try:
                 listener(event)
-            except Exception:  # an observer must never break a rotation
-                log.exception("event listener failed")
+            except Exception as exc:  # an observer must never break a rotation
+                if self.store.is_unreachable(exc):  # an outage, reported once by the daemon
+                    log.error("event listener could not record %s of %s: the state store is "
+                              "unavailable (%s)", type(event).__name__, event.credential,
+                              self.store.describe_error(exc))
+                else:
+                    log.exception("event listener failed")
 
 
 def _apply(rotation: Rotation, fields: dict[str, Any], step: str | None) -> None:
