@@ -35,6 +35,7 @@ from tenacity import (
 from rotator import health, policy, redaction
 from rotator.errors import (
     CredentialRejected,
+    Interrupted,
     LockHeld,
     NotFound,
     PermanentError,
@@ -43,7 +44,8 @@ from rotator.errors import (
 )
 from rotator.events import CallObserver, Listener, PluginCall, RotationFinished, StepFinished
 from rotator.interfaces import NewKey, Provider, Vault
-from rotator.state.leases import Leases
+from rotator.outages import OutageLog
+from rotator.state.leases import Fence, Leases
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
 from rotator.testing.crashpoints import crashpoint
@@ -52,7 +54,8 @@ if TYPE_CHECKING:
     from rotator.config import CredentialConfig, Policies
     from rotator.runtime import Runtime
 
-__all__ = ["Engine", "Interrupted", "RotationRequest", "RotationResult", "new_rotation_id"]
+__all__ = ["Engine", "Interrupted", "RotationRequest", "RotationResult", "key_tag",
+           "new_rotation_id"]
 
 log = logging.getLogger("rotator.engine")
 T = TypeVar("T")
@@ -63,6 +66,11 @@ FAILURE_BACKOFF_BASE = timedelta(minutes=1)
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
 VERIFY_ATTEMPTS = 6
 """A new key can take a moment to propagate at the provider: verify tries this many times."""
+SLEEP_SLICE = 1.0
+"""A backoff sleep wakes at least this often (seconds) to check the lease is still held."""
+MUTATIONS = frozenset({"create", "revoke", "apply", "stage", "promote", "restore",
+                       "discard_staged"})
+"""Plugin methods that change something: the fence asks the store before each is sent."""
 
 
 def utcnow() -> datetime:
@@ -74,8 +82,12 @@ def new_rotation_id(now: datetime) -> str:
     return f"r{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
 
 
-class Interrupted(RotatorError):
-    """The daemon is stopping, or lost the credential's lease: leave the rotation where it is."""
+def key_tag(rotation_id: str, epoch: int) -> str:
+    """What a provider names a rotation's key after (as its ``rotation_id`` argument): the
+    rotation id and the epoch of the lease it was created under, so a clean-up can tell the
+    keys of its own and earlier owners from a newer owner's. Epoch 0: a rotation started before
+    epochs existed, whose keys carry the bare rotation id."""
+    return rotation_id if epoch == 0 else f"{rotation_id}-e{epoch}"
 
 
 class HealthCheckFailed(PermanentError):
@@ -125,6 +137,9 @@ class Engine:
         self.clock = clock
         self.stop_event = threading.Event()
         self._sleep = sleep or (lambda seconds: self.stop_event.wait(seconds) and None)
+        self._local = threading.local()
+        """``fence``: the lease the rotation on this thread runs under (see ``_locked``)."""
+        self.outages = OutageLog()
         self.owner = owner or lock_owner_id(secrets.token_hex(4))
         self.leases = Leases(store, self.owner, policies.settings.lock_ttl, clock)
         self.listeners: list[Listener] = []
@@ -156,12 +171,10 @@ class Engine:
         the call ends. A scheduled rotation runs only if the credential is still due once the
         lease is held (another replica may have just rotated it).
         """
-        if claimed:
-            try:
-                return self._rotate(request, wait, claimed=True)
-            finally:
-                self.leases.release(request.credential)
-        return self._rotate(request, wait, claimed=False)
+        if claimed and self.leases.epoch(request.credential) is None:
+            return RotationResult(request.credential, None, "skipped",
+                                  "the claimed lease is no longer held")
+        return self._rotate(request, wait, claimed=claimed)
 
     def _rotate(self, request: RotationRequest, wait: float, *,
                 claimed: bool) -> RotationResult:
@@ -194,7 +207,7 @@ class Engine:
                     requested_by=request.requested_by, status="running", step="prepare",
                     started_at=now,
                 )
-                step_row = self.store.start_rotation(rotation)
+                step_row = self.store.start_rotation(rotation, self._fence.epoch)
                 log.info("%s: rotation %s started (trigger %s, revoke %s)", cred.name,
                          rotation.id, request.trigger, request.revoke_mode)
                 return self._drive(rotation, cred, step_row=step_row)
@@ -286,6 +299,8 @@ class Engine:
 
     @contextmanager
     def _locked(self, name: str, wait: float, *, claimed: bool = False) -> Iterator[None]:
+        """Hold ``name``'s lease (taking it unless ``claimed``) and fence this thread's plugin
+        calls with it until the block ends; the lease is given back then."""
         deadline = time.monotonic() + wait
         while not claimed:
             holder = self.leases.acquire(name)
@@ -294,10 +309,20 @@ class Engine:
             if time.monotonic() >= deadline or self.stop_event.is_set():
                 raise LockHeld(name, holder)
             self._sleep(0.25)
+        epoch = self.leases.epoch(name)
+        self._local.fence = None if epoch is None else Fence(self.leases, name, epoch)
         try:
             yield
         finally:
+            self._local.fence = None
             self.leases.release(name)
+
+    @property
+    def _fence(self) -> Fence:
+        fence = getattr(self._local, "fence", None)
+        if fence is None:  # every plugin call of a rotation is made under its lease
+            raise Interrupted("no lease is held for this rotation")
+        return fence
 
     def _still_due(self, name: str) -> bool:
         state = self.store.credential(name)
@@ -312,6 +337,8 @@ class Engine:
         step then counts as a re-run, and cleans up after a crashed run of itself).
         """
         try:
+            if step_row is None:  # resuming: say who drives it now, before any plugin call
+                self.store.join_rotation(rotation.id, self._fence.epoch)
             return self._run_steps(rotation, cred, step_row)
         except Interrupted as exc:
             return self._interrupted(rotation, str(exc))
@@ -427,22 +454,24 @@ class Engine:
         provider = self.runtime.provider(cred.provider)
         vault = self.runtime.vault(cred.vault)
         info = self.runtime.info(cred)
+        tag = key_tag(rot.id, self._fence.epoch)
         if rerun:
             self._remove_created_keys(rot, cred)
         if provider.capabilities.in_place:
             # One key per credential: the new one must be safe in the vault before the service
             # switches to it, or a crash in between would lose the only working key.
-            key = provider.generate(info, rot.id)
+            key = provider.generate(info, tag)
             self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id,
                         provider.companions(info, key.key_id))
             self._retry(provider.apply, info, key)
             crashpoint("created:create")
             return "verify", {"new_key_id": key.key_id}
         tries: list[int] = []
-        key = self._retry(provider.create, info, rot.id, tries=tries)
+        key = self._retry(provider.create, info, tag, tries=tries)
         if tries[0] > 1:
-            # A timed-out attempt may have created a key after all: keep only this one.
-            for key_id in self._retry(provider.find_by_rotation, info, rot.id):
+            # A timed-out attempt may have created a key after all: keep only this one. Only
+            # this owner's keys carry ``tag``: a newer owner's are never touched.
+            for key_id in self._retry(provider.find_by_rotation, info, tag):
                 if key_id != key.key_id:
                     self._retry(provider.revoke, info, key_id)
         crashpoint("created:create")  # the key exists at the provider, nowhere else yet
@@ -461,10 +490,10 @@ class Engine:
         retrying = Retrying(
             retry=retry_if_exception_type((TransientError, CredentialRejected)),
             stop=stop_after_attempt(VERIFY_ATTEMPTS) | self._stop_deadline(),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._sleep, reraise=True,
+            wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._pause, reraise=True,
         )
         info = self.runtime.info(cred)
-        retrying(self._observed(provider.verify), info, secret, key_id=rot.new_key_id)
+        retrying(self._guarded(provider.verify), info, secret, key_id=rot.new_key_id)
         return "store", {}
 
     def _step_store(self, rot: Rotation, cred: CredentialConfig,
@@ -475,6 +504,8 @@ class Engine:
         version = self._retry(vault.promote, cred.path, cred.field, rot.id, meta)
         try:
             self._retry(vault.discard_staged, cred.path, rot.id)
+        except Interrupted:
+            raise
         except RotatorError as exc:
             log.warning("%s: staged copy of rotation %s not removed: %s", cred.name, rot.id, exc)
         return "health", {"new_version": version}
@@ -488,7 +519,7 @@ class Engine:
                 self._retry(health.run_hook, cred.on_rotate, ctx)
             except PermanentError as exc:
                 raise HealthCheckFailed(f"on_rotate hook failed: {exc}") from exc
-        result = health.run_health_check(cred.health_check, ctx, sleep=self._sleep)
+        result = health.run_health_check(cred.health_check, ctx, sleep=self._pause)
         if self.stop_event.is_set() and not result.ok:
             raise Interrupted("the daemon is stopping")
         if not result.ok:
@@ -550,6 +581,8 @@ class Engine:
                     ctx = health.CheckContext(cred.name, cred.agent, rot.id, rot.old_key_id)
                     try:
                         self._retry(health.run_hook, cred.on_rotate, ctx)
+                    except Interrupted:
+                        raise
                     except RotatorError as exc:
                         log.warning("%s: on_rotate after rollback failed: %s", cred.name, exc)
         if provider.capabilities.in_place and rot.old_version and rot.revoke_mode != "first":
@@ -660,21 +693,40 @@ class Engine:
 
     def _remove_created_keys(self, rot: Rotation, cred: CredentialConfig, *,
                              info: Any = None, provider: Any = None) -> None:
-        """Revoke every key this rotation may have created, and drop its staged copy."""
+        """Revoke every key this rotation's owners up to this one may have created (their
+        epochs are recorded before their first call), and drop its staged copy.
+
+        Never a key of a newer owner (its epoch is not searched) and never the key the store
+        records as the credential's current one: a stale owner that slipped past its fence
+        still cannot break what a newer owner made.
+        """
         provider = provider or self.runtime.provider(cred.provider)
         info = info or self.runtime.info(cred)
-        key_ids = set(self._retry(provider.find_by_rotation, info, rot.id))
+        mine = self._fence.epoch
+        key_ids: set[str] = set()
+        for epoch in self.store.rotation_epochs(rot.id) or [0]:
+            if epoch <= mine:
+                key_ids.update(self._retry(provider.find_by_rotation, info,
+                                           key_tag(rot.id, epoch)))
         if rot.new_key_id:
             key_ids.add(rot.new_key_id)
+        state = self.store.credential(cred.name)
+        current = state.current_key_id if state is not None else None
+        if current in key_ids:
+            key_ids.discard(current)
+            log.warning("%s: key %s of rotation %s is the credential's current key: left "
+                        "alone", cred.name, current, rot.id)
         for key_id in sorted(key_ids):
             self._retry(provider.revoke, info, key_id)
             log.info("%s: key %s created by rotation %s revoked", cred.name, key_id, rot.id)
         try:
             self._retry(self.runtime.vault(cred.vault).discard_staged, cred.path, rot.id)
+        except Interrupted:
+            raise
         except RotatorError as exc:
-            # Harmless once the keys above are revoked: the staged copy holds a dead key.
-            log.warning("%s: staged copy of rotation %s not removed (its key is revoked): %s",
-                        cred.name, rot.id, exc)
+            # Harmless once the keys above are revoked: whatever is staged holds a dead key.
+            log.warning("%s: staged copy of rotation %s not removed: %s (the next clean-up "
+                        "or `rotator check --online` reports it)", cred.name, rot.id, exc)
 
     def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
                         new_key_kept: bool = False, old_key_dead: bool = False) -> None:
@@ -776,46 +828,79 @@ class Engine:
 
     def _retry(self, fn: Callable[..., T], *args: Any, tries: list[int] | None = None) -> T:
         """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline.
-        ``tries``, if given, gets the number of attempts made appended."""
+        Every attempt is fenced (see ``_guarded``) and every backoff sleep ends early when the
+        lease is lost. ``tries``, if given, gets the number of attempts made appended."""
+        plugin = isinstance(getattr(fn, "__self__", None), Provider | Vault)
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=self._stop_deadline(),
             wait=_wait_retry_after,
-            sleep=self._sleep,
+            sleep=self._pause,
             reraise=True,
-            before_sleep=_log_retry,
+            # A plugin's outage is logged once by ``outages``; each attempt only at debug.
+            before_sleep=_log_retry_quietly if plugin else _log_retry,
         )
         try:
-            return retrying(self._observed(fn), *args)
+            return retrying(self._guarded(fn), *args)
         finally:
             if tries is not None:
                 tries.append(retrying.statistics.get("attempt_number", 1))
 
-    def _observed(self, fn: Callable[..., T]) -> Callable[..., T]:
-        """``fn`` telling ``call_observers`` of each attempt, if it is a plugin method."""
+    def _pause(self, seconds: float) -> None:
+        """A backoff sleep under the fence: it ends early (``LeaseLost``) as soon as the lease
+        is lost or runs out, so a paused or cut-off worker never wakes into a retry."""
+        fence = getattr(self._local, "fence", None)
+        if fence is None:
+            self._sleep(seconds)
+            return
+        remaining = seconds
+        while True:
+            fence.check()
+            if remaining <= 0 or self.stop_event.is_set():
+                return
+            chunk = min(remaining, SLEEP_SLICE)
+            self._sleep(chunk)
+            remaining -= chunk
+
+    def _guarded(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` checking the rotation's fence right before each attempt is sent (the store
+        is asked too before a call that changes something), and, for a plugin method,
+        telling ``call_observers`` and ``outages`` how each attempt went."""
         owner = getattr(fn, "__self__", None)
-        if not self.call_observers or not isinstance(owner, Provider | Vault):
-            return fn
+        fence = getattr(self._local, "fence", None)
+        plugin = isinstance(owner, Provider | Vault)
+        name = getattr(fn, "__name__", "")
+        confirm = plugin and name in MUTATIONS
         kind = "provider" if isinstance(owner, Provider) else "vault"
         attempt = 0
 
-        def observed(*call_args: Any, **kwargs: Any) -> T:
+        def guarded(*call_args: Any, **kwargs: Any) -> T:
             nonlocal attempt
+            if fence is not None:
+                fence.confirm() if confirm else fence.check()
+            if not plugin:
+                return fn(*call_args, **kwargs)
             attempt += 1
             t0 = time.monotonic()
             status = "error"
             try:
                 result = fn(*call_args, **kwargs)
                 status = "ok"
+                self.outages.succeeded(kind, owner.name)
                 return result
-            except TransientError:
+            except TransientError as exc:
                 status = "transient_error"
+                self.outages.failed(kind, owner.name, str(exc))
+                raise
+            except RotatorError:
+                self.outages.succeeded(kind, owner.name)  # it answered: it is serving
                 raise
             finally:
-                self._observe(PluginCall(kind, owner.name, fn.__name__, status,
-                                         time.monotonic() - t0, attempt))
+                if self.call_observers:
+                    self._observe(PluginCall(kind, owner.name, name, status,
+                                             time.monotonic() - t0, attempt))
 
-        return observed
+        return guarded
 
     def _observe(self, call: PluginCall) -> None:
         for observer in self.call_observers:
@@ -873,10 +958,14 @@ def _wait_retry_after(state: RetryCallState) -> float:
     return _exponential(state)
 
 
-def _log_retry(state: RetryCallState) -> None:
+def _log_retry(state: RetryCallState, level: int = logging.WARNING) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.warning("transient error (attempt %d), retrying: %s", state.attempt_number,
-                _describe(exc) if exc else "?")
+    log.log(level, "transient error (attempt %d), retrying: %s", state.attempt_number,
+            _describe(exc) if exc else "?")
+
+
+def _log_retry_quietly(state: RetryCallState) -> None:
+    _log_retry(state, logging.DEBUG)
 
 
 def _describe(exc: BaseException) -> str:

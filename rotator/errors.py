@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CredentialRejected",
+    "Interrupted",
     "LockHeld",
     "NotFound",
     "PermanentError",
@@ -34,6 +35,11 @@ class TransientError(RotatorError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Interrupted(RotatorError):
+    """The daemon is stopping, or lost the credential's lease: leave the rotation where it is
+    (its last recorded step), for this process later or for the lease's new owner."""
 
 
 class PermanentError(RotatorError):

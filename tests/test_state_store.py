@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from rotator.errors import PermanentError
 from rotator.state import schema
-from rotator.state.models import Base
+from rotator.state.models import Base, Rotation
 from rotator.state.store import StateStore, lock_owner_id
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -110,7 +110,7 @@ def test_a_stale_worker_cannot_move_a_rotation_it_lost(tmp_path):
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
     rotation = Rotation(id="r1", credential="c", agent="a", provider="p", trigger="manual",
                         revoke_mode="grace", status="running", step="create", started_at=NOW)
-    row = store.start_rotation(rotation)
+    row = store.start_rotation(rotation, 1)
     nxt = store.step_transition("r1", row, "succeeded", NOW, None, "verify",
                                 expect_step="create", new_key_id="k1")
     assert nxt is not None
@@ -150,9 +150,10 @@ def test_claims_are_disjoint_across_concurrent_replicas(store_url):
         t.join(60)
     every = [name for batch in claimed.values() for name in batch]
     assert sorted(every) == names, "a credential claimed twice, or left out"
-    assert stores[0].claim_due(NOW, names, 5, "h:9:x", TTL) == [], "all leased now"
-    assert stores[0].claim_due(NOW + TTL + timedelta(seconds=1), names, 50, "h:9:x", TTL) \
-        == names, "expired leases can be claimed again"
+    assert stores[0].claim_due(NOW, names, 5, "h:9:x", TTL) == {}, "all leased now"
+    again = stores[0].claim_due(NOW + TTL + timedelta(seconds=1), names, 50, "h:9:x", TTL)
+    assert list(again) == names, "expired leases can be claimed again"
+    assert set(again.values()) == {2}, "a second acquisition has the next epoch"
     for store in stores:
         store.close()
 
@@ -162,7 +163,7 @@ def test_claim_takes_only_due_and_unleased_credentials(store_url):
     names = _due(store, 3)
     store.update_credential(names[2], next_due_at=NOW + timedelta(hours=1))
     assert store.try_lock(names[0], "other:1:x", TTL, NOW) is None
-    assert store.claim_due(NOW, names, 10, "h:1:x", TTL) == [names[1]]
+    assert store.claim_due(NOW, names, 10, "h:1:x", TTL) == {names[1]: 1}
     assert store.live_leases(NOW) == {names[0], names[1]}
     assert store.earliest_due(names, unleased_at=NOW) == NOW + timedelta(hours=1)
     assert store.earliest_due(names) == NOW - timedelta(minutes=1)
@@ -260,6 +261,44 @@ def test_schema_state_is_reported_with_what_to_run(tmp_path):
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
     assert schema.status(engine).state == "behind"
-    with pytest.raises(PermanentError, match=re.escape("needs '0003': run `rotator db upgrade`")):
+    with pytest.raises(PermanentError, match=re.escape("needs '0004': run `rotator db upgrade`")):
         schema.require_head(engine, url)
     engine.dispose()
+
+
+def test_every_acquisition_has_a_greater_epoch_and_only_its_owner_holds_it(store_url):
+    store = StateStore(store_url)
+    ttl = timedelta(seconds=30)
+    first = store.take_lock("cred", "h:1:a", ttl, NOW)
+    assert first.epoch == 1 and first.holder is None
+    assert store.holds_lock("cred", "h:1:a", 1, NOW + timedelta(seconds=29))
+    assert store.take_lock("cred", "h:2:b", ttl, NOW).holder == "h:1:a"
+    assert store.renew_locks(["cred"], "h:1:a", ttl, NOW + timedelta(seconds=20)) == set()
+    assert store.holds_lock("cred", "h:1:a", 1, NOW + timedelta(seconds=49)), "renewed"
+    assert store.renew_locks(["cred"], "h:1:a", ttl, NOW + timedelta(seconds=20)) == set()
+    taken = store.take_lock("cred", "h:2:b", ttl, NOW + timedelta(seconds=51))
+    assert taken.epoch == 2, "a takeover after expiry is a new, greater epoch"
+    later = NOW + timedelta(seconds=52)
+    assert not store.holds_lock("cred", "h:1:a", 1, later), "the old owner is fenced off"
+    assert store.holds_lock("cred", "h:2:b", 2, later)
+    store.unlock("cred", "h:2:b")
+    assert not store.holds_lock("cred", "h:2:b", 2, later), "released"
+    assert store.take_lock("cred", "h:2:b", ttl, later).epoch == 3, "re-taking is new too"
+    store.close()
+
+
+def test_a_rotation_records_the_epochs_it_was_driven_under(store_url):
+    store = StateStore(store_url)
+    rotation = Rotation(id="r1", credential="c", agent="a", provider="p", trigger="manual",
+                        revoke_mode="grace", status="running", step="create", started_at=NOW)
+    store.start_rotation(rotation, 4)
+    assert store.join_rotation("r1", 7) == [4, 7]
+    assert store.join_rotation("r1", 7) == [4, 7], "idempotent"
+    legacy = Rotation(id="r0", credential="c", agent="a", provider="p", trigger="manual",
+                      revoke_mode="grace", status="running", step="create", started_at=NOW)
+    with store._tx() as conn:  # a rotation started by a release without epochs
+        conn.execute(Rotation.__table__.insert().values(
+            **{c.name: getattr(legacy, c.name) for c in Rotation.__table__.columns}))
+    assert store.join_rotation("r0", 9) == [0, 9], "its first owner's keys carry the bare id"
+    assert store.rotation_epochs("r0") == [0, 9]
+    store.close()

@@ -125,6 +125,18 @@ class Lock(Base):
     owner: Mapped[str] = mapped_column(String(250))
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Grows by one at every acquisition (never at a renewal): the fencing token."""
+
+
+class RotationEpoch(Base):
+    """An epoch (lease acquisition) under which a rotation was driven: the keys that owner may
+    have created carry it in their names, so a clean-up finds them and only them."""
+
+    __tablename__ = "rotation_epochs"
+
+    rotation_id: Mapped[str] = mapped_column(ForeignKey("rotations.id"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
 
 
 class AuditEvent(Base):

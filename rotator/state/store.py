@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,12 +31,21 @@ from rotator.state.models import (
     Lock,
     Revocation,
     Rotation,
+    RotationEpoch,
     RotationStep,
     UTCDateTime,
 )
 from rotator.state.urls import backend, safe_url, scrub_url_password
 
-__all__ = ["COMMAND_TAG", "StaleRotation", "StateStore", "describe_owner", "lock_owner_id"]
+__all__ = ["COMMAND_TAG", "LockTaken", "StaleRotation", "StateStore", "describe_owner",
+           "lock_owner_id"]
+
+
+class LockTaken(NamedTuple):
+    """What ``StateStore.take_lock`` got: the lease's new epoch, or else who holds it."""
+
+    epoch: int | None
+    holder: str | None
 
 
 class StaleRotation(RotatorError):
@@ -56,6 +65,7 @@ _ROTATIONS = Rotation.__table__
 _STEPS = RotationStep.__table__
 _REVOCATIONS = Revocation.__table__
 _LOCKS = Lock.__table__
+_EPOCHS = RotationEpoch.__table__
 _AUDIT = AuditEvent.__table__
 _HEAD = AuditHead.__table__
 
@@ -137,15 +147,17 @@ def _dialect_insert(conn: Connection) -> Any:
     return sqlite_insert
 
 
-def _take_lease(conn: Connection, name: str, owner: str, ttl: timedelta, now: datetime) -> bool:
-    """One atomic statement: create the lease, or take it over if it expired or is ours."""
+def _take_lease(conn: Connection, name: str, owner: str, ttl: timedelta,
+                now: datetime) -> int | None:
+    """One atomic statement: create the lease, or take it over if it expired or is ours.
+    Returns the acquisition's epoch (one more than the lease's last), or None if it is held."""
     values = {"owner": owner, "acquired_at": now, "expires_at": now + ttl}
-    stmt = _dialect_insert(conn)(_LOCKS).values(name=name, **values)
+    stmt = _dialect_insert(conn)(_LOCKS).values(name=name, epoch=1, **values)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[_LOCKS.c.name], set_=values,
+        index_elements=[_LOCKS.c.name], set_={**values, "epoch": _LOCKS.c.epoch + 1},
         where=or_(_LOCKS.c.owner == owner, _LOCKS.c.expires_at < now),
-    ).returning(_LOCKS.c.name)
-    return conn.execute(stmt).first() is not None
+    ).returning(_LOCKS.c.epoch)
+    return conn.execute(stmt).scalar()
 
 
 def _live_lease(now: datetime) -> Any:
@@ -335,9 +347,9 @@ class StateStore:
             return _aware(conn.scalar(q))
 
     def claim_due(self, now: datetime, names: Sequence[str], limit: int, owner: str,
-                  ttl: timedelta) -> list[str]:
+                  ttl: timedelta) -> dict[str, int]:
         """Take the leases of up to ``limit`` due credentials among ``names`` that no one
-        holds, most overdue first; returns their names.
+        holds, most overdue first; returns their names, each with its lease's epoch.
 
         One transaction: the due rows are locked ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite
         has one writer at a time anyway) and their leases taken before it commits, so replicas
@@ -351,7 +363,8 @@ class StateStore:
              .with_for_update(skip_locked=True, of=_CREDENTIALS))
         with self._tx() as conn:
             due = list(conn.scalars(q))
-            return [name for name in due if _take_lease(conn, name, owner, ttl, now)]
+            taken = {name: _take_lease(conn, name, owner, ttl, now) for name in due}
+            return {name: epoch for name, epoch in taken.items() if epoch is not None}
 
     # -- rotations -----------------------------------------------------------------------------
 
@@ -403,12 +416,36 @@ class StateStore:
             # A rotation in its grace period waits for the old key's revocation time.
             return {name: "grace" if status == "grace" else step for name, step, status in rows}
 
-    def start_rotation(self, rotation: Rotation) -> int:
-        """Record a new rotation and the start of its first step; returns that step's row id."""
+    def start_rotation(self, rotation: Rotation, epoch: int) -> int:
+        """Record a new rotation, driven under lease ``epoch``, and the start of its first
+        step; returns that step's row id."""
         values = {c.name: getattr(rotation, c.name) for c in _ROTATIONS.columns}
         with self._tx() as conn:
             conn.execute(insert(_ROTATIONS).values(**values))
+            conn.execute(insert(_EPOCHS).values(rotation_id=rotation.id, epoch=epoch))
             return _new_step(conn, rotation.id, rotation.step, rotation.started_at)
+
+    def join_rotation(self, rotation_id: str, epoch: int) -> list[int]:
+        """Record that the owner of lease ``epoch`` drives ``rotation_id`` from now on (before
+        it calls any plugin for it); returns every epoch the rotation was driven under, in
+        order. A rotation started before epochs existed gets epoch 0 first: its keys carry the
+        bare rotation id."""
+        with self._tx() as conn:
+            known = set(conn.scalars(select(_EPOCHS.c.epoch).where(
+                _EPOCHS.c.rotation_id == rotation_id)))
+            if not known:
+                conn.execute(insert(_EPOCHS).values(rotation_id=rotation_id, epoch=0))
+                known.add(0)
+            if epoch not in known:
+                conn.execute(insert(_EPOCHS).values(rotation_id=rotation_id, epoch=epoch))
+                known.add(epoch)
+        return sorted(known)
+
+    def rotation_epochs(self, rotation_id: str) -> list[int]:
+        """The epochs ``rotation_id`` was driven under (see ``join_rotation``), in order."""
+        with self._reader.connect() as conn:
+            return sorted(conn.scalars(select(_EPOCHS.c.epoch).where(
+                _EPOCHS.c.rotation_id == rotation_id)))
 
     def resume_step(self, rotation_id: str, step: str, now: datetime) -> int:
         """The step row to close when a resumed rotation runs ``step`` again (reusing the row a
@@ -530,23 +567,38 @@ class StateStore:
     # -- locks ---------------------------------------------------------------------------------
 
     def try_lock(self, name: str, owner: str, ttl: timedelta, now: datetime) -> str | None:
-        """Take or renew the lease ``name``; None on success, else the current holder's id.
+        """Take the lease ``name``; None on success, else the current holder's id."""
+        return self.take_lock(name, owner, ttl, now).holder
+
+    def take_lock(self, name: str, owner: str, ttl: timedelta, now: datetime) -> LockTaken:
+        """Take the lease ``name``: its new epoch, or who holds it.
 
         A lease is free when it expired, or when its holder was a process on this host that no
         longer exists (so a restart after kill -9 resumes at once instead of waiting it out).
         """
         locks = _LOCKS
         with self._tx() as conn:
-            if _take_lease(conn, name, owner, ttl, now):
-                return None
+            epoch = _take_lease(conn, name, owner, ttl, now)
+            if epoch is not None:
+                return LockTaken(epoch, None)
             holder = conn.scalar(select(locks.c.owner).where(locks.c.name == name))
             if holder is not None and _holder_is_dead(holder):
-                taken = conn.execute(update(locks).where(
+                epoch = conn.execute(update(locks).where(
                     locks.c.name == name, locks.c.owner == holder).values(
-                    owner=owner, acquired_at=now, expires_at=now + ttl))
-                if taken.rowcount:
-                    return None
-            return holder or "unknown"
+                    owner=owner, acquired_at=now, expires_at=now + ttl,
+                    epoch=locks.c.epoch + 1).returning(locks.c.epoch)).scalar()
+                if epoch is not None:
+                    return LockTaken(epoch, None)
+            return LockTaken(None, holder or "unknown")
+
+    def holds_lock(self, name: str, owner: str, epoch: int, now: datetime) -> bool:
+        """Whether ``owner`` still holds the lease ``name`` acquired as ``epoch``, unexpired at
+        ``now``, as the store sees it (the fence a plugin call is checked against)."""
+        locks = _LOCKS
+        with self._reader.connect() as conn:
+            return conn.scalar(select(locks.c.name).where(
+                locks.c.name == name, locks.c.owner == owner, locks.c.epoch == epoch,
+                locks.c.expires_at >= now)) is not None
 
     def live_leases(self, now: datetime) -> set[str]:
         """Names whose lease someone holds at ``now`` (a dead local holder's counts as free)."""

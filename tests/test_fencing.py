@@ -1,0 +1,207 @@
+"""Fencing: a worker that lost a credential's lease while it waited (a backoff sleep, a pause
+past its lease) never again calls the provider or writes the vault for that rotation, and
+nothing it does can touch a key a newer owner made.
+
+Engines A and B share one state store, a short lease and an injected clock. One of A's plugin
+calls fails once with a transient error; A's backoff sleep then lets its lease expire (or, in
+the "skewed" variant, B's clock runs ahead of A's, as on a replica whose clock is fast), and B
+takes the rotation over and finishes it while A sleeps. When A's sleep returns, the vault's
+current key must be alive at the provider and be the agent's only live key.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rotator.config import load_policies
+from rotator.engine import Engine, RotationRequest, RotationResult
+from rotator.errors import TransientError
+from rotator.runtime import Runtime
+from rotator.state.store import StateStore
+from tests.support import Fleet, make_fleet
+
+TTL = timedelta(seconds=10)
+
+
+@dataclass
+class Clock:
+    """An engine's clock: shared time plus this engine's own offset (a fast clock)."""
+
+    shared: list[datetime]
+    offset: timedelta = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return self.shared[0] + self.offset
+
+
+@dataclass
+class Pair:
+    fleet: Fleet
+    a: Engine
+    b: Engine
+    a_clock: Clock
+    b_clock: Clock
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.fleet.credentials[0]["name"]
+
+
+@contextmanager
+def two_engines(fleet: Fleet, sleep: Callable[[float], None]) -> Iterator[Pair]:
+    shared = [datetime.now(UTC)]
+    clocks = (Clock(shared), Clock(shared))
+    with ExitStack() as stack:
+        engines = []
+        for clock, engine_sleep in zip(clocks, (sleep, None), strict=True):
+            policies = load_policies(fleet.config)
+            store = StateStore(policies.settings.state_url)
+            stack.callback(store.close)
+            runtime = Runtime(policies)
+            stack.callback(runtime.close)
+            engine = Engine(policies, runtime, store, clock=clock,
+                            sleep=engine_sleep or (lambda s: None))
+            stack.callback(engine.close)
+            engines.append(engine)
+        engines[0].sync_credentials()
+        yield Pair(fleet, engines[0], engines[1], *clocks)
+
+
+def fail_once(target: Any, method: str, log: list[str]) -> None:
+    """Make ``target.method`` raise a transient error on its first call (a 503, say), as a
+    bound method of the plugin still, so the engine treats it as the plugin's call."""
+    original = getattr(target, method)
+    calls = [0]
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            log.append(f"{method} failed")
+            raise TransientError(f"injected: {method} is not serving right now")
+        return original(*args, **kwargs)
+
+    flaky.__name__ = method
+    setattr(target, method, types.MethodType(flaky, target))
+
+
+def take_over(pair: Pair) -> None:
+    """B, finding the rotation's lease expired, finishes whatever A left."""
+    b = pair.b
+    b.resume(pair.name)
+    b.revoke_due(pair.name)
+
+
+# (plugin, method, health check, how A's rotation is asked for)
+CASES = {
+    "create": ("provider", "create", None, {}),
+    "verify": ("provider", "verify", None, {}),
+    "stage": ("vault", "stage", None, {}),
+    "promote": ("vault", "promote", None, {}),
+    "revoke": ("provider", "revoke", None, {"revoke_mode": "immediately"}),
+    "health": (None, None, "flaky", {}),
+    "restore": ("vault", "restore", "failing", {}),
+}
+
+
+def _health(kind: str | None, tmp: Path) -> dict[str, Any] | None:
+    if kind == "flaky":  # unhealthy once, then healthy: the engine sleeps between attempts
+        flag = tmp / "healthy-now"
+        return {"type": "command", "attempts": 3, "delay": "1s", "timeout": "5s",
+                "run": ["sh", "-c", f"test -e {flag} || {{ touch {flag}; exit 1; }}"]}
+    if kind == "failing":  # unhealthy: the rotation rolls back (and restores the old key)
+        return {"type": "command", "attempts": 1, "timeout": "5s", "run": ["false"]}
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _vault_token(openbao, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+
+
+@pytest.mark.parametrize("variant", ["paused", "skewed"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_worker_that_lost_its_lease_in_a_retry_touches_nothing(tmp_path, openbao, fake_openai,
+                                                                 case, variant):
+    plugin, method, health, request = CASES[case]
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="0s",
+                       health=_health(health, tmp_path),
+                       settings={"lock_ttl": f"{int(TTL.total_seconds())}s",
+                                 "retry_deadline": "60s"})
+    cred = fleet.credentials[0]
+    legacy = fleet.vault_value(cred)
+    took_over: list[bool] = []
+    pair_box: list[Pair] = []
+
+    def a_sleeps(seconds: float) -> None:
+        """A's backoff: time passes beyond its lease (or B's clock runs ahead), and B takes
+        the rotation over and finishes it before A wakes."""
+        if took_over:
+            return
+        pair = pair_box[0]
+        if variant == "paused":
+            pair.a_clock.shared[0] += TTL + timedelta(seconds=1)
+        else:
+            pair.b_clock.offset = TTL + timedelta(seconds=1)
+        took_over.append(True)
+        take_over(pair)
+
+    with two_engines(fleet, a_sleeps) as pair:
+        pair_box.append(pair)
+        if plugin is not None:
+            a = pair.a.runtime
+            target = a.provider(cred["provider"]) if plugin == "provider" else a.vault("main")
+            fail_once(target, method, pair.failures)
+        creates_before = fake_openai.request_count("POST", "/api_keys")
+        result: RotationResult = pair.a.rotate(RotationRequest(
+            credential=pair.name, trigger="manual", **request))
+        assert took_over, f"A never slept in a retry (failures seen: {pair.failures})"
+        assert result.outcome == "interrupted", (result.outcome, result.message)
+        assert "lease" in result.message or "another worker" in result.message, result.message
+
+        store = pair.b.store
+        rotation = store.rotation(result.rotation_id)
+        expected = "rolled_back" if health == "failing" else "succeeded"
+        assert rotation.status == expected, (rotation.status, rotation.error)
+        assert not store.unfinished_rotations() and not store.pending_revocations()
+
+        current = fleet.vault_value(cred)
+        assert fake_openai.is_valid(current), "the vault's current key was revoked"
+        live = fleet.live_keys(cred)
+        assert len(live) == 1, f"live keys: {[(k['id'], k['name']) for k in live]}"
+        if health == "failing":
+            assert current == legacy, "a rollback leaves the old key current"
+        else:
+            assert current != legacy and not fake_openai.is_valid(legacy)
+            assert live[0]["id"] == rotation.new_key_id
+            assert live[0]["name"].startswith(f"rotator-{rotation.id}-e")
+        # One create for the rotation, by whichever engine ran that step; two when A's key was
+        # created but never staged (B replaced it, and revoked A's: A's epoch is older).
+        creates = fake_openai.request_count("POST", "/api_keys") - creates_before
+        assert creates == (2 if case == "stage" else 1), creates
+        assert _staged(openbao, f"rotator/pending/{fleet.prefix}") == [], \
+            "staged copies left behind"
+
+
+def _staged(openbao: Any, path: str) -> list[str]:
+    """Every secret under ``path`` in KV v2, recursively."""
+    import hvac.exceptions
+
+    try:
+        keys = openbao.client().secrets.kv.v2.list_secrets(
+            path=path, mount_point="secret")["data"]["keys"]
+    except hvac.exceptions.InvalidPath:
+        return []
+    found: list[str] = []
+    for key in keys:
+        found += _staged(openbao, f"{path}/{key.rstrip('/')}") if key.endswith("/") \
+            else [f"{path}/{key}"]
+    return found
