@@ -621,6 +621,7 @@ class Engine:
             return self._result(rotation, "success", revoke_at=when,
                                 extra=f"old key revoked after {when:%Y-%m-%d %H:%M:%S} UTC"
                                 ), revoked
+        self._revoke_strays(rotation, cred)
         return self._finish(rotation, cred, "success"), revoked
 
     def _revoke_credential(self, cred: CredentialConfig) -> int:
@@ -727,6 +728,34 @@ class Engine:
             # Harmless once the keys above are revoked: whatever is staged holds a dead key.
             log.warning("%s: staged copy of rotation %s not removed: %s (the next clean-up "
                         "or `rotator check --online` reports it)", cred.name, rot.id, exc)
+
+    def _revoke_strays(self, rot: Rotation, cred: CredentialConfig) -> None:
+        """After a takeover, revoke keys an earlier owner of this rotation created that never
+        became current: a create already on the wire when that owner's lease ran out can land
+        after the new owner's clean-up. Only this owner's and earlier epochs are searched, and
+        the new key, the credential's current key and the key the vault now serves are kept.
+        In-place providers are skipped: their "keys" are the credential's own roles."""
+        epochs = [e for e in self.store.rotation_epochs(rot.id) if e <= self._fence.epoch]
+        provider = self.runtime.provider(cred.provider)
+        if len(epochs) < 2 or not provider.capabilities.create or provider.capabilities.in_place:
+            return
+        info = self.runtime.info(cred)
+        strays: set[str] = set()
+        for epoch in epochs:
+            strays.update(self._retry(provider.find_by_rotation, info, key_tag(rot.id, epoch)))
+        state = self.store.credential(cred.name)
+        strays -= {rot.new_key_id, state.current_key_id if state is not None else None}
+        if strays and provider.capabilities.identify:
+            vault = self.runtime.vault(cred.vault)
+            current = self._retry(vault.read, cred.path, cred.field,
+                                  provider.companion_fields(info))
+            if current.secret is not None:
+                strays.discard(self._retry(provider.identify, info, current.secret,
+                                           dict(current.companions)))
+        for key_id in sorted(k for k in strays if k):
+            self._retry(provider.revoke, info, key_id)
+            log.warning("%s: key %s, created for rotation %s by a worker that lost its lease, "
+                        "revoked", cred.name, key_id, rot.id)
 
     def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
                         new_key_kept: bool = False, old_key_dead: bool = False) -> None:

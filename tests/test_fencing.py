@@ -205,3 +205,39 @@ def _staged(openbao: Any, path: str) -> list[str]:
         found += _staged(openbao, f"{path}/{key.rstrip('/')}") if key.endswith("/") \
             else [f"{path}/{key}"]
     return found
+
+
+def test_a_create_on_the_wire_when_the_lease_ran_out_leaves_no_key_behind(tmp_path, openbao,
+                                                                          fake_openai):
+    """The unfenceable case: A's create was sent under a valid lease but lands after B took
+    the rotation over. A stops at its next call (staging); the key it created carries A's
+    epoch, and B revokes it when it finishes the rotation (after the grace period)."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="1h",
+                       settings={"lock_ttl": f"{int(TTL.total_seconds())}s"})
+    cred = fleet.credentials[0]
+    with two_engines(fleet, lambda s: None) as pair:
+        provider = pair.a.runtime.provider(cred["provider"])
+        original = provider.create
+        landed: list[str] = []
+
+        def slow_create(self: Any, info: Any, tag: str) -> Any:
+            pair.a_clock.shared[0] += TTL + timedelta(seconds=1)  # A stalls on the wire...
+            b = pair.b.resume(pair.name)  # ...B takes the rotation over first
+            assert b is not None and b.outcome == "success" and b.revoke_at is not None, b
+            key = original(info, tag)  # then A's create lands
+            landed.append(key.key_id)
+            return key
+
+        slow_create.__name__ = "create"
+        provider.create = types.MethodType(slow_create, provider)
+        result = pair.a.rotate(RotationRequest(credential=pair.name, trigger="manual"))
+        assert result.outcome == "interrupted", result.message
+        assert len(fleet.live_keys(cred)) == 3, "old key in grace, B's new key, A's stray"
+
+        pair.a_clock.shared[0] += timedelta(hours=1, seconds=1)
+        assert pair.b.revoke_due(pair.name) == 1
+        assert landed[0] not in {k["id"] for k in fleet.live_keys(cred)}, "A's key survived"
+        fleet.assert_settled()
+        rotation = pair.b.store.rotation(result.rotation_id)
+        assert rotation.status == "succeeded"
+        assert fleet.live_keys(cred)[0]["id"] == rotation.new_key_id
