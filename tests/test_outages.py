@@ -1,0 +1,88 @@
+"""A vault or provider that stops serving for a while is one log line, and its recovery one
+more, however many attempts the rotations in flight make meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import pytest
+
+from rotator.config import load_policies
+from rotator.engine import Engine, RotationRequest
+from rotator.errors import TransientError
+from rotator.outages import OutageLog
+from rotator.runtime import Runtime
+from rotator.state.store import StateStore
+from tests.support import make_fleet
+
+
+@pytest.fixture(autouse=True)
+def _vault_token(openbao, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+
+
+def _failing(target: Any, method: str, times: int) -> None:
+    """``target.method`` answers "sealed" ``times`` times, then works (still a bound method
+    of the plugin, so the engine sees the plugin's call)."""
+    original = getattr(target, method)
+    left = [times]
+
+    def sealed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise TransientError(f"vault {self.name!r} is sealed: unseal it")
+        return original(*args, **kwargs)
+
+    sealed.__name__ = method
+    setattr(target, method, types.MethodType(sealed, target))
+
+
+def test_a_vault_outage_is_one_line_and_its_recovery_another(tmp_path, openbao, fake_openai,
+                                                             caplog):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store, sleep=lambda s: None)
+    engine.sync_credentials()
+    caplog.set_level(logging.DEBUG)
+    try:
+        _failing(runtime.vault("main"), "read", 5)
+        _failing(runtime.vault("main"), "promote", 3)
+        for cred in fleet.credentials:
+            result = engine.rotate(RotationRequest(credential=cred["name"], trigger="manual"))
+            assert result.ok, result.message
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()
+    fleet.assert_settled()
+    outages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "rotator.outages"]
+    assert outages == [
+        (logging.ERROR, "vault 'main' is not serving: vault 'main' is sealed: unseal it; "
+                        "rotations wait and retry"),
+        (logging.WARNING, "vault 'main' is serving again after 0s"),
+        (logging.ERROR, "vault 'main' is not serving: vault 'main' is sealed: unseal it; "
+                        "rotations wait and retry"),
+        (logging.WARNING, "vault 'main' is serving again after 0s"),
+    ], "two outages (read, then promote): each one line, and its recovery one line"
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 8 and all(r.levelno == logging.DEBUG for r in retries)
+
+
+def test_outage_log_counts_from_the_first_failure(caplog):
+    caplog.set_level(logging.WARNING, logger="rotator.outages")
+    now = [100.0]
+    outages = OutageLog(monotonic=lambda: now[0])
+    outages.failed("provider", "openai", "HTTP 503")
+    assert outages.is_out("provider", "openai")
+    now[0] = 107.0
+    outages.failed("provider", "openai", "HTTP 503")
+    outages.succeeded("provider", "openai")
+    assert not outages.is_out("provider", "openai")
+    outages.succeeded("provider", "openai")  # no outage: nothing to report
+    assert [r.getMessage() for r in caplog.records] == [
+        "provider 'openai' is not serving: HTTP 503; rotations wait and retry",
+        "provider 'openai' is serving again after 7s"]
