@@ -213,6 +213,9 @@ class Engine:
                 return self._drive(rotation, cred, step_row=step_row)
         except LockHeld as exc:
             return RotationResult(cred.name, None, "skipped", str(exc))
+        except Interrupted as exc:  # outside a rotation's own steps (an earlier one's revoke)
+            log.warning("%s: stopped: %s", cred.name, exc)
+            return RotationResult(cred.name, None, "interrupted", str(exc))
 
     def resume(self, name: str) -> RotationResult | None:
         """Finish ``name``'s rotation left unfinished by a crash or a stop, if any.
@@ -275,6 +278,9 @@ class Engine:
             with self._locked(name, 0):
                 return self._revoke_credential(cred)
         except LockHeld:
+            return 0
+        except Interrupted as exc:
+            log.warning("%s: revocation stopped: %s", name, exc)
             return 0
 
     def process_revocations(self) -> int:
@@ -780,7 +786,8 @@ class Engine:
         if rotation.status in ("grace", "running") or rotation.finished_at is None:
             status = "succeeded" if outcome == "success" else outcome
             fields = {"status": status, "outcome": outcome, "step": "done", "finished_at": now}
-            self.store.update_rotation(rotation.id, **fields)
+            if not self.store.finish_rotation(rotation.id, **fields):
+                raise Interrupted(f"rotation {rotation.id} was finished by another worker")
             _apply(rotation, fields, "done")
         duration = (rotation.finished_at or now) - rotation.started_at
         event = RotationFinished(

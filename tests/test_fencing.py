@@ -109,6 +109,8 @@ CASES = {
     "revoke": ("provider", "revoke", None, {"revoke_mode": "immediately"}),
     "health": (None, None, "flaky", {}),
     "restore": ("vault", "restore", "failing", {}),
+    # Paused right after entering the grace period, before the old key's revocation.
+    "grace": (None, "after:grace", None, {"revoke_mode": "immediately"}),
 }
 
 
@@ -130,7 +132,7 @@ def _vault_token(openbao, monkeypatch):
 @pytest.mark.parametrize("variant", ["paused", "skewed"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_worker_that_lost_its_lease_in_a_retry_touches_nothing(tmp_path, openbao, fake_openai,
-                                                                 case, variant):
+                                                                 monkeypatch, case, variant):
     plugin, method, health, request = CASES[case]
     fleet = make_fleet(tmp_path, openbao, fake_openai, grace="0s",
                        health=_health(health, tmp_path),
@@ -160,6 +162,9 @@ def test_a_worker_that_lost_its_lease_in_a_retry_touches_nothing(tmp_path, openb
             a = pair.a.runtime
             target = a.provider(cred["provider"]) if plugin == "provider" else a.vault("main")
             fail_once(target, method, pair.failures)
+        elif method is not None:  # a pause at a point of the protocol rather than in a retry
+            monkeypatch.setattr("rotator.engine.crashpoint",
+                                lambda point: a_sleeps(0) if point == method else None)
         creates_before = fake_openai.request_count("POST", "/api_keys")
         result: RotationResult = pair.a.rotate(RotationRequest(
             credential=pair.name, trigger="manual", **request))

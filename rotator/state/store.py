@@ -377,6 +377,14 @@ class StateStore:
             conn.execute(update(_ROTATIONS).where(_ROTATIONS.c.id == rotation_id)
                          .values(**fields))
 
+    def finish_rotation(self, rotation_id: str, **fields: Any) -> bool:
+        """Record the end of a rotation still running or in grace; False (nothing written)
+        when it already ended: another worker finished it."""
+        with self._tx() as conn:
+            return bool(conn.execute(update(_ROTATIONS).where(
+                _ROTATIONS.c.id == rotation_id,
+                _ROTATIONS.c.status.in_(("running", "grace"))).values(**fields)).rowcount)
+
     def unfinished_rotations(self, credential: str | None = None) -> list[Rotation]:
         """Rotations stopped before their grace step (crash, stop, or a failing clean-up)."""
         with self._reading() as s:
