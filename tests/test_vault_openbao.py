@@ -394,12 +394,28 @@ def test_a_sealed_vault_says_unseal_it(monkeypatch: pytest.MonkeyPatch) -> None:
         vault = HashiCorpVault("sealed", HashiCorpVaultSettings(url=server.url,
                                                                 token_env=TOKEN_ENV))
         vault.health()
+        path = unique()
+        vault.stage(path, "K", Secret(new_value()), "r-1")
         server.client().sys.seal()
-        with pytest.raises(PermanentError, match=r"'sealed' at .* is sealed: unseal it") as caught:
+        # Sealed means "not serving right now": transient for every operation, so rotations
+        # wait for the unseal instead of failing; the message still says what to do.
+        with pytest.raises(TransientError, match=r"'sealed' at .* is sealed: unseal it") as caught:
             vault.health()
         assert_no_secret(caught.value, server.root_token)
-        with pytest.raises(PermanentError, match="is sealed"):
-            vault.read(unique(), "K")
+        value = new_value()
+        calls = {
+            "read": lambda: vault.read(path, "K"),
+            "read_staged": lambda: vault.read_staged(path, "K", "r-1"),
+            "stage": lambda: vault.stage(path, "K", Secret(value), "r-2"),
+            "promote": lambda: vault.promote(path, "K", "r-1", {"key_id": "k1"}),
+            "restore": lambda: vault.restore(path, "K", "1", "r-1/rollback", {}),
+            "discard_staged": lambda: vault.discard_staged(path, "r-1"),
+        }
+        for name, call in calls.items():
+            with pytest.raises(TransientError, match="is sealed") as caught:
+                call()
+            assert not isinstance(caught.value, PermanentError), name
+            assert_no_secret(caught.value, value)
         vault.close()
         tmpdir = server._tmpdir
         assert tmpdir is not None and Path(tmpdir, "home").is_dir()

@@ -185,6 +185,10 @@ def _as_text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+_STANDBY = "standby"
+"""In Vault's error text: a standby node that cannot serve the request right now."""
+
+
 def _errors_text(exc: Any) -> str:
     """Vault's own error strings, single-lined and scrubbed of any remembered secret."""
     errors = getattr(exc, "errors", None) or []
@@ -382,7 +386,7 @@ class HashiCorpVault(Vault):
             except ValueError:
                 body = {}
             if body.get("sealed"):
-                raise PermanentError(f"{where} is sealed: unseal it (bao/vault operator unseal)")
+                raise TransientError(f"{where} is sealed: unseal it (bao/vault operator unseal)")
             if body.get("initialized") is False:
                 raise PermanentError(f"{where} is not initialized: run `operator init`")
             if answer.status_code >= 500:
@@ -621,14 +625,22 @@ class HashiCorpVault(Vault):
                 return NotFound(f"{where}: no KV v2 mount {self.cfg.mount!r} (while {what}); "
                                 "check `mount`")
             return NotFound(f"{where}: not found while {what}")
-        if isinstance(exc, hx.VaultDown):
-            if "sealed" in detail.lower():
-                return PermanentError(f"{where} is sealed: unseal it (bao/vault operator unseal)")
+        # "Not serving right now" (sealed, standby, restarting, overloaded) is transient for
+        # every operation: the same request succeeds once an operator unseals it or the
+        # active node is back, and a rotation must wait for that, not fail.
+        if "sealed" in detail.lower():
+            return TransientError(f"{where} is sealed while {what}: unseal it "
+                                  "(bao/vault operator unseal)")
+        if isinstance(exc, hx.VaultDown) or _STANDBY in detail.lower():
             return TransientError(f"{where} is unavailable while {what}{suffix}")
         if isinstance(exc, hx.RateLimitExceeded):
             return TransientError(f"{where} rate-limited {what}{suffix}")
         if isinstance(exc, hx.InternalServerError | hx.BadGateway | hx.PreconditionFailed):
             return TransientError(f"{where} failed {what}{suffix}")
+        if isinstance(exc, hx.UnexpectedError):
+            # No 4xx that means "your request is wrong" lands here (400/401/403/404 have
+            # classes); what does is a standby's 472/473, a proxy's 504, a redirect.
+            return TransientError(f"{where} is not serving {what} right now{suffix}")
         if isinstance(exc, hx.Unauthorized):
             return PermanentError(f"{where} refused the daemon's credentials while {what}"
                                   f"{suffix}")
