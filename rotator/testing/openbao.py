@@ -14,18 +14,26 @@ import os
 import secrets
 import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rotator.errors import PermanentError
-from rotator.testing.server_process import HOST, ServerProcess, clean_env, http_answer
+from rotator.testing.server_process import (
+    HOST,
+    ServerProcess,
+    clean_env,
+    free_port,
+    http_answer,
+)
 
 if TYPE_CHECKING:
     import hvac
 
-__all__ = ["OpenBaoDevServer", "OpenBaoError", "find_bao_binary"]
+__all__ = ["OpenBaoDevServer", "OpenBaoError", "OpenBaoServer", "find_bao_binary"]
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
@@ -144,3 +152,110 @@ class OpenBaoDevServer(ServerProcess):
         except urllib.error.HTTPError as exc:
             with exc:
                 return dict(json.load(exc))
+
+
+class OpenBaoServer(OpenBaoDevServer):
+    """``bao server`` (not dev mode) with integrated (raft) storage on 127.0.0.1: what
+    production runs, so a restart keeps every secret and comes back **sealed**, as a real Vault
+    does.
+
+    ``start()`` initialises it (one unseal key, kept in memory only), unseals it and mounts KV
+    v2 at ``secret/``; ``restart(downtime, sealed=True)`` stops it by pid and starts it on the
+    same storage, left sealed until ``unseal()``. Everything else (``client()``, ``url``,
+    ``root_token``, policies, AppRole) is as on the dev server.
+    """
+
+    label = "the OpenBao server"
+    slug = "openbao-file"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port, root_token="")
+        self._unseal_key = ""
+        self._cluster_port = 0
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        assert self._tmpdir is not None
+        os.mkdir(os.path.join(self._tmpdir, "data"), 0o700)
+
+    def _command(self) -> list[str]:
+        assert self._tmpdir is not None
+        config = Path(self._tmpdir, "server.hcl")
+        if not self._cluster_port:
+            self._cluster_port = free_port()
+        cluster = f"{HOST}:{self._cluster_port}"
+        config.write_text(
+            f'storage "raft" {{\n  path = "{self._tmpdir}/data"\n  node_id = "rotator-test"\n}}\n'
+            f'listener "tcp" {{\n  address = "{HOST}:{self.port}"\n'
+            f'  cluster_address = "{cluster}"\n  tls_disable = true\n}}\n'
+            f'api_addr = "{self.url}"\ncluster_addr = "http://{cluster}"\n')
+        return [self._binary, "server", f"-config={config}", "-log-level=warn"]
+
+    def _env(self) -> dict[str, str]:
+        assert self._tmpdir is not None
+        return clean_env(("BAO_", "VAULT_"), HOME=os.path.join(self._tmpdir, "home"))
+
+    def _probe(self) -> bool:
+        # Sealed or not, initialised or not, the server answers its seal status.
+        answer = http_answer(f"{self.url}/v1/sys/seal-status")
+        return answer is not None and answer[0] == 200 and b'"sealed"' in answer[1]
+
+    def _secret_values(self) -> list[str]:
+        return [self.root_token, self._unseal_key]
+
+    def __repr__(self) -> str:
+        return f"OpenBaoServer(url={self.url!r}, pid={self.pid})"
+
+    def start(self) -> OpenBaoServer:
+        super().start()
+        if not self._unseal_key:
+            self._initialise()
+        return self
+
+    def restart(self, downtime: float = 0.0, *, sealed: bool = False) -> None:
+        """Stop by pid, stay down ``downtime`` seconds, start on the same storage: sealed, as
+        any restarted Vault is, unless ``sealed`` is False (then it is unsealed at once)."""
+        super().restart(downtime)
+        if not sealed:
+            self.unseal()
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.health().get("sealed"))
+
+    def seal(self) -> None:
+        self.client().sys.seal()
+
+    def unseal(self) -> None:
+        """Submit the unseal key and wait until the root token works again."""
+        import hvac
+
+        hvac.Client(url=self.url, timeout=10).sys.submit_unseal_key(self._unseal_key)
+        self._wait_for(lambda: self.client().auth.token.lookup_self(), "to serve after unseal")
+
+    def _initialise(self) -> None:
+        import hvac
+
+        answer = hvac.Client(url=self.url, timeout=10).sys.initialize(1, 1)
+        self._unseal_key = answer["keys_base64"][0]
+        self.root_token = answer["root_token"]
+        self.unseal()
+        self.client().sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+        # A new KV v2 mount upgrades itself for a moment before it takes writes.
+        self._wait_for(lambda: self.client().secrets.kv.v2.create_or_update_secret(
+            path="rotator-ready", secret={"ok": "1"}, mount_point="secret"), "to mount KV v2")
+
+    def _wait_for(self, attempt: Callable[[], object], what: str) -> None:
+        import hvac.exceptions
+        import requests
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                attempt()
+                return
+            except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+                if time.monotonic() > deadline:
+                    raise OpenBaoError(f"{self.label} on {self.url} failed {what}: "
+                                       f"{type(exc).__name__}") from None
+                time.sleep(0.1)
