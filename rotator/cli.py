@@ -161,13 +161,16 @@ def check(config_path: str | None, online: bool) -> None:
     policies = _load(config_path)
     if online:
         from rotator.runtime import Runtime
-        from rotator.service import online_check
+        from rotator.service import online_check, staged_leftovers
 
         runtime = Runtime(policies)
         try:
             problems = online_check(policies, runtime)
+            leftovers = staged_leftovers(policies, runtime)
         finally:
             runtime.close()
+        for leftover in leftovers:
+            click.echo(f"{policies.source}: warning: {leftover}", err=True)
         if problems:
             for problem in problems:
                 click.echo(f"{policies.source}: {problem}", err=True)

@@ -26,6 +26,7 @@ __all__ = [
     "Provider",
     "Secret",
     "SecretResolver",
+    "StagingInventory",
     "Vault",
     "VaultValue",
     "key_name_for",
@@ -304,3 +305,15 @@ class Vault(ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class StagingInventory(ABC):
+    """Optional for a vault: say which rotations have a key staged for a secret, so that
+    ``rotator check --online`` can report staged copies no rotation will promote or remove
+    (left by a worker that lost its lease, or a clean-up that could not reach the vault).
+    Discovered by type: ``isinstance(vault, StagingInventory)``."""
+
+    @abstractmethod
+    def staged_rotations(self, path: str) -> list[str]:
+        """The rotation ids (as given to ``stage``) with something staged for ``path``; never
+        a value. An empty list when nothing is staged or the secret does not exist."""

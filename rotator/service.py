@@ -21,6 +21,7 @@ from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
+from rotator.interfaces import StagingInventory
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
 from rotator.state.store import COMMAND_TAG, StateStore, describe_owner, lock_owner_id
@@ -33,6 +34,7 @@ __all__ = [
     "plan_rows",
     "rotate_now",
     "select_credentials",
+    "staged_leftovers",
     "status_rows",
 ]
 
@@ -232,6 +234,50 @@ def _os_user() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
+
+
+def staged_leftovers(policies: Policies, runtime: Runtime) -> list[str]:
+    """One line per key staged in a vault for a rotation that is not running: no rotation will
+    promote or remove it (a worker lost its lease mid-step, or a clean-up could not reach the
+    vault). Harmless, since rotator revokes the keys of rotations that did not finish, but
+    worth deleting. Vaults that cannot list what is staged, or cannot be reached, are skipped
+    (the problems above say why)."""
+    running = _running_rotations(policies)
+    lines: list[str] = []
+    for cred in policies.credentials:
+        vault = runtime.vault(cred.vault)
+        if not isinstance(vault, StagingInventory):
+            continue
+        try:
+            staged = vault.staged_rotations(cred.path)
+        except RotatorError:
+            continue
+        for rotation_id in staged:
+            if running is not None and rotation_id in running:
+                continue
+            why = ("is not running" if running is not None else
+                   "may not be running (the state store could not be read)")
+            lines.append(f"credentials {cred.name!r}: vault {cred.vault!r} still holds a key "
+                         f"staged for {cred.path} by rotation {rotation_id}, which {why}; it "
+                         "was never made current: delete it (see `rotator history "
+                         f"{cred.name}`)")
+    return lines
+
+
+def _running_rotations(policies: Policies) -> set[str] | None:
+    """Ids of the rotations not finished yet, or None if the state store cannot be read."""
+    try:
+        store = StateStore(policies.settings.state_url, create=False)
+    except RotatorError:
+        return None
+    try:
+        return {r.id for r in store.unfinished_rotations()}
+    except Exception as exc:
+        if not store.is_unreachable(exc):
+            raise
+        return None
+    finally:
+        store.close()
 
 
 def online_check(policies: Policies, runtime: Runtime) -> list[str]:

@@ -29,7 +29,7 @@ from typing import ClassVar
 import pytest
 
 from rotator.errors import NotFound, RotatorError, TransientError
-from rotator.interfaces import Secret, Vault
+from rotator.interfaces import Secret, StagingInventory, Vault
 from rotator.testing.provider_contract import (
     assert_no_secret_in_exception,
     new_rotation_id,
@@ -296,6 +296,25 @@ class VaultContract:
         same = self.current(vault, new_path, self.field_a) == (current, version)
         assert same, "discard_staged changed the current value"
         vault.discard_staged(new_path, theirs)
+
+    def test_staged_rotations_lists_what_is_staged_until_it_is_discarded(
+        self, vault: Vault, new_path: str
+    ) -> None:
+        """A vault that is a ``StagingInventory`` lists the rotations with a key staged for a
+        path (what ``rotator check --online`` reports as leftovers), and forgets each once it
+        is discarded or promoted and discarded."""
+        if not isinstance(vault, StagingInventory):
+            pytest.skip(f"{type(vault).__name__} is not a StagingInventory")
+        assert vault.staged_rotations(new_path) == [], "a fresh path has nothing staged"
+        promoted, left = new_rotation_id(), new_rotation_id()
+        vault.stage(new_path, self.field_a, self.new_secret(), promoted)
+        vault.stage(new_path, self.field_a, self.new_secret(), left)
+        assert sorted(vault.staged_rotations(new_path)) == sorted([promoted, left])
+        vault.promote(new_path, self.field_a, promoted, self.metadata("key_p", promoted))
+        vault.discard_staged(new_path, promoted)
+        assert vault.staged_rotations(new_path) == [left]
+        vault.discard_staged(new_path, left)
+        assert vault.staged_rotations(new_path) == []
 
     # -- errors --------------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ from rotator.aws import (
 )
 from rotator.config import SecretRef
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
-from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.interfaces import PluginSettings, Secret, StagingInventory, Vault, VaultValue
 from rotator.plugin_support import same_text
 from rotator.systemd import expand_credentials_directory
 
@@ -195,7 +195,7 @@ def _owned(rotation_id: str) -> dict[str, int]:
     return {version_id(rotation_id, n): n for n in range(VERSIONS_PER_ROTATION)}
 
 
-class SecretsManagerVault(Vault):
+class SecretsManagerVault(Vault, StagingInventory):
     """AWS Secrets Manager; see the module docstring for the protocol and the layout.
 
     Thread-safe: boto3 clients are; the one client is built under a lock and dropped when AWS
@@ -273,6 +273,19 @@ class SecretsManagerVault(Vault):
         if described is None:
             return
         self._clear_staging(path, rotation_id, described)
+
+    def staged_rotations(self, path: str) -> list[str]:
+        """Rotation ids whose staging label (``rotator:<rotation id>``) or record of staged
+        fields is still on the secret (one DescribeSecret call)."""
+        path = self._check_path(path)
+        described = self._describe(path)
+        if described is None:
+            return []
+        found = {label[len(LABEL_PREFIX):] for labels in described.stages.values()
+                 for label in labels if label.startswith(LABEL_PREFIX)}
+        found |= {_unescape(key[len(STAGED_TAG):]) for key in described.tags
+                  if key.startswith(STAGED_TAG) and not key.startswith(STAGED_TAG + "sha256:")}
+        return sorted(found)
 
     def promote(self, path: str, field: str, rotation_id: str,
                 metadata: Mapping[str, str]) -> str:

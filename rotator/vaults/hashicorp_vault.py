@@ -37,14 +37,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from pydantic import Field, field_validator, model_validator
 
 from rotator import redaction
 from rotator.durations import format_duration
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
-from rotator.interfaces import PluginSettings, Secret, Vault, VaultValue
+from rotator.interfaces import PluginSettings, Secret, StagingInventory, Vault, VaultValue
 from rotator.plugin_support import same_text
 from rotator.systemd import expand_credentials_directory
 
@@ -196,7 +196,7 @@ def _errors_text(exc: Any) -> str:
     return redaction.scrub(text)
 
 
-class HashiCorpVault(Vault):
+class HashiCorpVault(Vault, StagingInventory):
     """KV v2 on HashiCorp Vault or OpenBao; see the module docstring for the layout it keeps.
 
     Thread-safe: each thread gets its own ``hvac.Client`` (a ``requests`` session is not meant to
@@ -287,6 +287,26 @@ class HashiCorpVault(Vault):
 
         self._call(delete, what=f"discarding the staged key at {self._where(staged)}",
                    capability=f'"delete" on "{mount}/metadata/{staged}"')
+
+    def staged_rotations(self, path: str) -> list[str]:
+        """Rotation ids with a staged copy under ``staging_path``/``path`` (one LIST call)."""
+        path = self._check_path(path)
+        folder = f"{self.cfg.staging_path}/{path}"
+        mount = self.cfg.mount
+
+        def listing(client: hvac.Client) -> list[str]:
+            import hvac.exceptions
+
+            try:
+                answer = client.secrets.kv.v2.list_secrets(folder, mount_point=mount)
+            except hvac.exceptions.InvalidPath as exc:
+                if _NO_ROUTE in _errors_text(exc):
+                    raise
+                return []  # nothing staged there
+            return [unquote(k) for k in answer["data"]["keys"] if not k.endswith("/")]
+
+        return self._call(listing, what=f"listing staged keys under {self._where(folder)}",
+                          capability=f'"list" on "{mount}/metadata/{folder}"')
 
     def promote(
         self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
