@@ -231,7 +231,16 @@ class OpenBaoServer(OpenBaoDevServer):
         import hvac
 
         hvac.Client(url=self.url, timeout=10).sys.submit_unseal_key(self._unseal_key)
+        self._wait_for(self._active, "to become the active node after unseal")
         self._wait_for(lambda: self.client().auth.token.lookup_self(), "to serve after unseal")
+
+    def _active(self) -> None:
+        """Raise until the node is unsealed and active (raft elected it: not a standby)."""
+        import hvac.exceptions
+
+        answer = self.health()
+        if answer.get("sealed") or answer.get("standby") or not answer.get("initialized"):
+            raise hvac.exceptions.VaultDown("not active yet")
 
     def _initialise(self) -> None:
         import hvac
@@ -240,7 +249,8 @@ class OpenBaoServer(OpenBaoDevServer):
         self._unseal_key = answer["keys_base64"][0]
         self.root_token = answer["root_token"]
         self.unseal()
-        self.client().sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+        self._wait_for(lambda: self.client().sys.enable_secrets_engine(
+            "kv", path="secret", options={"version": "2"}), "to mount KV v2")
         # A new KV v2 mount upgrades itself for a moment before it takes writes.
         self._wait_for(lambda: self.client().secrets.kv.v2.create_or_update_secret(
             path="rotator-ready", secret={"ok": "1"}, mount_point="secret"), "to mount KV v2")
