@@ -9,6 +9,11 @@ a rotation interrupted anywhere (kill -9 included) resumes from its last recorde
 The new secret is staged in the vault by the same step that receives it from the provider, so
 it never lives only in memory. The old key is revoked only after the new one is current in the
 vault and the consumer is healthy, which is what keeps agents from ever reading a dead key.
+
+Every plugin call runs under the credential's lease and is fenced by it (``_guarded``): right
+before each attempt the lease must still be held with the epoch it was acquired under, and
+backoff sleeps end as soon as it is lost. Keys carry that epoch in their names (``key_tag``), so
+a clean-up touches only its own and earlier owners' keys. See docs/replicas.md, "Fencing".
 """
 
 from __future__ import annotations
