@@ -6,6 +6,7 @@ leak scan (conftest.py) searches them for secret values along with the state dat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -281,3 +282,36 @@ def start_daemon_elsewhere(runner: Runner, **env: str) -> subprocess.Popen[bytes
                             stderr=err.open("w"), stdin=subprocess.DEVNULL, cwd=runner.tmp)
     STARTED.append(proc)
     return proc
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines a daemon wrote to ``path`` (other lines skipped)."""
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            continue
+    return lines
+
+
+def daemon_log_lines(runner_tmp: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of every daemon a ``Runner`` started under ``runner_tmp``."""
+    return [line for path in sorted((runner_tmp / "out").glob("*-run.stderr"))
+            for line in log_lines(path)]
+
+
+def staged_copies(bao: OpenBaoDevServer, path: str) -> list[str]:
+    """Every secret under ``path`` of the KV v2 mount ``secret``, recursively (a staging
+    folder: ``rotator/pending/...``)."""
+    import hvac.exceptions
+
+    try:
+        keys = bao.client().secrets.kv.v2.list_secrets(path=path, mount_point="secret")
+    except hvac.exceptions.InvalidPath:
+        return []
+    found: list[str] = []
+    for key in keys["data"]["keys"]:
+        found += (staged_copies(bao, f"{path}/{key.rstrip('/')}") if key.endswith("/")
+                  else [f"{path}/{key}"])
+    return found

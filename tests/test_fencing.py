@@ -26,7 +26,7 @@ from rotator.engine import Engine, RotationRequest, RotationResult
 from rotator.errors import TransientError
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
-from tests.support import Fleet, make_fleet
+from tests.support import Fleet, make_fleet, staged_copies
 
 TTL = timedelta(seconds=10)
 
@@ -192,24 +192,9 @@ def test_a_worker_that_lost_its_lease_in_a_retry_touches_nothing(tmp_path, openb
         # created but never staged (B replaced it, and revoked A's: A's epoch is older).
         creates = fake_openai.request_count("POST", "/api_keys") - creates_before
         assert creates == (2 if case == "stage" else 1), creates
-        assert _staged(openbao, f"rotator/pending/{fleet.prefix}") == [], \
+        assert staged_copies(openbao, f"rotator/pending/{fleet.prefix}") == [], \
             "staged copies left behind"
 
-
-def _staged(openbao: Any, path: str) -> list[str]:
-    """Every secret under ``path`` in KV v2, recursively."""
-    import hvac.exceptions
-
-    try:
-        keys = openbao.client().secrets.kv.v2.list_secrets(
-            path=path, mount_point="secret")["data"]["keys"]
-    except hvac.exceptions.InvalidPath:
-        return []
-    found: list[str] = []
-    for key in keys:
-        found += _staged(openbao, f"{path}/{key.rstrip('/')}") if key.endswith("/") \
-            else [f"{path}/{key}"]
-    return found
 
 
 def test_a_create_on_the_wire_when_the_lease_ran_out_leaves_no_key_behind(tmp_path, openbao,

@@ -31,6 +31,7 @@ from tests.support import (
     Fleet,
     free_port,
     get_json,
+    log_lines,
     make_fleet,
     pid_namespaces_work,
     postgres_state_url,
@@ -95,24 +96,14 @@ def _held_by(store: StateStore, pid: int) -> list[str]:
 
 def _touched_by(path: Path) -> set[str]:
     """Rotation ids a replica's log says it started or resumed."""
-    return {m.group(1) for line in _log_lines(path)
+    return {m.group(1) for line in log_lines(path)
             if (m := re.search(r"(?:resuming rotation|rotation) (\S+) (?:started|at step)",
                                line["message"]))}
 
 
-def _log_lines(path: Path) -> list[dict]:
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except ValueError:
-            continue
-    return lines
-
-
 def _finished_by(path: Path) -> list[str]:
     """Rotation ids a replica's log says it finished with success."""
-    return [m.group(1) for line in _log_lines(path)
+    return [m.group(1) for line in log_lines(path)
             if (m := re.search(r"rotation (\S+) finished: success", line["message"]))]
 
 
@@ -219,7 +210,7 @@ def test_a_replica_killed_mid_rotation_is_taken_over_after_its_lease(tmp_path, o
             "crashpoint"
         # It died at the first rotation to reach the crashpoint: none of its rotations ended.
         victim_log = sorted((tmp_path / "out").glob("*-run.stderr"))[0]
-        orphans = {m.group(1) for line in _log_lines(victim_log)
+        orphans = {m.group(1) for line in log_lines(victim_log)
                    if (m := re.search(r"rotation (\S+) started", line["message"]))}
         assert orphans, "the victim left no rotation behind"
         if elsewhere:
@@ -246,7 +237,7 @@ def test_a_replica_killed_mid_rotation_is_taken_over_after_its_lease(tmp_path, o
     assert all(r.outcome == "success" for r in rotations)
     assert set(orphans) <= {r.id for r in rotations}, "orphaned rotations resumed, not redone"
     logs = sorted((tmp_path / "out").glob("*-run.stderr"))[1:]
-    resumed = {rid for path in logs for line in _log_lines(path)
+    resumed = {rid for path in logs for line in log_lines(path)
                if (m := re.search(r"resuming rotation (\S+)", line["message"]))
                for rid in [m.group(1)]}
     assert set(orphans) <= resumed, "another replica resumed each orphaned rotation"
@@ -297,7 +288,7 @@ def test_replicas_ride_out_a_state_store_restart(tmp_path, openbao, fake_openai,
         assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
         # The outage is reported in a line, once per replica, with the recovery; no traceback.
         lines = [line for path in sorted((tmp_path / "out").glob("*-run.stderr"))
-                 for line in _log_lines(path)]
+                 for line in log_lines(path)]
         assert not [line["message"] for line in lines if "exception" in line], \
             "a state store outage is not a crash"
         down = [line for line in lines if line["message"].startswith("state store unavailable")]
@@ -392,7 +383,7 @@ def test_healthz_and_readyz(tmp_path, openbao, fake_openai):
     finally:
         assert stop_daemon(daemon) == 0
     log = sorted((tmp_path / "out").glob("*-run.stderr"))[-1]
-    assert [line["message"] for line in _log_lines(log) if "exception" in line] == [], \
+    assert [line["message"] for line in log_lines(log) if "exception" in line] == [], \
         "a dead vault is reported, not a crash; and a scrape never fails"
 
 

@@ -14,7 +14,6 @@ replays a schedule (the seed is in every failure message).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import re
@@ -25,7 +24,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,9 +34,11 @@ from rotator.testing.openbao import OpenBaoServer
 from rotator.testing.postgres import PostgresCluster
 from tests.support import (
     Fleet,
+    daemon_log_lines,
     make_fleet,
     postgres_state_url,
     remember_issued,
+    staged_copies,
     stop_daemon,
     wait_for,
 )
@@ -150,31 +150,6 @@ def servers(monkeypatch) -> Iterator[tuple[OpenBaoServer, PostgresCluster]]:
         bao.stop()
 
 
-def _log_lines(directory: Path) -> list[dict[str, Any]]:
-    lines = []
-    for path in sorted(directory.glob("*-run.stderr")):
-        for text in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(text))
-            except ValueError:
-                continue
-    return lines
-
-
-def _staged(bao: OpenBaoServer, path: str) -> list[str]:
-    import hvac.exceptions
-
-    try:
-        keys = bao.client().secrets.kv.v2.list_secrets(path=path, mount_point="secret")
-    except hvac.exceptions.InvalidPath:
-        return []
-    found: list[str] = []
-    for key in keys["data"]["keys"]:
-        found += _staged(bao, f"{path}/{key.rstrip('/')}") if key.endswith("/") \
-            else [f"{path}/{key}"]
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.soak
 def test_fault_mix_soak_keeps_every_invariant(tmp_path, servers, fake_openai):
@@ -229,7 +204,7 @@ def test_fault_mix_soak_keeps_every_invariant(tmp_path, servers, fake_openai):
     except AssertionError as exc:
         raise AssertionError(f"{exc} {context}") from None
     # (c) Nothing left staged.
-    staged = _staged(bao, f"rotator/pending/{fleet.prefix}")
+    staged = staged_copies(bao, f"rotator/pending/{fleet.prefix}")
     assert staged == [], f"staged copies left: {staged} {context}"
     # (d) No overlap: one rotation of a credential at a time, each finished by one process.
     by_credential: dict[str, list[Any]] = {}
@@ -243,7 +218,7 @@ def test_fault_mix_soak_keeps_every_invariant(tmp_path, servers, fake_openai):
             active_until = active_end[earlier.id]
             assert active_until is not None and active_until <= later.started_at, \
                 f"{name}: {earlier.id} and {later.id} overlapped {context}"
-    finishes = Counter(m.group(1) for line in _log_lines(tmp_path / "out")
+    finishes = Counter(m.group(1) for line in daemon_log_lines(tmp_path)
                        if (m := re.search(r"rotation (\S+) finished: ", line["message"])))
     twice = [rid for rid, n in finishes.items() if n > 1]
     assert not twice, f"rotations finished by more than one process: {twice} {context}"

@@ -15,7 +15,7 @@ import tomli_w
 from rotator.state.store import StateStore
 from rotator.testing.fake_openai import FakeOpenAIServer
 from rotator.testing.openbao import OpenBaoDevServer
-from tests.support import Fleet, make_fleet, stop_daemon, wait_for
+from tests.support import Fleet, make_fleet, staged_copies, stop_daemon, wait_for
 
 POLICY = Path(__file__).resolve().parent.parent / "deploy" / "vault" / "rotator-policy.hcl"
 _STANZA = re.compile(r'^path "([^"]+)" \{\n(?:.*\n)*?\}\n', re.MULTILINE)
@@ -56,17 +56,6 @@ def _token(bao: OpenBaoDevServer, name: str, hcl: str | None) -> str:
     bao.write_policy(name, hcl)
     created = client.auth.token.create(policies=[name], no_default_policy=True, ttl="15m")
     return str(created["auth"]["client_token"])
-
-
-def _staged(bao: OpenBaoDevServer, fleet: Fleet) -> list[str]:
-    import hvac.exceptions
-
-    try:
-        listed = bao.client().secrets.kv.v2.list_secrets(
-            path=f"rotator/pending/{fleet.prefix}/agents", mount_point="secret")
-    except hvac.exceptions.InvalidPath:
-        return []
-    return list(listed["data"]["keys"])
 
 
 def _key_accepted(fleet: Fleet) -> bool:
@@ -111,7 +100,8 @@ def test_the_daemon_rotates_with_a_token_holding_exactly_this_policy(tmp_path, o
                           VAULT_TOKEN=token)
     assert emergency.returncode == 0, emergency.stdout + emergency.stderr
     fleet.assert_settled()
-    assert _staged(openbao, fleet) == [], "staged keys must not outlive their rotation"
+    assert staged_copies(openbao, f"rotator/pending/{fleet.prefix}") == [], \
+        "staged keys must not outlive their rotation"
 
 
 @pytest.mark.slow
@@ -149,6 +139,7 @@ def test_a_token_missing_any_stanza_fails_clearly_and_keeps_the_old_key(tmp_path
         assert _key_accepted(fleet), f"without {wanted!r}: the vault holds a dead key"
         if path == "secret/metadata/rotator/pending/*":
             assert code == 0 and "not removed" in output, output
-            assert _staged(openbao, fleet), "the staged copy should have stayed"
+            assert staged_copies(openbao, f"rotator/pending/{fleet.prefix}"), \
+                "the staged copy should have stayed"
         else:
             assert code != 0, f"without {wanted!r} the command succeeded:\n{output}"

@@ -4,17 +4,15 @@ log line and its recovery another, and no agent ever reads a dead key."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from rotator.state.store import StateStore
 from rotator.testing.agent import SampleAgent
 from rotator.testing.openbao import OpenBaoServer
-from tests.support import make_fleet, stop_daemon, wait_for
+from tests.support import daemon_log_lines, make_fleet, stop_daemon, wait_for
 
 SEALED_FOR = 5.0
 
@@ -27,17 +25,6 @@ def bao(monkeypatch) -> Iterator[OpenBaoServer]:
         yield server
     finally:
         server.stop()
-
-
-def _log_lines(directory: Path) -> list[dict]:
-    lines = []
-    for path in sorted(directory.glob("*-run.stderr")):
-        for line in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                continue
-    return lines
 
 
 @pytest.mark.slow
@@ -82,7 +69,7 @@ def test_rotations_wait_out_a_sealed_restart(tmp_path, bao, fake_openai):
         [(r.credential, r.status, r.error) for r in rotations if r.status != "succeeded"]
     assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
     fleet.assert_settled()
-    lines = _log_lines(tmp_path / "out")
+    lines = daemon_log_lines(tmp_path)
     assert not [line["message"] for line in lines if "exception" in line], \
         "a sealed vault is not a crash"
     down = [line for line in lines if line.get("logger") == "rotator.outages"
