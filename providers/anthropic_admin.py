@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from pydantic import Field, field_validator
 
 from providers.http_requests import HttpSession, status_error
-from rotator.config import SecretRef
 from rotator.errors import (
     CredentialRejected,
     PermanentError,
@@ -40,6 +39,7 @@ from rotator.interfaces import (
     PluginSettings,
     Provider,
     Secret,
+    SecretRef,
     SecretResolver,
 )
 from rotator.plugin_support import params_as, remote_message

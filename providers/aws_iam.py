@@ -59,6 +59,7 @@ from rotator.aws import (
     transport_error,
     warm_up_clients,
 )
+from rotator.crashpoints import crashpoint
 from rotator.errors import (
     CredentialRejected,
     NotFound,
@@ -76,7 +77,6 @@ from rotator.interfaces import (
     SecretResolver,
 )
 from rotator.plugin_support import params_as
-from rotator.testing.crashpoints import crashpoint
 
 __all__ = ["AwsIamParams", "AwsIamProvider", "AwsIamSettings"]
 

@@ -25,8 +25,7 @@ from providers.http_templates import (
     template_placeholders,
     vars_used,
 )
-from rotator.config import SecretRef
-from rotator.interfaces import PluginSettings
+from rotator.interfaces import PluginSettings, SecretRef
 
 __all__ = [
     "Call",

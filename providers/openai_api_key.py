@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from rotator.config import SecretRef
 from rotator.errors import (
     CredentialRejected,
     NotFound,
@@ -35,6 +34,7 @@ from rotator.interfaces import (
     PluginSettings,
     Provider,
     Secret,
+    SecretRef,
     SecretResolver,
     key_name_for,
 )

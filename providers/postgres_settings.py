@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from rotator.config import SecretRef
-from rotator.interfaces import CredentialInfo, PluginSettings
+from rotator.interfaces import CredentialInfo, PluginSettings, SecretRef
 from rotator.plugin_support import params_as
 
 __all__ = ["PostgresParams", "PostgresSettings", "params_of"]

@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rotator.config import SecretRef
-from rotator.interfaces import CredentialInfo, PluginSettings
+from rotator.interfaces import CredentialInfo, PluginSettings, SecretRef
 from rotator.plugin_support import params_as
 
 __all__ = ["StripeParams", "StripeSettings", "params_of"]

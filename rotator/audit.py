@@ -12,7 +12,6 @@ hash; anchor it outside the database (ship the export to a SIEM) for more.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -21,9 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rotator.events import RotationFinished, StepFinished
+from rotator.state.audit_hash import canonical, event_hash, iso_utc
 from rotator.state.store import StateStore, append_audit_in
 
-__all__ = ["KINDS", "AuditLog", "VerifyResult"]
+__all__ = ["KINDS", "AuditLog", "VerifyResult", "event_hash"]
 
 log = logging.getLogger("rotator.audit")
 
@@ -40,48 +40,6 @@ class VerifyResult:
     """Events checked (all of them when ``ok``; up to and including the first bad one if not)."""
     first_bad_id: int | None
     problem: str | None
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _hashed_fields(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "at": _iso(row["at"]),
-        "kind": row["kind"],
-        "credential": row["credential"],
-        "rotation_id": row["rotation_id"],
-        "actor": row["actor"],
-        "reason": row["reason"],
-        "detail": row["detail"],
-    }
-
-
-def event_hash(row: dict[str, Any]) -> str:
-    """The hash an event row must carry, from its fields and its ``prev_hash``."""
-    return hashlib.sha256((row["prev_hash"] + _canonical(_hashed_fields(row))).encode()
-                          ).hexdigest()
-
-
-_ID_MARK = "\x00id\x00"
-
-
-def hash_parts(row: dict[str, Any]) -> tuple[str, str]:
-    """``event_hash`` split around the event id, for a store that numbers and chains events
-    itself (PostgreSQL, in one statement): for any id,
-    ``event_hash(row) == sha256(row["prev_hash"] + before + str(row["id"]) + after)``."""
-    key = f'"id":{_canonical(_ID_MARK)}'
-    before, found, after = _canonical({**_hashed_fields(row), "id": _ID_MARK}).partition(key)
-    assert found, "the id must be a top-level key of the hashed fields"
-    return before + '"id":', after
 
 
 class _AuditListener:
@@ -132,7 +90,7 @@ class AuditLog:
         if kind not in KINDS:
             raise ValueError(f"unknown audit event kind {kind!r}")
         when = (at or datetime.now(UTC)).astimezone(UTC)
-        detail_text = _canonical(detail)
+        detail_text = canonical(detail)
 
         def build(event_id: int, prev_hash: str) -> dict[str, Any]:
             row = {"id": event_id, "at": when, "kind": kind, "credential": credential,
@@ -186,7 +144,7 @@ class AuditLog:
                 detail: Any = json.loads(row["detail"])
             except ValueError:
                 detail = row["detail"]
-            yield {"id": row["id"], "at": _iso(row["at"]), "kind": row["kind"],
+            yield {"id": row["id"], "at": iso_utc(row["at"]), "kind": row["kind"],
                    "credential": row["credential"], "rotation_id": row["rotation_id"],
                    "actor": row["actor"], "reason": row["reason"], "detail": detail,
                    "prev_hash": row["prev_hash"], "hash": row["hash"]}

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, model_validator
 
 from rotator import redaction
-from rotator.config import SecretRef
 from rotator.errors import PermanentError, RotatorError, TransientError
-from rotator.interfaces import PluginSettings
+from rotator.interfaces import PluginSettings, SecretRef
 from rotator.plugin_support import shorten
 
 if TYPE_CHECKING:

@@ -38,6 +38,7 @@ from tenacity import (
 )
 
 from rotator import health, policy, redaction
+from rotator.crashpoints import crashpoint
 from rotator.errors import (
     CredentialRejected,
     Interrupted,
@@ -53,7 +54,6 @@ from rotator.outages import OutageLog
 from rotator.state.leases import Fence, Leases
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
-from rotator.testing.crashpoints import crashpoint
 
 if TYPE_CHECKING:
     from rotator.config import CredentialConfig, Policies
@@ -287,10 +287,6 @@ class Engine:
         except Interrupted as exc:
             log.warning("%s: revocation stopped: %s", name, exc)
             return 0
-
-    def process_revocations(self) -> int:
-        """Revoke every old key whose grace period is over; returns how many were revoked."""
-        return sum(self.revoke_due(name) for name in self.credentials_with_due_revocations())
 
     def orphaned_work(self) -> list[str]:
         """One line per unfinished rotation or pending revocation of a credential that is no

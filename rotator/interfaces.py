@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from rotator import redaction
+from rotator.secret_ref import SecretRef
 
 __all__ = [
     "Capabilities",
@@ -25,6 +26,7 @@ __all__ = [
     "PluginSettings",
     "Provider",
     "Secret",
+    "SecretRef",
     "SecretResolver",
     "StagingInventory",
     "Vault",

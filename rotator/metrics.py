@@ -124,10 +124,6 @@ class _PerCredential:
         with self._lock:
             self._rotations[key] = self._rotations.get(key, 0.0) + 1
 
-    def rotations_total(self, credential: str, provider: str, trigger: str,
-                        outcome: str) -> float | None:
-        return self._rotations.get((credential, provider, trigger, outcome))
-
     def _agent_labels(self, name: str, agent: str, provider: str) -> str:
         key = (name, agent, provider)
         text = self._labels.get(key)

@@ -236,7 +236,7 @@ def test_hash_parts_rebuild_event_hash():
     the hash `audit verify` computes, whatever the text holds."""
     import hashlib
 
-    from rotator.audit import event_hash, hash_parts
+    from rotator.state.audit_hash import event_hash, hash_parts
 
     row = {"id": 0, "at": NOW, "kind": "step", "credential": 'a/"id":1', "rotation_id": None,
            "actor": "ops\x00id\x00", "reason": "ünïcode ✓ \n", "detail": '{"id":7}',

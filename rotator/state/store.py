@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
 from rotator.state import schema
+from rotator.state.audit_hash import hash_parts
 from rotator.state.models import (
     AuditEvent,
     AuditHead,
@@ -205,10 +206,8 @@ def _append_audit_pg(conn: Connection, build: Callable[[int, str], dict[str, Any
     """Number, chain and insert the event in ONE statement: the head row's lock (taken by the
     UPDATE, which PostgreSQL re-evaluates on the newest head if another replica moved it
     meanwhile) is then held for this statement and the commit only, not across round trips
-    to Python. The hash is the one :func:`rotator.audit.event_hash` computes, made by the
+    to Python. The hash is the one :func:`rotator.state.audit_hash.event_hash` computes, made by the
     server from the parts around the id."""
-    from rotator.audit import hash_parts  # rotator.audit imports this module
-
     row = build(0, "")
     before, after = hash_parts(row)
     event_id = conn.execute(_APPEND_PG, {
@@ -322,19 +321,6 @@ class StateStore:
         with self._tx() as conn:
             conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == name)
                          .values(**fields))
-
-    def due_credentials(self, now: datetime, names: Sequence[str], limit: int) -> list[str]:
-        """Names among ``names`` whose next due time has passed, most overdue first."""
-        if limit <= 0 or not names:
-            return []
-        with self._reading() as s:
-            rows = s.scalars(
-                select(CredentialState.name)
-                .where(CredentialState.next_due_at <= now, CredentialState.name.in_(names))
-                .order_by(CredentialState.next_due_at)
-                .limit(limit)
-            )
-            return list(rows)
 
     def earliest_due(self, names: Sequence[str],
                      unleased_at: datetime | None = None) -> datetime | None:

@@ -1,6 +1,6 @@
 """Test support that ships with rotator, for its own tests, ``rotator demo`` and plugin authors.
 
-Nothing is imported here, so ``import rotator.testing`` (and the engine's crash points) stays
+Nothing is imported here, so ``import rotator.testing`` stays
 cheap and never pulls in an SDK or pytest; import the submodule you need:
 
 - :mod:`rotator.testing.provider_contract`: ``ProviderContract``, the pytest suite every
@@ -16,7 +16,6 @@ cheap and never pulls in an SDK or pytest; import the submodule you need:
   and a private PostgreSQL cluster, all three on :mod:`rotator.testing.server_process`
   (free port, wait until it answers, stop by pid).
 - :mod:`rotator.testing.agent`: a sample agent that reads its key from the vault.
-- :mod:`rotator.testing.crashpoints`: named kill points for crash-recovery tests.
 """
 
 from __future__ import annotations

@@ -72,9 +72,15 @@ from rotator.aws import (
     transport_error,
     warm_up_clients,
 )
-from rotator.config import SecretRef
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
-from rotator.interfaces import PluginSettings, Secret, StagingInventory, Vault, VaultValue
+from rotator.interfaces import (
+    PluginSettings,
+    Secret,
+    SecretRef,
+    StagingInventory,
+    Vault,
+    VaultValue,
+)
 from rotator.plugin_support import same_text
 from rotator.systemd import expand_credentials_directory
 
