@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rotator.events import RotationFinished, StepFinished
+from rotator.events import RotationFinished, StepFinished, TransactionalListener
 from rotator.state.audit_hash import canonical, event_hash, iso_utc
 from rotator.state.store import StateStore, append_audit_in
 
@@ -42,7 +42,7 @@ class VerifyResult:
     problem: str | None
 
 
-class _AuditListener:
+class _AuditListener(TransactionalListener):
     """Records engine events. ``in_tx`` records a step inside the engine's own step
     transaction, so the event and the state change commit together (and a rotation costs
     one write transaction per step, not two)."""

@@ -48,7 +48,14 @@ from rotator.errors import (
     RotatorError,
     TransientError,
 )
-from rotator.events import CallObserver, Listener, PluginCall, RotationFinished, StepFinished
+from rotator.events import (
+    CallObserver,
+    Listener,
+    PluginCall,
+    RotationFinished,
+    StepFinished,
+    TransactionalListener,
+)
 from rotator.interfaces import NewKey, Provider, Vault
 from rotator.outages import OutageLog
 from rotator.state.leases import Fence, Leases
@@ -847,7 +854,8 @@ class Engine:
         audit trail); a rotation another worker took over stops this one (``Interrupted``)."""
         also = None
         if event is not None:
-            in_tx = [listener.in_tx for listener in self.listeners if hasattr(listener, "in_tx")]
+            in_tx = [listener.in_tx for listener in self.listeners
+                     if isinstance(listener, TransactionalListener)]
 
             def also(conn: Any) -> None:
                 for record in in_tx:
@@ -963,7 +971,7 @@ class Engine:
         """Tell the listeners; with ``recorded``, skip those that already recorded ``event``
         inside its step transaction."""
         for listener in self.listeners:
-            if recorded and hasattr(listener, "in_tx"):
+            if recorded and isinstance(listener, TransactionalListener):
                 continue
             try:
                 listener(event)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-__all__ = ["CallObserver", "Listener", "PluginCall", "RotationFinished", "StepFinished"]
+__all__ = ["CallObserver", "Listener", "PluginCall", "RotationFinished", "StepFinished",
+           "TransactionalListener"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,17 @@ class PluginCall:
 
 Listener = Callable[[StepFinished | RotationFinished], None]
 CallObserver = Callable[[PluginCall], None]
+
+
+class TransactionalListener(ABC):
+    """A listener that records a step's event inside the engine's own step transaction
+    (``in_tx``), so the event and the state change commit together or not at all (the audit
+    trail). It is still called, as any listener, for the events it did not record that way."""
+
+    @abstractmethod
+    def __call__(self, event: StepFinished | RotationFinished) -> None:
+        """Record an event outside a step transaction (a rotation's end, a failed step)."""
+
+    @abstractmethod
+    def in_tx(self, conn: Any, event: StepFinished) -> None:
+        """Record ``event`` on ``conn``, the open write transaction of the step it reports."""
