@@ -20,7 +20,8 @@ cannot pass. Rounds alternate the two and the medians are reported.
 
 It needs the ``postgres`` provider registered as the ``rotator.providers`` entry point; until
 the package is reinstalled with it, the rotator process is started through a shim that
-registers ``providers.postgres:PostgresProvider`` in that process only (said in the output).
+registers ``providers.postgres.provider:PostgresProvider`` in that process only (said in the
+output).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from providers.postgres import generate_password  # noqa: E402
-from providers.postgres_scram import scram_sha256_verifier  # noqa: E402
+from providers.postgres.provider import generate_password  # noqa: E402
+from providers.postgres.scram import scram_sha256_verifier  # noqa: E402
 from rotator.testing.openbao import OpenBaoDevServer  # noqa: E402
 from rotator.testing.postgres import PostgresCluster  # noqa: E402
 
@@ -54,7 +55,7 @@ FIELD = "PGPASSWORD"
 SHIM = """\
 import sys
 from rotator import plugins
-from providers.postgres import PostgresProvider
+from providers.postgres.provider import PostgresProvider
 real_class, real_types = plugins.provider_class, plugins.provider_types
 plugins.provider_class = lambda t: PostgresProvider if t == "postgres" else real_class(t)
 plugins.provider_types = lambda: sorted({*real_types(), "postgres"})
@@ -253,7 +254,7 @@ def main() -> None:
           f"{args.rounds} round(s), medians")
     if shim:
         print("(the `postgres` entry point is not installed: rotator ran through a shim that "
-              "registers providers.postgres in its own process)")
+              "registers providers.postgres.provider in its own process)")
     print(f"rotator rotate-now --all:        {rot:6.2f} s  {rot_rate:6.1f} rotations/s  "
           f"({', '.join(f'{t:.2f}' for t in rot_times)})")
     print(f"  of which process start-up:     {start:6.2f} s  (`rotator status`); without it "

@@ -12,7 +12,7 @@ The key to kill is the one in the vault. Its id comes from the vault's metadata,
 really works, because a wrong guess would kill another agent's key.
 
 Calls go through ``httpx`` with the admin key in ``x-api-key`` and the ``anthropic-version``
-header, translated into :mod:`rotator.errors` by the helpers of :mod:`providers.http_requests`.
+header, translated into :mod:`rotator.errors` by the helpers of :mod:`providers.http.sending`.
 No key (the admin key, the key checked) ever reaches a message or a log line.
 """
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from providers.http_requests import HttpSession, status_error
+from providers.http.sending import HttpSession, status_error
 from rotator.errors import (
     CredentialRejected,
     PermanentError,

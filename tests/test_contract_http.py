@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from providers.http_generic import HttpParams
+from providers.http.provider import HttpParams
 from rotator.interfaces import CredentialInfo, Provider
 from rotator.testing.fake_http_services import FakeCloudflare, FakeSendGrid
 from rotator.testing.provider_contract import KeyAccepted, LiveKeyIds, ProviderContract

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pytest
 
-from providers.postgres import PostgresParams, PostgresProvider
+from providers.postgres.provider import PostgresParams, PostgresProvider
 from rotator.interfaces import CredentialInfo, NewKey
 from rotator.testing.provider_contract import KeyAccepted, LiveKeyIds, ProviderContract
 from tests.harnesses.base import SeededCredential

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from providers.stripe_keys import (
+from providers.stripe.provider import (
     StripeParams,
     StripeProvider,
     StripeSettings,

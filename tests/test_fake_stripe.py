@@ -16,7 +16,7 @@ import stripe
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from providers.stripe_keys import quiet_sdk_debug_logs
+from providers.stripe.provider import quiet_sdk_debug_logs
 from rotator.testing.fake_stripe import FakeStripeServer
 from tests.support import serve_fake
 

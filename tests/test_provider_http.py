@@ -17,7 +17,7 @@ import httpx
 import pytest
 import tomli_w
 
-from providers.http_generic import HttpParams, HttpProvider, HttpSettings
+from providers.http.provider import HttpParams, HttpProvider, HttpSettings
 from rotator.config import parse_policies
 from rotator.errors import (
     ConfigError,

@@ -23,8 +23,8 @@ import pytest
 import tomli_w
 from pydantic import ValidationError
 
-from providers.postgres import PostgresParams, PostgresProvider, PostgresSettings
-from providers.postgres_scram import scram_sha256_verifier
+from providers.postgres.provider import PostgresParams, PostgresProvider, PostgresSettings
+from providers.postgres.scram import scram_sha256_verifier
 from rotator.errors import CredentialRejected, PermanentError, TransientError, UnsupportedOperation
 from rotator.interfaces import CredentialInfo, NewKey, Secret
 from rotator.testing.postgres import PostgresCluster

@@ -17,16 +17,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
-from providers.stripe_api_keys import redaction_fits
-from providers.stripe_client import retry_after
-from providers.stripe_jwe import Undecryptable, decrypt_jwe
-from providers.stripe_keys import (
+from providers.stripe.api_keys import redaction_fits
+from providers.stripe.client import retry_after
+from providers.stripe.jwe import Undecryptable, decrypt_jwe
+from providers.stripe.provider import (
     StripeParams,
     StripeProvider,
     StripeSettings,
     quiet_sdk_debug_logs,
 )
-from providers.stripe_webhooks import META_ROTATION
+from providers.stripe.webhooks import META_ROTATION
 from rotator.errors import (
     CredentialRejected,
     PermanentError,
@@ -442,7 +442,7 @@ def test_check_access(world: World, caplog: pytest.LogCaptureFixture) -> None:
     endpoints_only = world.provider_for(lambda ref: Secret(full))
     bad = world.provider_for(lambda ref: Secret("sk_test_" + "Z" * 60))
     try:
-        with caplog.at_level(logging.WARNING, logger="providers.stripe_keys"):
+        with caplog.at_level(logging.WARNING, logger="providers.stripe.provider"):
             endpoints_only.check_access()
         assert "api_key credentials cannot be rotated" in caplog.text
         with pytest.raises(PermanentError, match="refused the provider's key"):
@@ -592,7 +592,7 @@ def test_redaction_matching_and_retry_after() -> None:
 
 
 def test_importing_the_provider_does_not_import_the_sdk() -> None:
-    code = ("import sys, providers.stripe_keys; "
+    code = ("import sys, providers.stripe.provider; "
             "assert 'stripe' not in sys.modules and 'cryptography' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from providers.anthropic_admin import AnthropicProvider
-from providers.http_generic import HttpProvider
+from providers.http.provider import HttpProvider
 from rotator.interfaces import Provider, Secret
 from rotator.testing.fake_anthropic import FakeAnthropicAdmin
 from rotator.testing.fake_http_services import FakeCloudflare, FakeSendGrid

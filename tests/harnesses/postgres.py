@@ -26,7 +26,7 @@ from tests.support import remember_issued
 if TYPE_CHECKING:
     import psycopg
 
-    from providers.postgres import PostgresProvider
+    from providers.postgres.provider import PostgresProvider
 
 __all__ = ["PostgresHarness", "libpq_verifier"]
 
@@ -88,7 +88,7 @@ class PostgresHarness(ProviderHarness):
 
     def provider(self, name: str = "postgres-test") -> PostgresProvider:
         """The provider under test, configured like ``provider_table`` (for in-process tests)."""
-        from providers.postgres import PostgresProvider, PostgresSettings
+        from providers.postgres.provider import PostgresProvider, PostgresSettings
 
         table = {k: v for k, v in self.provider_table().items() if k != "type"}
         admin = Secret(self.admin_password)

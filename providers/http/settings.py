@@ -2,7 +2,7 @@
 
 ``[providers.NAME]`` describes the service's calls (where they go, what they send, where the new
 key's id and value are in the answer); every template in it is checked when the policy file is
-loaded (:mod:`providers.http_templates`), so ``rotator check`` reports a misspelt placeholder
+loaded (:mod:`providers.http.templates`), so ``rotator check`` reports a misspelt placeholder
 with its file and line. See ``docs/http-provider.md`` for complete examples.
 """
 
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from providers.http_templates import (
+from providers.http.templates import (
     IDENT,
     check_json_path,
     check_template,

@@ -28,8 +28,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
-from providers.stripe_client import StripeAccount
-from providers.stripe_settings import StripeParams
+from providers.stripe.client import StripeAccount
+from providers.stripe.settings import StripeParams
 from rotator.errors import CredentialRejected, NotFound, PermanentError, RotatorError
 from rotator.interfaces import CredentialInfo, NewKey, Secret, key_name_for
 

@@ -1,7 +1,7 @@
 """The connection to one Stripe account: the SDK's clients and the error boundary.
 
-Shared by the stripe provider's two kinds of credential (:mod:`providers.stripe_webhooks`,
-:mod:`providers.stripe_api_keys`). The SDK is imported inside methods, its own retries are off
+Shared by the stripe provider's two kinds of credential (:mod:`providers.stripe.webhooks`,
+:mod:`providers.stripe.api_keys`). The SDK is imported inside methods, its own retries are off
 (the engine retries the :class:`~rotator.errors.TransientError` raised here), and its DEBUG log
 records, which carry whole response bodies (signing secrets, test-mode tokens), are dropped.
 Stripe's messages are passed on only cut short and stripped of anything key-shaped.
@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from providers.stripe_settings import StripeSettings
+from providers.stripe.settings import StripeSettings
 from rotator.errors import CredentialRejected, PermanentError, RotatorError, TransientError
 from rotator.interfaces import SecretResolver
 from rotator.plugin_support import classify_status, remote_message, retry_after, status_where

@@ -4,7 +4,7 @@ The SDK has no typed methods for Stripe's API key management API, so these are `
 calls. The credential's keys are the account's secret keys named ``key_name``. ``create`` makes
 a *new* key (``POST /v2/iam/api_keys``, ``type = "secret_key"``, ``note = "rotator-<rotation
 id>"``) with the permissions of the current ones (or ``permissions``), and reads its secret from
-``secret_key.encrypted_secret`` (:mod:`providers.stripe_jwe`; a test-mode account answers with
+``secret_key.encrypted_secret`` (:mod:`providers.stripe.jwe`; a test-mode account answers with
 the plaintext ``secret_key.token`` instead). ``revoke`` expires the key now (``/expire``);
 ``verify`` reads the balance with the key (401 means dead; a 403 means the key authenticated
 but may not read balances, so it is alive).
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from providers.stripe_client import StripeAccount
-from providers.stripe_jwe import Undecryptable, key_pair, token_from
-from providers.stripe_settings import StripeParams
+from providers.stripe.client import StripeAccount
+from providers.stripe.jwe import Undecryptable, key_pair, token_from
+from providers.stripe.settings import StripeParams
 from rotator.errors import NotFound, PermanentError, RotatorError
 from rotator.interfaces import CredentialInfo, NewKey, Secret, key_name_for
 from rotator.plugin_support import same_text

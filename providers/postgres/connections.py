@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from providers.postgres_settings import PostgresSettings
+from providers.postgres.settings import PostgresSettings
 from rotator import redaction
 from rotator.errors import CredentialRejected, PermanentError, RotatorError, TransientError
 from rotator.interfaces import Secret, SecretResolver

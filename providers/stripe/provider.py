@@ -5,15 +5,15 @@ acts on (with ``stripe_context``, a connected account of it). Each credential na
 rotates in ``params.kind``, and the provider hands each call to the module for that kind:
 
 ``kind = "webhook_secret"`` (``endpoint_url``, optional ``enabled_events``)
-    :mod:`providers.stripe_webhooks`: a rotation creates a second webhook endpoint for the same
+    :mod:`providers.stripe.webhooks`: a rotation creates a second webhook endpoint for the same
     URL, whose signing secret is the new key; ``revoke`` deletes the old endpoint.
 
 ``kind = "api_key"`` (``key_name``, optional ``permissions`` / ``connect_permissions``)
-    :mod:`providers.stripe_api_keys`: a rotation creates a new secret key through
+    :mod:`providers.stripe.api_keys`: a rotation creates a new secret key through
     ``/v2/iam/api_keys``, its secret encrypted to a throw-away RSA key pair
-    (:mod:`providers.stripe_jwe`); ``revoke`` expires the old key.
+    (:mod:`providers.stripe.jwe`); ``revoke`` expires the old key.
 
-Both talk to Stripe through :mod:`providers.stripe_client`, which keeps the SDK's retries off
+Both talk to Stripe through :mod:`providers.stripe.client`, which keeps the SDK's retries off
 (the engine retries the :class:`~rotator.errors.TransientError` raised there) and its DEBUG log
 records, which carry whole response bodies (signing secrets, test-mode tokens), out of every log.
 """
@@ -24,10 +24,10 @@ import logging
 from collections.abc import Mapping
 from typing import ClassVar, cast
 
-from providers.stripe_api_keys import ApiKeys
-from providers.stripe_client import StripeAccount, quiet_sdk_debug_logs
-from providers.stripe_settings import StripeParams, StripeSettings, params_of
-from providers.stripe_webhooks import WebhookSecrets
+from providers.stripe.api_keys import ApiKeys
+from providers.stripe.client import StripeAccount, quiet_sdk_debug_logs
+from providers.stripe.settings import StripeParams, StripeSettings, params_of
+from providers.stripe.webhooks import WebhookSecrets
 from rotator.errors import RotatorError, TransientError
 from rotator.interfaces import (
     Capabilities,

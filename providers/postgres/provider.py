@@ -42,8 +42,8 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from providers.postgres_connections import Connections
-from providers.postgres_markers import (
+from providers.postgres.connections import Connections
+from providers.postgres.markers import (
     ADOPTED,
     Marker,
     RoleState,
@@ -53,8 +53,8 @@ from providers.postgres_markers import (
     split_key_id,
     with_marker,
 )
-from providers.postgres_scram import scram_sha256_verifier
-from providers.postgres_settings import PostgresParams, PostgresSettings, params_of
+from providers.postgres.scram import scram_sha256_verifier
+from providers.postgres.settings import PostgresParams, PostgresSettings, params_of
 from rotator.errors import CredentialRejected, PermanentError, UnsupportedOperation
 from rotator.interfaces import (
     Capabilities,

@@ -5,8 +5,8 @@ calls. Rather than a plugin per service, ``[providers.NAME]`` describes the call
 what they send (templates), and where the new key's id and value are in the answer. See
 ``docs/http-provider.md`` for complete examples.
 
-The settings and params models are in :mod:`providers.http_settings`, the template language
-(``{vars.NAME}``, ``{secrets.NAME}``, ``{key_name}``...) in :mod:`providers.http_templates`: the
+The settings and params models are in :mod:`providers.http.settings`, the template language
+(``{vars.NAME}``, ``{secrets.NAME}``, ``{key_name}``...) in :mod:`providers.http.templates`: the
 settings model checks every template when the policy file is loaded, and :meth:`check_params`
 every credential's ``vars`` against them, so ``rotator check`` reports a misspelt placeholder or
 a missing variable with its file and line. This module runs the calls.
@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import quote
 
-from providers.http_requests import HttpSession, send, status_error
-from providers.http_settings import Call, HttpParams, HttpSettings, ListCall, VerifyCall
-from providers.http_templates import (
+from providers.http.sending import HttpSession, send, status_error
+from providers.http.settings import Call, HttpParams, HttpSettings, ListCall, VerifyCall
+from providers.http.templates import (
     MissingVar,
     json_at,
     parse_header,
