@@ -56,6 +56,7 @@ from rotator.events import (
     StepFinished,
     TransactionalListener,
 )
+from rotator.generation import Generation
 from rotator.interfaces import NewKey, Provider, Vault
 from rotator.outages import OutageLog
 from rotator.state.leases import Fence, Leases
@@ -143,8 +144,8 @@ class Engine:
         sleep: Callable[[float], None] | None = None,
         owner: str | None = None,
     ) -> None:
-        self.policies = policies
-        self.runtime = runtime
+        self._current = Generation(policies, runtime)
+        self._generation_lock = threading.Lock()
         self.store = store
         self.clock = clock
         self.stop_event = threading.Event()
@@ -157,6 +158,48 @@ class Engine:
         self.listeners: list[Listener] = []
         self.call_observers: list[CallObserver] = []
         """Told of every provider/vault call attempt (metrics); must return at once."""
+
+    # -- generations -----------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> Generation:
+        """The generation this thread's rotation runs with, else the current one."""
+        return getattr(self._local, "generation", None) or self._current
+
+    @property
+    def policies(self) -> Policies:
+        return self.generation.policies
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.generation.runtime
+
+    def use(self, policies: Policies, runtime: Runtime) -> Generation:
+        """Make ``policies`` and ``runtime`` the generation new work starts with (a reload).
+        Rotations in flight keep theirs; the old generation is closed once they end."""
+        with self._generation_lock:
+            old = self._current
+            self._current = Generation(policies, runtime, old.number + 1)
+            new = self._current
+        old.retire()
+        return new
+
+    @contextmanager
+    def _pinned(self) -> Iterator[Generation]:
+        """Hold the current generation for this thread's work until the block ends."""
+        held = getattr(self._local, "generation", None)
+        if held is not None:  # nested: the outer call holds it
+            yield held
+            return
+        with self._generation_lock:
+            generation = self._current
+            generation.enter()
+        self._local.generation = generation
+        try:
+            yield generation
+        finally:
+            self._local.generation = None
+            generation.leave()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -186,7 +229,8 @@ class Engine:
         if claimed and self.leases.epoch(request.credential) is None:
             return RotationResult(request.credential, None, "skipped",
                                   "the claimed lease is no longer held")
-        return self._rotate(request, wait, claimed=claimed)
+        with self._pinned():
+            return self._rotate(request, wait, claimed=claimed)
 
     def _rotate(self, request: RotationRequest, wait: float, *,
                 claimed: bool) -> RotationResult:
@@ -234,6 +278,10 @@ class Engine:
 
         Returns None when there was nothing to resume or another worker holds the credential.
         """
+        with self._pinned():
+            return self._resume(name)
+
+    def _resume(self, name: str) -> RotationResult | None:
         cred = self._credential_or_none(name)
         if cred is None:
             if self.store.unfinished_rotations(name):
@@ -283,6 +331,10 @@ class Engine:
 
     def revoke_due(self, name: str) -> int:
         """Revoke ``name``'s old keys whose grace is over; 0 if another worker holds it."""
+        with self._pinned():
+            return self._revoke_due(name)
+
+    def _revoke_due(self, name: str) -> int:
         cred = self._credential_or_none(name)
         if cred is None:
             return 0

@@ -73,8 +73,7 @@ class Daemon:
             if self._daemon_lock is not None:
                 self._daemon_lock.release()
             raise
-        self.runtime = Runtime(policies)
-        self.engine = Engine(policies, self.runtime, self.store, clock=clock)
+        self.engine = Engine(policies, Runtime(policies), self.store, clock=clock)
         self.metrics = Metrics(self.store, lambda: self.policies)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
@@ -104,6 +103,11 @@ class Daemon:
         self._store_down_since: float | None = None  # monotonic time the store was lost
         self.metrics.live = self.liveness
         self.metrics.ready = self.readiness
+
+    @property
+    def runtime(self) -> Runtime:
+        """The plugins of the current policy generation (a reload replaces them)."""
+        return self.engine.runtime
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -446,11 +450,11 @@ class Daemon:
         if policies.notify != self.policies.notify:
             old, self.notifier = self.notifier, self._notifier(policies)
             old.shutdown(EXIT_WAIT_SECONDS)  # delivers what it holds, in the background
+        runtime = Runtime(policies)
+        runtime.warm_up(policies.credentials)
         self.policies = policies
-        self.runtime = Runtime(policies)
-        self.engine.policies = policies
-        self.runtime.warm_up(policies.credentials)
-        self.engine.runtime = self.runtime
+        generation = self.engine.use(policies, runtime)
+        log.debug("policy generation %d in use", generation.number)
         self.engine.sync_credentials()
         self.metrics.prime(policies)
         log.info("policies reloaded: %d credential(s)", len(policies.credentials))
