@@ -59,6 +59,7 @@ from rotator.events import (
 from rotator.generation import Generation
 from rotator.interfaces import NewKey, Provider, Vault
 from rotator.outages import OutageLog
+from rotator.protocol import PROTOCOL, Produced
 from rotator.state.leases import Fence, Leases
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
@@ -430,8 +431,9 @@ class Engine:
             if step_row is None:
                 step_row = self.store.resume_step(rid, step, self.clock())
             t0 = time.monotonic()
+            transition = PROTOCOL[step]
             try:
-                next_step, fields = getattr(self, f"_step_{step}")(rotation, cred, rerun)
+                produced: Produced = getattr(self, f"_step_{step}")(rotation, cred, rerun)
             except Interrupted as exc:
                 return self._interrupted(rotation, str(exc))
             except Exception as exc:
@@ -439,21 +441,21 @@ class Engine:
                     return self._interrupted(rotation, "the daemon is stopping")
                 message = _describe(exc)
                 self._emit_step(rotation, step, "failed", t0, message)
-                if step == "rollback":
+                if transition.on_failure is None:
                     # Keep the root cause in `error`; the clean-up's own failure is the step's.
                     self._transition(rid, step_row, "failed", message, None, step)
                     log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
                               rid, message)
                     return self._result(rotation, "failed",
                                         extra=f"clean-up pending, will retry: {message}")
-                outcome = "rolled_back" if step == "health" else "failed"
                 log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
                           message)
-                fields = {"outcome": outcome, "error": message}
-                step_row = self._transition(rid, step_row, "failed", message, "rollback", step,
-                                            **fields)
-                _apply(rotation, fields, "rollback")
+                fields = {"outcome": transition.failure_outcome, "error": message}
+                step_row = self._transition(rid, step_row, "failed", message,
+                                            transition.on_failure, step, **fields)
+                _apply(rotation, fields, transition.on_failure)
                 continue
+            fields, next_step = produced.fields, transition.next(produced.branch)
             crashpoint(f"effect:{step}")
             event = self._step_event(rotation, step, "succeeded", t0, None,
                                      old_key_id=fields.get("old_key_id", rotation.old_key_id),
@@ -463,13 +465,13 @@ class Engine:
             crashpoint(f"after:{step}")
             _apply(rotation, fields, next_step)
             self._emit(event, recorded=True)
-            if step == "rollback":
+            if next_step == "done":
                 return self._finish(rotation, cred, rotation.outcome or "failed")
 
-    # -- the steps: each returns (next step, rotation fields to record) ------------------------
+    # -- the steps: each returns what it produced; rotator.protocol says where it leads ---------
 
     def _step_prepare(self, rot: Rotation, cred: CredentialConfig,
-                      rerun: bool) -> tuple[str, dict[str, Any]]:
+                      rerun: bool) -> Produced:
         vault = self.runtime.vault(cred.vault)
         provider = self.runtime.provider(cred.provider)
         info = self.runtime.info(cred)
@@ -490,19 +492,16 @@ class Engine:
                           f"(version {old_version}) was not written by rotator and provider "
                           f"{cred.provider!r} could not identify it: revoke it by hand")
                 log.warning("%s: %s", cred.name, manual)
-        if rot.revoke_mode == "first":
-            nxt = "revoke_first"
-        else:
-            if not provider.capabilities.create:
-                raise PermanentError(
-                    f"provider {cred.provider!r} cannot create keys; only "
-                    "`rotator rotate-now --revoke-first` is possible for it")
-            nxt = "create"
-        return nxt, {"old_key_id": old_key_id, "old_version": old_version,
-                     "manual_revoke": manual}
+        branch = "revoke_first" if rot.revoke_mode == "first" else None
+        if branch is None and not provider.capabilities.create:
+            raise PermanentError(
+                f"provider {cred.provider!r} cannot create keys; only "
+                "`rotator rotate-now --revoke-first` is possible for it")
+        return Produced({"old_key_id": old_key_id, "old_version": old_version,
+                         "manual_revoke": manual}, branch=branch)
 
     def _step_revoke_first(self, rot: Rotation, cred: CredentialConfig,
-                           rerun: bool) -> tuple[str, dict[str, Any]]:
+                           rerun: bool) -> Produced:
         provider = self.runtime.provider(cred.provider)
         if rot.old_key_id:
             self._retry(provider.revoke, self.runtime.info(cred), rot.old_key_id)
@@ -512,11 +511,11 @@ class Engine:
             # Emergency revocation is all such a provider can do: the rotation ends here.
             self.store.enter_grace(rot.id, cred.name, self.clock(), None, current_key_id=None,
                                    last_outcome="success", last_rotation_id=rot.id)
-            return "revoke", {"status": "grace"}
-        return "create", {}
+            return Produced({"status": "grace"}, branch="nothing_to_create")
+        return Produced()
 
     def _step_create(self, rot: Rotation, cred: CredentialConfig,
-                     rerun: bool) -> tuple[str, dict[str, Any]]:
+                     rerun: bool) -> Produced:
         provider = self.runtime.provider(cred.provider)
         vault = self.runtime.vault(cred.vault)
         info = self.runtime.info(cred)
@@ -531,7 +530,7 @@ class Engine:
                         provider.companions(info, key.key_id))
             self._retry(provider.apply, info, key)
             crashpoint("created:create")
-            return "verify", {"new_key_id": key.key_id}
+            return Produced({"new_key_id": key.key_id})
         tries: list[int] = []
         key = self._retry(provider.create, info, tag, tries=tries)
         if tries[0] > 1:
@@ -543,10 +542,10 @@ class Engine:
         crashpoint("created:create")  # the key exists at the provider, nowhere else yet
         self._retry(vault.stage, cred.path, cred.field, key.secret, rot.id,
                     provider.companions(info, key.key_id))
-        return "verify", {"new_key_id": key.key_id}
+        return Produced({"new_key_id": key.key_id})
 
     def _step_verify(self, rot: Rotation, cred: CredentialConfig,
-                     rerun: bool) -> tuple[str, dict[str, Any]]:
+                     rerun: bool) -> Produced:
         provider = self.runtime.provider(cred.provider)
         vault = self.runtime.vault(cred.vault)
         secret = self._retry(vault.read_staged, cred.path, cred.field, rot.id)
@@ -560,10 +559,10 @@ class Engine:
         )
         info = self.runtime.info(cred)
         retrying(self._guarded(provider.verify), info, secret, key_id=rot.new_key_id)
-        return "store", {}
+        return Produced()
 
     def _step_store(self, rot: Rotation, cred: CredentialConfig,
-                    rerun: bool) -> tuple[str, dict[str, Any]]:
+                    rerun: bool) -> Produced:
         vault = self.runtime.vault(cred.vault)
         meta = {"key_id": rot.new_key_id or "", "rotation_id": rot.id,
                 "rotated_at": self.clock().isoformat()}
@@ -574,10 +573,10 @@ class Engine:
             raise
         except RotatorError as exc:
             log.warning("%s: staged copy of rotation %s not removed: %s", cred.name, rot.id, exc)
-        return "health", {"new_version": version}
+        return Produced({"new_version": version})
 
     def _step_health(self, rot: Rotation, cred: CredentialConfig,
-                     rerun: bool) -> tuple[str, dict[str, Any]]:
+                     rerun: bool) -> Produced:
         ctx = health.CheckContext(credential=cred.name, agent=cred.agent, rotation_id=rot.id,
                                   key_id=rot.new_key_id)
         if cred.on_rotate is not None:
@@ -592,10 +591,10 @@ class Engine:
             raise HealthCheckFailed(
                 f"agent {cred.agent!r} failed its health check after the new key was stored "
                 f"({result.attempts} attempt(s)): {result.message}")
-        return "grace", {}
+        return Produced()
 
     def _step_grace(self, rot: Rotation, cred: CredentialConfig,
-                    rerun: bool) -> tuple[str, dict[str, Any]]:
+                    rerun: bool) -> Produced:
         now = self.clock()
         grace = cred.grace if rot.revoke_mode == "grace" else timedelta(0)
         revocation = None
@@ -606,10 +605,10 @@ class Engine:
             rot.id, cred.name, now, revocation, last_rotated_at=now, last_rotation_id=rot.id,
             last_outcome="success", last_error=None, current_key_id=rot.new_key_id,
             next_due_at=due, due_reason=reason, failures=0)
-        return "revoke", {"status": "grace"}
+        return Produced({"status": "grace"})
 
     def _step_rollback(self, rot: Rotation, cred: CredentialConfig,
-                       rerun: bool) -> tuple[str, dict[str, Any]]:
+                       rerun: bool) -> Produced:
         """Undo whatever the rotation did: old key current again, every new key revoked."""
         vault = self.runtime.vault(cred.vault)
         provider = self.runtime.provider(cred.provider)
@@ -635,8 +634,8 @@ class Engine:
                     message = f"new key {rot.new_key_id} kept in the vault because {why}"
                     log.error("%s: %s", cred.name, message)
                     self._record_failure(rot, cred, message, new_key_kept=True)
-                    return "done", {"status": "failed", "outcome": "failed",
-                                    "error": message, "finished_at": self.clock()}
+                    return Produced({"status": "failed", "outcome": "failed",
+                                     "error": message, "finished_at": self.clock()})
                 meta = {"key_id": rot.old_key_id or "", "rotation_id": f"{rot.id}/rollback",
                         "rotated_at": self.clock().isoformat()}
                 self._retry(vault.restore, cred.path, cred.field, rot.old_version,
@@ -663,8 +662,8 @@ class Engine:
                        f"succeeds: fix the cause and run `rotator rotate-now {cred.name}` "
                        "(the daemon also retries it)")
         self._record_failure(rot, cred, message, old_key_dead=rot.revoke_mode == "first")
-        return "done", {"status": rot.outcome or "failed", "finished_at": self.clock(),
-                        "error": message}
+        return Produced({"status": rot.outcome or "failed", "finished_at": self.clock(),
+                         "error": message})
 
     # -- revocation ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, u
 from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
+from rotator.protocol import PHASES
 from rotator.state import schema
 from rotator.state.audit_hash import hash_parts
 from rotator.state.models import (
@@ -56,8 +57,8 @@ class StaleRotation(RotatorError):
         super().__init__(f"rotation {rotation_id} is no longer at step {step}: another worker "
                          "took it over")
 
-_NOT_RUN = frozenset({"revoke", "done"})
-"""Rotation states that are not a step run by ``_drive`` (revocations record their own rows)."""
+_NOT_RUN = frozenset(PHASES)
+"""Rotation states that are not a step the engine runs (revocations record their own rows)."""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
