@@ -247,9 +247,14 @@ class Engine:
                     if earlier.outcome == "interrupted" or \
                             self._reload(unfinished.id).status == "running":
                         return earlier  # its clean-up is still pending: do not pile on
-                if request.trigger == "schedule" and not self._still_due(cred.name):
-                    return RotationResult(cred.name, None, "skipped",
-                                          "no longer due: another worker rotated it")
+                if request.trigger == "schedule":
+                    decision = self.due_decision(cred.name)
+                    if not decision.due:
+                        self.store.update_credential(cred.name, next_due_at=decision.due_at,
+                                                     due_reason=decision.reason)
+                        return RotationResult(cred.name, None, "skipped",
+                                              f"no longer due ({decision.reason}): "
+                                              f"{decision.message}")
                 # An emergency also kills keys still in the grace of earlier rotations, first:
                 # they are no longer in the vault, and a service with a cap on live keys (AWS
                 # IAM: two per user) needs the room for the new one.
@@ -391,10 +396,17 @@ class Engine:
             raise Interrupted("no lease is held for this rotation")
         return fence
 
-    def _still_due(self, name: str) -> bool:
+    def due_decision(self, name: str, *, rotating: bool = False) -> policy.Decision:
+        """Is a scheduled rotation of ``name`` due now? Asks the due gate (``policy.decide``)
+        with what the store knows: last rotation, first seen, a failure's retry time."""
+        cred = self.policies.credential(name)
         state = self.store.credential(name)
-        return (state is not None and state.next_due_at is not None
-                and state.next_due_at <= self.clock())
+        now = self.clock()
+        spec = cred.schedule_spec(self.policies.settings.jitter)
+        retry_at = state.next_due_at if state is not None and state.failures else None
+        return policy.decide(spec, state.last_rotated_at if state else None,
+                             (state.first_seen_at if state else None) or now, now,
+                             rotating=rotating, retry_at=retry_at)
 
     def _drive(self, rotation: Rotation, cred: CredentialConfig, *,
                step_row: int | None = None) -> RotationResult:

@@ -32,6 +32,7 @@ __all__ = [
     "NOT_DUE",
     "OUTSIDE_WINDOW",
     "REASONS",
+    "RETRY_BACKOFF",
     "ROTATING",
     "SCHEDULE_REACHED",
     "Decision",
@@ -49,10 +50,11 @@ MANUAL_ONLY = "manual_only"
 NEVER_ROTATED = "never_rotated"
 INTERVAL_ELAPSED = "interval_elapsed"
 SCHEDULE_REACHED = "schedule_reached"
+RETRY_BACKOFF = "retry_backoff"
 OUTSIDE_WINDOW = "outside_window"
 NOT_DUE = "not_due"
-REASONS = (ROTATING, MANUAL_ONLY, NEVER_ROTATED, INTERVAL_ELAPSED, SCHEDULE_REACHED,
-           OUTSIDE_WINDOW, NOT_DUE)
+REASONS = (ROTATING, MANUAL_ONLY, RETRY_BACKOFF, NEVER_ROTATED, INTERVAL_ELAPSED,
+           SCHEDULE_REACHED, OUTSIDE_WINDOW, NOT_DUE)
 """Every reason code :func:`decide` can return, in the order the chain checks them."""
 
 
@@ -397,6 +399,7 @@ class _Facts:
     first_seen_at: datetime
     now: datetime
     rotating: bool
+    retry_at: datetime | None
 
 
 def _check_rotating(f: _Facts) -> Decision | None:
@@ -410,6 +413,13 @@ def _check_manual_only(f: _Facts) -> Decision | None:
         return Decision(False, MANUAL_ONLY, "never rotated by schedule: the provider cannot "
                         "create keys; use rotator rotate-now --revoke-first", None)
     return None
+
+
+def _check_retry_backoff(f: _Facts) -> Decision | None:
+    if f.retry_at is None or _utc(f.retry_at) <= f.now:
+        return None
+    return Decision(False, RETRY_BACKOFF, "the last scheduled attempt failed: retrying "
+                    f"{_show(f.retry_at)}", _utc(f.retry_at))
 
 
 def _check_never_rotated(f: _Facts) -> Decision | None:
@@ -443,22 +453,24 @@ def _check_schedule_reached(f: _Facts) -> Decision | None:
 
 
 _CHAIN: tuple[Callable[[_Facts], Decision | None], ...] = (
-    _check_rotating, _check_manual_only, _check_never_rotated, _check_interval_elapsed,
-    _check_schedule_reached,
+    _check_rotating, _check_manual_only, _check_retry_backoff, _check_never_rotated,
+    _check_interval_elapsed, _check_schedule_reached,
 )
 
 
 def decide(schedule: ScheduleSpec, last_rotated_at: datetime | None, first_seen_at: datetime,
-           now: datetime, rotating: bool) -> Decision:
+           now: datetime, rotating: bool, retry_at: datetime | None = None) -> Decision:
     """Should a scheduled rotation of this credential start at ``now``? First check wins.
 
-    The chain: ``rotating`` (one at a time), ``manual_only`` (never by schedule), then the
-    three ways time can be up (``never_rotated``, ``interval_elapsed``, ``schedule_reached``);
+    The one place that decides: the scheduler, the engine, ``status`` and ``plan`` all ask it.
+    The chain: ``rotating`` (one at a time), ``manual_only`` (never by schedule),
+    ``retry_backoff`` (a failed scheduled attempt waits until ``retry_at``), then the three
+    ways time can be up (``never_rotated``, ``interval_elapsed``, ``schedule_reached``);
     a credential whose time is up but whose window is closed gets ``outside_window`` with the
     next opening as ``due_at``; otherwise ``not_due`` with the next due time.
     """
     now = _utc(now)
-    facts = _Facts(schedule, last_rotated_at, first_seen_at, now, rotating)
+    facts = _Facts(schedule, last_rotated_at, first_seen_at, now, rotating, retry_at)
     for check in _CHAIN:
         decision = check(facts)
         if decision is None:

@@ -348,18 +348,18 @@ class Daemon:
 
     def _start_due(self) -> None:
         """Claim as many due credentials as there are free workers, and start them."""
-        now = self.clock()
         names = [c.name for c in self.policies.credentials]
         busy = self._busy()
         free = self.policies.settings.max_concurrent_rotations - len(busy)
         if free <= 0:
             return
         for name in self.engine.claim_due(names, free, busy):
-            cred = self.policies.credential(name)
-            if cred.window is not None and not cred.window.contains(now):
+            # The store's due time picked it; the due gate decides (a window may be closed).
+            decision = self.engine.due_decision(name)
+            if not decision.due:
                 try:
-                    self.store.update_credential(name, next_due_at=cred.window.next_open(now),
-                                                 due_reason="outside_window")
+                    self.store.update_credential(name, next_due_at=decision.due_at,
+                                                 due_reason=decision.reason)
                 finally:
                     self.engine.release(name)
                 continue

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from rotator import policy
 from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
@@ -122,10 +121,7 @@ def plan_rows(ctx: Context, now: datetime, within: timedelta) -> list[dict[str, 
         due = state.next_due_at if state else None
         if due is None or due > horizon:
             continue
-        spec = cred.schedule_spec(ctx.policies.settings.jitter)
-        decision = policy.decide(spec, state.last_rotated_at if state else None,
-                                 state.first_seen_at if state else now, now,
-                                 rotating=False)
+        decision = ctx.engine.due_decision(cred.name)
         rows.append({
             "credential": cred.name,
             "agent": cred.agent,

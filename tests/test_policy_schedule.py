@@ -265,6 +265,21 @@ def test_reason_manual_only() -> None:
     assert "--revoke-first" in d.message
 
 
+def test_reason_retry_backoff_holds_a_failed_credential_until_its_retry() -> None:
+    last = MON - timedelta(days=31)  # its interval is up...
+    retry = MON + timedelta(minutes=4)  # ...but the last attempt failed a minute ago
+    d = decide(spec(), last, last, MON, rotating=False, retry_at=retry)
+    assert (d.due, reason(d), d.due_at) == (False, "retry_backoff", retry)
+    d = decide(spec(), last, last, retry, rotating=False, retry_at=retry)
+    assert (d.due, reason(d)) == (True, "interval_elapsed"), "due again once the backoff ends"
+
+
+def test_every_reason_code_has_a_test() -> None:
+    tested = {"rotating", "manual_only", "retry_backoff", "never_rotated", "interval_elapsed",
+              "schedule_reached", "outside_window", "not_due"}
+    assert set(policy.REASONS) == tested
+
+
 def test_reason_never_rotated() -> None:
     d = decide(spec(), None, MON - timedelta(hours=1), MON, rotating=False)
     assert (d.due, reason(d)) == (True, "never_rotated")
