@@ -282,8 +282,8 @@ def test_approle_auth_relogin_and_metadata_without_patch_capability(
     rotation_id, version = stage_and_promote(vault, path, "K", new_value(), "key_1")
     assert vault.read(path, "K").metadata["rotation_id"] == rotation_id
 
-    assert vault._token is not None
-    openbao.client().auth.token.revoke(vault._token.reveal())  # as if it had expired
+    token = vault._auth.current()[1]
+    openbao.client().auth.token.revoke(token.reveal())  # as if it had expired
     assert vault.read(path, "K").version == version  # logged in again
 
 

@@ -156,6 +156,6 @@ def test_a_token_that_never_expires_needs_no_timer(make_vault: Any,
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     vault = make_vault()  # the root token: ttl 0
     vault.read_staged(unique(), "K", "r-none")
-    assert vault._renewer is None
+    assert vault._auth._renewer is None
     assert "does not expire" in caplog.text
     assert warnings(caplog) == []
