@@ -24,7 +24,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from rotator import systemd
-from rotator.audit import AuditLog
+from rotator.app import App
 from rotator.config import Policies, load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import ConfigError, PermanentError
@@ -34,7 +34,6 @@ from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.probes import Check, ProbeResult, ReadinessProbe
 from rotator.runtime import Runtime
 from rotator.state.daemon_lock import DaemonLock
-from rotator.state.store import StateStore
 from rotator.state.urls import safe_url
 
 __all__ = ["Daemon"]
@@ -67,22 +66,19 @@ class Daemon:
         # SQLite file is refused before it touches anything.
         self._daemon_lock = DaemonLock.acquire(settings.state_url)
         try:
-            self.store = StateStore(settings.state_url,
-                                    pool_size=settings.max_concurrent_rotations + 4)
+            self.app = App(policies, actor="daemon", clock=clock,
+                           pool_size=settings.max_concurrent_rotations + 4)
         except BaseException:
             if self._daemon_lock is not None:
                 self._daemon_lock.release()
             raise
-        self.engine = Engine(policies, Runtime(policies), self.store, clock=clock)
+        self.store, self.engine, self.audit = self.app.store, self.app.engine, self.app.audit
         self.metrics = Metrics(self.store, lambda: self.policies)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
         self.engine.call_observers.append(self.metrics.on_call)
         self.engine.listeners.append(log_event)
-        self.audit = AuditLog(self.store)
-        self.engine.listeners.append(self.audit.listener("daemon"))
-        self.notifier = self._notifier(policies)
-        self.engine.listeners.append(lambda event: self.notifier(event))
+        self.app.notifier.on_delivery = self.metrics.on_notification
         if on_engine is not None:
             on_engine(self.engine)
         self.stopping = threading.Event()
@@ -107,7 +103,11 @@ class Daemon:
     @property
     def runtime(self) -> Runtime:
         """The plugins of the current policy generation (a reload replaces them)."""
-        return self.engine.runtime
+        return self.app.runtime
+
+    @property
+    def notifier(self) -> Notifier:
+        return self.app.notifier
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -180,10 +180,8 @@ class Daemon:
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
         self._readiness.close()
-        self.engine.close()  # gives back leases of work claimed but never started
-        self.notifier.close(EXIT_WAIT_SECONDS)
-        self.runtime.close()
-        self.store.close()
+        # Gives back leases of work claimed but never started, then closes the plugins.
+        self.app.close(EXIT_WAIT_SECONDS)
         if self._daemon_lock is not None:
             self._daemon_lock.release()
         log.info("rotator stopped")
@@ -447,13 +445,8 @@ class Daemon:
             return False
         if policies.settings.state_url != self.policies.settings.state_url:
             log.warning("state_url changed in the policy file: restart rotator to use it")
-        if policies.notify != self.policies.notify:
-            old, self.notifier = self.notifier, self._notifier(policies)
-            old.shutdown(EXIT_WAIT_SECONDS)  # delivers what it holds, in the background
-        runtime = Runtime(policies)
-        runtime.warm_up(policies.credentials)
+        generation = self.app.reload(policies)
         self.policies = policies
-        generation = self.engine.use(policies, runtime)
         log.debug("policy generation %d in use", generation.number)
         self.engine.sync_credentials()
         self.metrics.prime(policies)
@@ -462,11 +455,6 @@ class Daemon:
         self._warn_orphans(force=True)
         self.tick()
         return True
-
-    def _notifier(self, policies: Policies) -> Notifier:
-        # Secret references are read through the current runtime, which a reload replaces.
-        return Notifier(policies.notify, lambda ref: self.runtime.resolve_secret(ref),
-                        on_delivery=self.metrics.on_notification)
 
     def _audit_reload(self, detail: dict[str, Any]) -> None:
         # Problem texts stay in the log: they quote the policy file, which may hold anything.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from rotator.app import App
 from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
@@ -52,27 +53,18 @@ class Context:
 @contextmanager
 def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
                  create: bool = True) -> Iterator[Context]:
-    """The store, plugins and engine for one command; ``create=False`` for commands that only
-    read, so a mistyped ``state_url`` is an error rather than a new empty store."""
-    store = StateStore(policies.settings.state_url, create=create)
-    runtime = Runtime(policies)
+    """The App for one command; ``create=False`` for commands that only read, so a mistyped
+    ``state_url`` is an error rather than a new empty store."""
     # A command's leases say so, for `rotator status` on the replicas' side.
-    engine = Engine(policies, runtime, store, clock=clock,
-                    owner=lock_owner_id(f"{COMMAND_TAG}{secrets.token_hex(4)}"))
-    audit = AuditLog(store)
-    engine.listeners.append(audit.listener(_os_user()))
-    notifier = Notifier(policies.notify, runtime.resolve_secret)
-    engine.listeners.append(notifier)
+    app = App(policies, actor=_os_user(), clock=clock, create=create,
+              owner=lock_owner_id(f"{COMMAND_TAG}{secrets.token_hex(4)}"))
     try:
-        engine.sync_credentials()
-        yield Context(policies, store, runtime, engine, audit)
+        app.engine.sync_credentials()
+        yield Context(policies, app.store, app.runtime, app.engine, app.audit)
     finally:
-        engine.close()
         # A one-shot command exits hard right after this: give queued notifications (an
         # emergency rotate-now's, above all) a short, bounded chance to go out first.
-        notifier.close(EXIT_WAIT_SECONDS)
-        runtime.close()
-        store.close()
+        app.close(EXIT_WAIT_SECONDS)
 
 
 def _iso(value: datetime | None) -> str | None:

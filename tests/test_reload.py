@@ -114,3 +114,23 @@ def test_a_rotation_keeps_its_generation_across_a_reload(tmp_path, openbao, fake
         engine.close()
         second.close()
         store.close()
+
+
+def test_the_daemon_and_a_command_build_the_same_app(tmp_path, openbao, fake_openai):
+    """One wiring for both: the daemon's store, engine, audit trail and notifier are its
+    App's, and a command's context is an App's too."""
+    from rotator.app import App
+    from rotator.service import open_context
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai)
+    policies = load_policies(fleet.config)
+    daemon = Daemon(fleet.config, policies)
+    try:
+        assert isinstance(daemon.app, App)
+        assert (daemon.store, daemon.engine, daemon.audit, daemon.notifier) == (
+            daemon.app.store, daemon.app.engine, daemon.app.audit, daemon.app.notifier)
+    finally:
+        daemon.stop("test over")
+        daemon._shutdown()
+    with open_context(policies) as ctx:
+        assert ctx.engine.owner.split(":")[2].startswith("cmd-"), "a command's leases say so"
