@@ -87,6 +87,12 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def _warn(lines: list[str]) -> None:
+    """Warnings on stderr, one line each, so that stdout stays the table or the JSON."""
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -161,16 +167,20 @@ def check(config_path: str | None, online: bool) -> None:
     policies = _load(config_path)
     if online:
         from rotator.runtime import Runtime
-        from rotator.service import online_check, staged_leftovers
+        from rotator.service import find_leftovers, online_check, reading_store
 
         runtime = Runtime(policies)
         try:
             problems = online_check(policies, runtime)
-            leftovers = staged_leftovers(policies, runtime)
+            # A vault that failed its check is reported with the reason already.
+            failed = {p.split(":", 1)[0].removeprefix("vaults.") for p in problems
+                      if p.startswith("vaults.")}
+            with reading_store(policies) as store:
+                report = find_leftovers(policies, runtime, store, skip=failed)
         finally:
             runtime.close()
-        for leftover in leftovers:
-            click.echo(f"{policies.source}: warning: {leftover}", err=True)
+        for line in [o.describe() for o in report.leftovers] + report.unchecked(failed):
+            click.echo(f"{policies.source}: warning: {line}", err=True)
         if problems:
             for problem in problems:
                 click.echo(f"{policies.source}: {problem}", err=True)
@@ -189,12 +199,17 @@ def status(config_path: str | None, as_json: bool) -> None:
     policies = _load(config_path)
 
     def body() -> int:
-        from rotator.service import open_context, status_rows
+        from rotator.service import find_leftovers, leftovers_by_row, open_context, status_rows
 
         with open_context(policies, create=False) as ctx:
             rows = status_rows(ctx, _now())
+            report = find_leftovers(ctx.policies, ctx.runtime, ctx.store)
+        # The JSON stays a list of rows (scripts index it): each row gains staged_leftovers;
+        # what belongs to no row, and the vaults that could not be listed, go to stderr.
+        orphans = leftovers_by_row(rows, report, policies)
         if as_json:
             _print_json(rows)
+            _warn([o.describe() for o in orphans] + report.unchecked())
             return 0
         from rich.table import Table
 
@@ -213,6 +228,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                                                      if r["due_reason"] else ""),
                           " on ".join(filter(None, (r["rotating_step"], r["rotating_on"]))))
         _console().print(table)
+        _warn(report.warnings())
         return 0
 
     _guard(body)

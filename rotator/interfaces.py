@@ -28,6 +28,7 @@ __all__ = [
     "Secret",
     "SecretRef",
     "SecretResolver",
+    "StagedCopy",
     "StagingInventory",
     "Vault",
     "VaultValue",
@@ -309,13 +310,37 @@ class Vault(ABC):
         """Release connections."""
 
 
+@dataclass(frozen=True)
+class StagedCopy:
+    """A key staged in a vault for a rotation: where it is, never what it holds."""
+
+    path: str
+    """The secret's path, as the engine gave it to ``stage`` (a credential's ``path``)."""
+    rotation_id: str
+    """The rotation that staged it, as given to ``stage``."""
+    location: str = ""
+    """Where the copy lives, in the vault's own terms (a KV path, a version label), so that an
+    operator can find and delete it; never a value."""
+
+
 class StagingInventory(ABC):
-    """Optional for a vault: say which rotations have a key staged for a secret, so that
+    """Optional for a vault: list the keys it holds staged, so that ``rotator status`` and
     ``rotator check --online`` can report staged copies no rotation will promote or remove
     (left by a worker that lost its lease, or a clean-up that could not reach the vault).
-    Discovered by type: ``isinstance(vault, StagingInventory)``."""
+    Discovered by type: ``isinstance(vault, StagingInventory)``.
+
+    Both methods raise ``TransientError`` when the vault is not serving right now and
+    ``PermanentError`` when it refuses to list (a missing permission), like every vault call.
+    """
 
     @abstractmethod
+    def staged_copies(self) -> list[StagedCopy]:
+        """Every staged copy this vault holds, for any path (also paths no credential names
+        any more), sorted by path and rotation id; never a value. Empty when nothing is
+        staged."""
+
     def staged_rotations(self, path: str) -> list[str]:
-        """The rotation ids (as given to ``stage``) with something staged for ``path``; never
-        a value. An empty list when nothing is staged or the secret does not exist."""
+        """The rotation ids with something staged for ``path``; empty when nothing is staged
+        or the secret does not exist. A vault may answer this more cheaply than by listing
+        everything."""
+        return sorted(c.rotation_id for c in self.staged_copies() if c.path == path)

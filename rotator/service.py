@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,20 +21,25 @@ from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
-from rotator.interfaces import StagingInventory
+from rotator.interfaces import StagedCopy, StagingInventory
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
+from rotator.state.models import Rotation
 from rotator.state.store import COMMAND_TAG, StateStore, describe_owner, lock_owner_id
 
 __all__ = [
     "Context",
+    "Leftover",
+    "LeftoverReport",
+    "find_leftovers",
     "history_rows",
+    "leftovers_by_row",
     "online_check",
     "open_context",
     "plan_rows",
+    "reading_store",
     "rotate_now",
     "select_credentials",
-    "staged_leftovers",
     "status_rows",
 ]
 
@@ -224,48 +229,162 @@ def _os_user() -> str:
         return "unknown"
 
 
-def staged_leftovers(policies: Policies, runtime: Runtime) -> list[str]:
-    """One line per key staged in a vault for a rotation that is not running: no rotation will
-    promote or remove it (a worker lost its lease mid-step, or a clean-up could not reach the
-    vault). Harmless, since rotator revokes the keys of rotations that did not finish, but
-    worth deleting. Vaults that cannot list what is staged, or cannot be reached, are skipped
-    (the problems above say why)."""
-    running = _running_rotations(policies)
-    lines: list[str] = []
-    for cred in policies.credentials:
-        vault = runtime.vault(cred.vault)
+IN_PROGRESS = ("running", "grace")
+"""Statuses of a rotation that has not ended: its staged copy is still its own to handle."""
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A key staged in a vault that no rotation will promote or remove: its rotation ended, or
+    the state store has no record of it (see :func:`find_leftovers`)."""
+
+    vault: str
+    copy: StagedCopy
+    rotation_status: str | None
+    """How its rotation ended (``succeeded``, ``failed``, ``rolled_back``); None if unknown."""
+    store_read: bool
+    """False when the state store could not be read: the rotation may still be running."""
+    credential: str | None
+    """The credential its rotation rotated, per the state store (None if unknown)."""
+
+    def describe(self) -> str:
+        """One line naming the vault, path and rotation, and what to do; never a value."""
+        if not self.store_read:
+            why = ("which may still be running (the state store could not be read): check "
+                   "`rotator history` first; if it ended,")
+        elif self.rotation_status is None:
+            why = "which the state store has no record of: nothing will promote or remove it, so"
+        else:
+            why = (f"which ended {self.rotation_status}: nothing will promote or remove it, "
+                   "so")
+        whose = f" (credentials {self.credential!r})" if self.credential else ""
+        return (f"vault {self.vault!r}: a key is still staged for {self.copy.path}{whose} by "
+                f"rotation {self.copy.rotation_id}, {why} it can be deleted: "
+                f"{self.copy.location or 'see the vault plugin'}")
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``staged_leftovers`` entry of ``status --json``."""
+        return {"vault": self.vault, "path": self.copy.path,
+                "rotation_id": self.copy.rotation_id, "rotation_status": self.rotation_status,
+                "location": self.copy.location}
+
+
+@dataclass(frozen=True)
+class LeftoverReport:
+    """What :func:`find_leftovers` found, and the vaults it could not ask."""
+
+    leftovers: list[Leftover]
+    unlisted: dict[str, str]
+    """Vault name -> why its staged copies could not be listed (unreachable, sealed,
+    denied)."""
+    unsupported: frozenset[str] = frozenset()
+    """Vaults whose plugin is no ``StagingInventory``: nothing to say about them."""
+
+    def unchecked(self, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """One line per vault that could not be listed (but those in ``skip``)."""
+        return [f"vault {name!r}: staged copies not checked: {why}"
+                for name, why in sorted(self.unlisted.items()) if name not in skip]
+
+    def warnings(self) -> list[str]:
+        """One line per leftover and per vault that could not be listed."""
+        return [leftover.describe() for leftover in self.leftovers] + self.unchecked()
+
+
+def find_leftovers(policies: Policies, runtime: Runtime, store: StateStore | None,
+                   skip: Collection[str] = ()) -> LeftoverReport:
+    """Staged copies, in the vaults the credentials use, whose rotation is not in progress.
+
+    A staged copy is its rotation's until that rotation ends (``IN_PROGRESS``): the rotation
+    promotes it or removes it. Once the rotation ended, or when the state store has no record
+    of it, nothing will, so it is a leftover (left by a worker that lost its lease mid-step, or
+    a clean-up that could not reach the vault). Harmless, since a rotation that did not finish
+    has its keys revoked, but worth deleting. ``store`` None (or unreadable) reports every
+    staged copy, saying its rotation may still be running. Vaults in ``skip`` (those that
+    already failed a check) are not asked again.
+
+    A staged copy whose rotation the state store does not know counts only at a path one of
+    this policy file's credentials uses: anywhere else it may belong to another deployment
+    sharing the vault (another state store), whose rotation may be running right now.
+    """
+    ours = {(cred.vault, cred.path) for cred in policies.credentials}
+    leftovers: list[Leftover] = []
+    unlisted: dict[str, str] = {}
+    unsupported: set[str] = set()
+    for name in sorted({cred.vault for cred in policies.credentials}):
+        if name in skip:
+            unlisted[name] = "its check failed"
+            continue
+        vault = runtime.vault(name)
         if not isinstance(vault, StagingInventory):
+            unsupported.add(name)
             continue
         try:
-            staged = vault.staged_rotations(cred.path)
-        except RotatorError:
+            copies = vault.staged_copies()
+        except RotatorError as exc:
+            unlisted[name] = str(exc)
             continue
-        for rotation_id in staged:
-            if running is not None and rotation_id in running:
-                continue
-            why = ("is not running" if running is not None else
-                   "may not be running (the state store could not be read)")
-            lines.append(f"credentials {cred.name!r}: vault {cred.vault!r} still holds a key "
-                         f"staged for {cred.path} by rotation {rotation_id}, which {why}; it "
-                         "was never made current: delete it (see `rotator history "
-                         f"{cred.name}`)")
-    return lines
+        for copy in copies:
+            read, rotation = _stored_rotation(store, copy.rotation_id)
+            if rotation is not None and rotation.status in IN_PROGRESS:
+                continue  # its own rotation will promote or remove it
+            if rotation is None and (name, copy.path) not in ours:
+                continue  # not this deployment's to judge
+            leftovers.append(Leftover(
+                vault=name, copy=copy, store_read=read,
+                rotation_status=rotation.status if rotation is not None else None,
+                credential=rotation.credential if rotation is not None else None))
+    return LeftoverReport(leftovers, unlisted, frozenset(unsupported))
 
 
-def _running_rotations(policies: Policies) -> set[str] | None:
-    """Ids of the rotations not finished yet, or None if the state store cannot be read."""
+def _stored_rotation(store: StateStore | None, rotation_id: str) -> tuple[bool, Rotation | None]:
+    """``(whether the store could be read, the rotation or None)``."""
+    if store is None:
+        return False, None
     try:
-        store = StateStore(policies.settings.state_url, create=False)
-    except RotatorError:
-        return None
-    try:
-        return {r.id for r in store.unfinished_rotations()}
+        return True, store.rotation(rotation_id)
     except Exception as exc:
         if not store.is_unreachable(exc):
             raise
-        return None
+        return False, None
+
+
+@contextmanager
+def reading_store(policies: Policies) -> Iterator[StateStore | None]:
+    """The state store for reading, or None if it cannot be opened (``check --online`` runs
+    where the store may not be reachable, and must still report the vaults)."""
+    try:
+        store = StateStore(policies.settings.state_url, create=False)
+    except RotatorError:
+        yield None
+        return
+    try:
+        yield store
     finally:
         store.close()
+
+
+def leftovers_by_row(rows: list[dict[str, Any]], report: LeftoverReport,
+                     policies: Policies) -> list[Leftover]:
+    """Add ``staged_leftovers`` to each ``status`` row (a list, or None when the row's vault
+    could not be listed); return the leftovers that belong to no row (their credential is not
+    in the policy file any more)."""
+    paths = {cred.name: (cred.vault, cred.path) for cred in policies.credentials}
+    unknown = report.unlisted.keys() | report.unsupported
+    for row in rows:
+        row["staged_leftovers"] = None if row["vault"] in unknown else []
+    by_name = {row["credential"]: row for row in rows}
+    orphans: list[Leftover] = []
+    for leftover in report.leftovers:
+        if leftover.credential is not None:
+            owners = [leftover.credential] if leftover.credential in by_name else []
+        else:
+            owners = [name for name, where in paths.items()
+                      if where == (leftover.vault, leftover.copy.path)]
+        for name in owners:
+            by_name[name]["staged_leftovers"].append(leftover.as_json())
+        if not owners:
+            orphans.append(leftover)
+    return orphans
 
 
 def online_check(policies: Policies, runtime: Runtime) -> list[str]:

@@ -297,24 +297,37 @@ class VaultContract:
         assert same, "discard_staged changed the current value"
         vault.discard_staged(new_path, theirs)
 
-    def test_staged_rotations_lists_what_is_staged_until_it_is_discarded(
+    def test_staging_inventory_lists_what_is_staged_until_it_is_discarded(
         self, vault: Vault, new_path: str
     ) -> None:
-        """A vault that is a ``StagingInventory`` lists the rotations with a key staged for a
-        path (what ``rotator check --online`` reports as leftovers), and forgets each once it
-        is discarded or promoted and discarded."""
+        """A vault that is a ``StagingInventory`` lists every key staged in it, by path and
+        rotation id (what ``rotator status`` and ``check --online`` report as leftovers once
+        the rotation ended), and forgets each once it is discarded, promoted or not. No
+        listing holds a value."""
         if not isinstance(vault, StagingInventory):
             pytest.skip(f"{type(vault).__name__} is not a StagingInventory")
+
+        def staged_here() -> list[tuple[str, str]]:
+            return sorted((c.path, c.rotation_id) for c in vault.staged_copies()
+                          if c.path == new_path)
+
         assert vault.staged_rotations(new_path) == [], "a fresh path has nothing staged"
+        assert staged_here() == [], "a fresh path has nothing staged"
         promoted, left = new_rotation_id(), new_rotation_id()
-        vault.stage(new_path, self.field_a, self.new_secret(), promoted)
-        vault.stage(new_path, self.field_a, self.new_secret(), left)
+        values = [self.new_secret(), self.new_secret()]
+        vault.stage(new_path, self.field_a, values[0], promoted)
+        vault.stage(new_path, self.field_a, values[1], left)
         assert sorted(vault.staged_rotations(new_path)) == sorted([promoted, left])
+        assert staged_here() == sorted([(new_path, promoted), (new_path, left)])
+        listing = repr(vault.staged_copies())
+        assert not any(v.reveal() in listing for v in values), "a staged copy shows its value"
         vault.promote(new_path, self.field_a, promoted, self.metadata("key_p", promoted))
         vault.discard_staged(new_path, promoted)
         assert vault.staged_rotations(new_path) == [left]
+        assert staged_here() == [(new_path, left)]
         vault.discard_staged(new_path, left)
         assert vault.staged_rotations(new_path) == []
+        assert staged_here() == []
 
     # -- errors --------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ from rotator.interfaces import (
     PluginSettings,
     Secret,
     SecretRef,
+    StagedCopy,
     StagingInventory,
     Vault,
     VaultValue,
@@ -201,6 +202,16 @@ def _owned(rotation_id: str) -> dict[str, int]:
     return {version_id(rotation_id, n): n for n in range(VERSIONS_PER_ROTATION)}
 
 
+def _staged_ids(stages: Mapping[str, list[str]], tags: Mapping[str, str]) -> set[str]:
+    """Rotation ids with a staging label or a record of staged fields on a secret (a record
+    whose key had to be hashed names no id: its label still does)."""
+    found = {label[len(LABEL_PREFIX):] for labels in stages.values() for label in labels
+             if label.startswith(LABEL_PREFIX)}
+    found |= {_unescape(key[len(STAGED_TAG):]) for key in tags
+              if key.startswith(STAGED_TAG) and not key.startswith(STAGED_TAG + "sha256:")}
+    return found
+
+
 class SecretsManagerVault(Vault, StagingInventory):
     """AWS Secrets Manager; see the module docstring for the protocol and the layout.
 
@@ -287,11 +298,33 @@ class SecretsManagerVault(Vault, StagingInventory):
         described = self._describe(path)
         if described is None:
             return []
-        found = {label[len(LABEL_PREFIX):] for labels in described.stages.values()
-                 for label in labels if label.startswith(LABEL_PREFIX)}
-        found |= {_unescape(key[len(STAGED_TAG):]) for key in described.tags
-                  if key.startswith(STAGED_TAG) and not key.startswith(STAGED_TAG + "sha256:")}
-        return sorted(found)
+        return sorted(_staged_ids(described.stages, described.tags))
+
+    def staged_copies(self) -> list[StagedCopy]:
+        """Staging labels and records of staged fields on every secret of the region that
+        this identity may list (ListSecrets, 100 secrets a page; it returns labels and tags,
+        so no secret is read or described)."""
+        found: list[StagedCopy] = []
+        where = f"vault {self.name!r}"
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"MaxResults": 100}
+            if token:
+                args["NextToken"] = token
+            page = self._call("list_secrets", where, "listing secrets for staged keys", **args)
+            for entry in page.get("SecretList") or ():
+                name = str(entry.get("Name") or entry.get("ARN") or "")
+                stages = {str(k): list(v)
+                          for k, v in (entry.get("SecretVersionsToStages") or {}).items()}
+                tags = {str(t["Key"]): str(t.get("Value", "")) for t in entry.get("Tags") or ()}
+                found.extend(StagedCopy(
+                    path=name, rotation_id=rotation_id,
+                    location=f"secret {name}: label {self._label(rotation_id)} and tag "
+                    f"{_tag_key(STAGED_TAG, rotation_id)}")
+                    for rotation_id in _staged_ids(stages, tags))
+            token = page.get("NextToken")
+            if not token:
+                return sorted(found, key=lambda c: (c.path, c.rotation_id))
 
     def promote(self, path: str, field: str, rotation_id: str,
                 metadata: Mapping[str, str]) -> str:

@@ -40,7 +40,14 @@ from pydantic import Field, field_validator, model_validator
 
 from rotator import redaction
 from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
-from rotator.interfaces import PluginSettings, Secret, StagingInventory, Vault, VaultValue
+from rotator.interfaces import (
+    PluginSettings,
+    Secret,
+    StagedCopy,
+    StagingInventory,
+    Vault,
+    VaultValue,
+)
 from rotator.plugin_support import same_text
 from rotator.vaults.vault_token import VaultToken, errors_text
 
@@ -237,9 +244,36 @@ class HashiCorpVault(Vault, StagingInventory):
         """Rotation ids with a staged copy under ``staging_path``/``path`` (one LIST call)."""
         path = self._check_path(path)
         folder = f"{self.cfg.staging_path}/{path}"
+        return self._list_folder(folder)[1]
+
+    def staged_copies(self) -> list[StagedCopy]:
+        """Every key staged under ``staging_path``: one LIST per folder, walked depth first.
+
+        A staged copy is ``<staging_path>/<path>/<rotation id>`` and a rotation id never holds
+        a ``/`` (it is quoted), so each leaf is a rotation id and its folder names the path.
+        """
+        root = self.cfg.staging_path
+        found: list[StagedCopy] = []
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            subfolders, rotation_ids = self._list_folder(folder)
+            folders.extend(f"{folder}/{name}" for name in subfolders)
+            path = folder[len(root) + 1:]
+            if not path:
+                continue  # a leaf right under staging_path was not staged by rotator
+            found.extend(StagedCopy(
+                path=path, rotation_id=rotation_id,
+                location=f"{self.cfg.mount}/{folder}/{quote(rotation_id, safe='')}")
+                for rotation_id in rotation_ids)
+        return sorted(found, key=lambda c: (c.path, c.rotation_id))
+
+    def _list_folder(self, folder: str) -> tuple[list[str], list[str]]:
+        """``(subfolders, leaves)`` of a KV v2 folder (names unquoted); empty when it does not
+        exist."""
         mount = self.cfg.mount
 
-        def listing(client: hvac.Client) -> list[str]:
+        def listing(client: hvac.Client) -> tuple[list[str], list[str]]:
             import hvac.exceptions
 
             try:
@@ -247,11 +281,13 @@ class HashiCorpVault(Vault, StagingInventory):
             except hvac.exceptions.InvalidPath as exc:
                 if _NO_ROUTE in errors_text(exc):
                     raise
-                return []  # nothing staged there
-            return [unquote(k) for k in answer["data"]["keys"] if not k.endswith("/")]
+                return [], []  # nothing staged there
+            keys = [str(k) for k in answer["data"]["keys"]]
+            return ([k.rstrip("/") for k in keys if k.endswith("/")],
+                    [unquote(k) for k in keys if not k.endswith("/")])
 
         return self._call(listing, what=f"listing staged keys under {self._where(folder)}",
-                          capability=f'"list" on "{mount}/metadata/{folder}"')
+                          capability=f'"list" on "{mount}/metadata/{folder}/*"')
 
     def promote(
         self, path: str, field: str, rotation_id: str, metadata: Mapping[str, str]
