@@ -102,11 +102,16 @@ AwsEndpoint = Annotated[str | None, AfterValidator(check_endpoint)]
 
 def boto_config(timeout: float) -> Config:
     """Client settings: no SDK retries (the engine retries ``TransientError`` with its own
-    backoff and deadline; two retry loops would multiply), and bounded timeouts."""
+    backoff and deadline, and checks its lease before each attempt: a retry inside botocore
+    would be neither bounded by that deadline nor fenced), and bounded timeouts.
+
+    ``total_max_attempts`` counts the first attempt; botocore's ``max_attempts`` does not (1
+    there means one retry after a throttle or a 5xx).
+    """
     from botocore.config import Config
 
-    return Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
-                  read_timeout=timeout, user_agent_extra="rotator")
+    return Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                  connect_timeout=timeout, read_timeout=timeout, user_agent_extra="rotator")
 
 
 def make_client(service: str, *, region: str, endpoint_url: str | None, timeout: float,

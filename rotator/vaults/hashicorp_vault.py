@@ -601,6 +601,9 @@ class HashiCorpVault(Vault, StagingInventory):
         if isinstance(exc, requests.RequestException):
             return TransientError(f"{where} is unreachable while {what} "
                                   f"({type(exc).__name__}); is it running?")
+        if isinstance(exc, ConnectionError | TimeoutError):  # refused or reset below requests
+            return TransientError(f"{where} is unreachable while {what} "
+                                  f"({type(exc).__name__}); is it running?")
         if isinstance(exc, OSError):  # e.g. verify_tls names a CA bundle that is not there
             return PermanentError(f"{where}: {what} failed: {redaction.scrub(str(exc))}")
         detail = errors_text(exc)
