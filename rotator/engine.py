@@ -994,14 +994,14 @@ class Engine:
             try:
                 result = fn(*call_args, **kwargs)
                 status = "ok"
-                self.outages.succeeded(kind, owner.name)
+                self.outages.succeeded(kind, owner.name, t0)
                 return result
             except TransientError as exc:
                 status = "transient_error"
                 self.outages.failed(kind, owner.name, str(exc))
                 raise
             except RotatorError:
-                self.outages.succeeded(kind, owner.name)  # it answered: it is serving
+                self.outages.succeeded(kind, owner.name, t0)  # it answered: it is serving
                 raise
             finally:
                 if self.call_observers:

@@ -37,10 +37,14 @@ class OutageLog:
         log.error("%s %r is not serving: %s; rotations wait and retry", kind, name,
                   redaction.scrub(message))
 
-    def succeeded(self, kind: str, name: str) -> None:
-        """A call to the dependency succeeded: log the recovery if it was out."""
+    def succeeded(self, kind: str, name: str, started: float | None = None) -> None:
+        """A call to the dependency succeeded: log the recovery if it was out. A call that
+        ``started`` (monotonic) before the outage began says nothing about its end."""
         with self._lock:
-            since = self._since.pop((kind, name), None)
+            since = self._since.get((kind, name))
+            if since is None or (started is not None and started < since):
+                return
+            del self._since[kind, name]
         if since is not None:
             log.warning("%s %r is serving again after %.0fs", kind, name,
                         self._monotonic() - since)

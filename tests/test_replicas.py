@@ -175,7 +175,11 @@ def test_three_replicas_rotate_each_due_credential_exactly_once(tmp_path, openba
     logs = sorted((tmp_path / "out").glob("*-run.stderr"))
     finished = [_finished_by(path) for path in logs]
     assert all(finished[:3]), f"a replica did no work: {[len(f) for f in finished]}"
-    assert sorted(rid for ids in finished for rid in ids) == sorted(r.id for r in rotations)
+    logged = [rid for ids in finished for rid in ids]
+    assert len(logged) == len(set(logged)), "a rotation was finished twice"
+    # The victim may die between recording a rotation's end and logging it (kill -9).
+    unlogged = {r.id for r in rotations} - set(logged)
+    assert unlogged <= in_flight, f"rotations finished without a log line: {unlogged}"
     assert in_flight <= {r.id for r in rotations}, "a rotation the victim left was lost"
     assert [a.rejections for a in agents] == [0] * len(agents), "an agent read a dead key"
     assert sum(a.successes for a in agents) > 100
