@@ -171,10 +171,8 @@ def check(config_path: str | None, online: bool) -> None:
 
         runtime = Runtime(policies)
         try:
-            problems = online_check(policies, runtime)
-            # A vault that failed its check is reported with the reason already.
-            failed = {p.split(":", 1)[0].removeprefix("vaults.") for p in problems
-                      if p.startswith("vaults.")}
+            failed: set[str] = set()  # reported with their reason already
+            problems = online_check(policies, runtime, failed)
             with reading_store(policies) as store:
                 report = find_leftovers(policies, runtime, store, skip=failed)
         finally:

@@ -780,12 +780,7 @@ class Engine:
         """
         provider = provider or self.runtime.provider(cred.provider)
         info = info or self.runtime.info(cred)
-        mine = self._fence.epoch
-        key_ids: set[str] = set()
-        for epoch in self.store.rotation_epochs(rot.id) or [0]:
-            if epoch <= mine:
-                key_ids.update(self._retry(provider.find_by_rotation, info,
-                                           key_tag(rot.id, epoch)))
+        key_ids = self._keys_of_rotation(rot, provider, info)
         if rot.new_key_id:
             key_ids.add(rot.new_key_id)
         state = self.store.credential(cred.name)
@@ -806,20 +801,33 @@ class Engine:
             log.warning("%s: staged copy of rotation %s not removed: %s (the next clean-up "
                         "or `rotator check --online` reports it)", cred.name, rot.id, exc)
 
+    def _epochs_up_to_mine(self, rot: Rotation) -> list[int]:
+        """The epochs ``rot`` was driven under, up to this owner's (0: before epochs existed)."""
+        return [e for e in self.store.rotation_epochs(rot.id) or [0] if e <= self._fence.epoch]
+
+    def _keys_of_rotation(self, rot: Rotation, provider: Any, info: Any,
+                          epochs: list[int] | None = None) -> set[str]:
+        """Live keys named after ``rot`` by this owner or an earlier one: never a newer
+        owner's, whose epoch is not searched."""
+        found: set[str] = set()
+        for epoch in self._epochs_up_to_mine(rot) if epochs is None else epochs:
+            found.update(self._retry(provider.find_by_rotation, info, key_tag(rot.id, epoch)))
+        return found
+
     def _revoke_strays(self, rot: Rotation, cred: CredentialConfig) -> None:
         """After a takeover, revoke keys an earlier owner of this rotation created that never
         became current: a create already on the wire when that owner's lease ran out can land
         after the new owner's clean-up. Only this owner's and earlier epochs are searched, and
         the new key, the credential's current key and the key the vault now serves are kept.
         In-place providers are skipped: their "keys" are the credential's own roles."""
-        epochs = [e for e in self.store.rotation_epochs(rot.id) if e <= self._fence.epoch]
         provider = self.runtime.provider(cred.provider)
-        if len(epochs) < 2 or not provider.capabilities.create or provider.capabilities.in_place:
+        if not provider.capabilities.create or provider.capabilities.in_place:
+            return
+        epochs = self._epochs_up_to_mine(rot)
+        if len(epochs) < 2:
             return
         info = self.runtime.info(cred)
-        strays: set[str] = set()
-        for epoch in epochs:
-            strays.update(self._retry(provider.find_by_rotation, info, key_tag(rot.id, epoch)))
+        strays = self._keys_of_rotation(rot, provider, info, epochs)
         state = self.store.credential(cred.name)
         strays -= {rot.new_key_id, state.current_key_id if state is not None else None}
         if strays and provider.capabilities.identify:

@@ -59,7 +59,6 @@ class Daemon:
                  clock: Callable[[], datetime] = utcnow,
                  on_engine: Callable[[Engine], None] | None = None) -> None:
         self.config_path = config_path
-        self.policies = policies
         self.clock = clock
         settings = policies.settings
         # Before the store opens (and, on SQLite, upgrades itself): a second daemon on the same
@@ -99,6 +98,11 @@ class Daemon:
         self._store_down_since: float | None = None  # monotonic time the store was lost
         self.metrics.live = self.liveness
         self.metrics.ready = self.readiness
+
+    @property
+    def policies(self) -> Policies:
+        """The current policy generation's policies (a reload replaces them)."""
+        return self.app.policies
 
     @property
     def runtime(self) -> Runtime:
@@ -446,7 +450,6 @@ class Daemon:
         if policies.settings.state_url != self.policies.settings.state_url:
             log.warning("state_url changed in the policy file: restart rotator to use it")
         generation = self.app.reload(policies)
-        self.policies = policies
         log.debug("policy generation %d in use", generation.number)
         self.engine.sync_credentials()
         self.metrics.prime(policies)

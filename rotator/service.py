@@ -387,10 +387,12 @@ def leftovers_by_row(rows: list[dict[str, Any]], report: LeftoverReport,
     return orphans
 
 
-def online_check(policies: Policies, runtime: Runtime) -> list[str]:
-    """Reach every vault and provider the file names; return one problem line per failure."""
+def online_check(policies: Policies, runtime: Runtime,
+                 bad_vaults: set[str] | None = None) -> list[str]:
+    """Reach every vault and provider the file names; return one problem line per failure.
+    ``bad_vaults``, if given, gets the names of the vaults that failed their check."""
     problems: list[str] = []
-    bad_vaults: set[str] = set()
+    bad_vaults = set() if bad_vaults is None else bad_vaults
     for name in policies.vaults:
         try:
             runtime.vault(name).health()

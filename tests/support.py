@@ -315,3 +315,27 @@ def staged_copies(bao: OpenBaoDevServer, path: str) -> list[str]:
         found += (staged_copies(bao, f"{path}/{key.rstrip('/')}") if key.endswith("/")
                   else [f"{path}/{key}"])
     return found
+
+
+def fail_transiently(target: Any, method: str, times: int = 1,
+                     message: str = "{name} is not serving right now") -> list[int]:
+    """Make ``target.method`` raise ``TransientError`` on its first ``times`` calls, then work.
+    It stays a bound method named ``method`` of the plugin, so the engine treats it as the
+    plugin's call (fencing, outage log). ``message`` may name the plugin as ``{name}``.
+    Returns a one-item list counting the failures."""
+    import types
+
+    from rotator.errors import TransientError
+
+    original = getattr(target, method)
+    failed = [0]
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failed[0] < times:
+            failed[0] += 1
+            raise TransientError(message.format(name=repr(self.name)))
+        return original(*args, **kwargs)
+
+    flaky.__name__ = method
+    setattr(target, method, types.MethodType(flaky, target))
+    return failed

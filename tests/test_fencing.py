@@ -23,10 +23,9 @@ import pytest
 
 from rotator.config import load_policies
 from rotator.engine import Engine, RotationRequest, RotationResult
-from rotator.errors import TransientError
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
-from tests.support import Fleet, make_fleet, staged_copies
+from tests.support import Fleet, fail_transiently, make_fleet, staged_copies
 
 TTL = timedelta(seconds=10)
 
@@ -49,7 +48,7 @@ class Pair:
     b: Engine
     a_clock: Clock
     b_clock: Clock
-    failures: list[str] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -74,23 +73,6 @@ def two_engines(fleet: Fleet, sleep: Callable[[float], None]) -> Iterator[Pair]:
             engines.append(engine)
         engines[0].sync_credentials()
         yield Pair(fleet, engines[0], engines[1], *clocks)
-
-
-def fail_once(target: Any, method: str, log: list[str]) -> None:
-    """Make ``target.method`` raise a transient error on its first call (a 503, say), as a
-    bound method of the plugin still, so the engine treats it as the plugin's call."""
-    original = getattr(target, method)
-    calls = [0]
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 1:
-            log.append(f"{method} failed")
-            raise TransientError(f"injected: {method} is not serving right now")
-        return original(*args, **kwargs)
-
-    flaky.__name__ = method
-    setattr(target, method, types.MethodType(flaky, target))
 
 
 def take_over(pair: Pair) -> None:
@@ -161,7 +143,7 @@ def test_a_worker_that_lost_its_lease_in_a_retry_touches_nothing(tmp_path, openb
         if plugin is not None:
             a = pair.a.runtime
             target = a.provider(cred["provider"]) if plugin == "provider" else a.vault("main")
-            fail_once(target, method, pair.failures)
+            pair.failures = fail_transiently(target, method)
         elif method is not None:  # a pause at a point of the protocol rather than in a retry
             monkeypatch.setattr("rotator.engine.crashpoint",
                                 lambda point: a_sleeps(0) if point == method else None)

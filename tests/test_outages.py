@@ -4,39 +4,20 @@ more, however many attempts the rotations in flight make meanwhile."""
 from __future__ import annotations
 
 import logging
-import types
-from typing import Any
 
 import pytest
 
 from rotator.config import load_policies
 from rotator.engine import Engine, RotationRequest
-from rotator.errors import TransientError
 from rotator.outages import OutageLog
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
-from tests.support import make_fleet
+from tests.support import fail_transiently, make_fleet
 
 
 @pytest.fixture(autouse=True)
 def _vault_token(openbao, monkeypatch):
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
-
-
-def _failing(target: Any, method: str, times: int) -> None:
-    """``target.method`` answers "sealed" ``times`` times, then works (still a bound method
-    of the plugin, so the engine sees the plugin's call)."""
-    original = getattr(target, method)
-    left = [times]
-
-    def sealed(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if left[0] > 0:
-            left[0] -= 1
-            raise TransientError(f"vault {self.name!r} is sealed: unseal it")
-        return original(*args, **kwargs)
-
-    sealed.__name__ = method
-    setattr(target, method, types.MethodType(sealed, target))
 
 
 def test_a_vault_outage_is_one_line_and_its_recovery_another(tmp_path, openbao, fake_openai,
@@ -49,8 +30,8 @@ def test_a_vault_outage_is_one_line_and_its_recovery_another(tmp_path, openbao, 
     engine.sync_credentials()
     caplog.set_level(logging.DEBUG)
     try:
-        _failing(runtime.vault("main"), "read", 5)
-        _failing(runtime.vault("main"), "promote", 3)
+        fail_transiently(runtime.vault("main"), "read", 5, "vault {name} is sealed: unseal it")
+        fail_transiently(runtime.vault("main"), "promote", 3, "vault {name} is sealed: unseal it")
         for cred in fleet.credentials:
             result = engine.rotate(RotationRequest(credential=cred["name"], trigger="manual"))
             assert result.ok, result.message

@@ -132,11 +132,6 @@ class Leases:
         return max(0.0, min(held.valid_until - time.monotonic(),
                             (held.expires_at - self.clock()).total_seconds()))
 
-    def left(self, name: str, epoch: int) -> float:
-        """Seconds left on this process's lease ``name`` of ``epoch`` (0 if not held)."""
-        with self._lock:
-            return self._left(name, epoch)
-
     def usable(self, name: str) -> bool:
         """Whether a step may start under the lease: held, not lost, and at least a quarter
         of its time-to-live left since the last renewal that reached the store."""
@@ -239,5 +234,3 @@ class Fence:
     def confirm(self) -> None:
         self.leases.confirm(self.name, self.epoch)
 
-    def left(self) -> float:
-        return self.leases.left(self.name, self.epoch)
