@@ -59,7 +59,7 @@ from rotator.events import (
 from rotator.generation import Generation
 from rotator.interfaces import NewKey, Provider, Vault
 from rotator.outages import OutageLog
-from rotator.protocol import PROTOCOL, Produced
+from rotator.protocol import PROTOCOL, OldKeyRevocation, Produced
 from rotator.state.leases import Fence, Leases
 from rotator.state.models import Revocation, Rotation
 from rotator.state.store import StaleRotation, StateStore, lock_owner_id
@@ -473,7 +473,8 @@ class Engine:
                                      old_key_id=fields.get("old_key_id", rotation.old_key_id),
                                      new_key_id=fields.get("new_key_id", rotation.new_key_id))
             step_row = self._transition(rid, step_row, "succeeded", None, next_step, step,
-                                        event=event, **fields)
+                                        event=event, credential=(cred.name, produced.credential),
+                                        revocation=produced.revocation, **fields)
             crashpoint(f"after:{step}")
             _apply(rotation, fields, next_step)
             self._emit(event, recorded=True)
@@ -521,9 +522,8 @@ class Engine:
                         cred.name, rot.old_key_id)
         if not provider.capabilities.create:
             # Emergency revocation is all such a provider can do: the rotation ends here.
-            self.store.enter_grace(rot.id, cred.name, self.clock(), None, current_key_id=None,
-                                   last_outcome="success", last_rotation_id=rot.id)
-            return Produced({"status": "grace"}, branch="nothing_to_create")
+            return Produced({"status": "grace"}, branch="nothing_to_create", credential={
+                "current_key_id": None, "last_outcome": "success", "last_rotation_id": rot.id})
         return Produced()
 
     def _step_create(self, rot: Rotation, cred: CredentialConfig,
@@ -611,13 +611,12 @@ class Engine:
         grace = cred.grace if rot.revoke_mode == "grace" else timedelta(0)
         revocation = None
         if rot.old_key_id and rot.revoke_mode != "first":
-            revocation = (rot.old_key_id, rot.old_version, now + grace)
+            revocation = OldKeyRevocation(rot.old_key_id, rot.old_version, now + grace)
         due, reason = self._next_due(cred, now, now, now)
-        self.store.enter_grace(
-            rot.id, cred.name, now, revocation, last_rotated_at=now, last_rotation_id=rot.id,
-            last_outcome="success", last_error=None, current_key_id=rot.new_key_id,
-            next_due_at=due, due_reason=reason, failures=0)
-        return Produced({"status": "grace"})
+        return Produced({"status": "grace"}, revocation=revocation, credential={
+            "last_rotated_at": now, "last_rotation_id": rot.id, "last_outcome": "success",
+            "last_error": None, "current_key_id": rot.new_key_id, "next_due_at": due,
+            "due_reason": reason, "failures": 0})
 
     def _step_rollback(self, rot: Rotation, cred: CredentialConfig,
                        rerun: bool) -> Produced:
@@ -645,9 +644,10 @@ class Engine:
                            if rot.revoke_mode == "first" else "there was no key before")
                     message = f"new key {rot.new_key_id} kept in the vault because {why}"
                     log.error("%s: %s", cred.name, message)
-                    self._record_failure(rot, cred, message, new_key_kept=True)
                     return Produced({"status": "failed", "outcome": "failed",
-                                     "error": message, "finished_at": self.clock()})
+                                     "error": message, "finished_at": self.clock()},
+                                    credential=self._failure_fields(
+                                        rot, cred, message, new_key_kept=True))
                 meta = {"key_id": rot.old_key_id or "", "rotation_id": f"{rot.id}/rollback",
                         "rotated_at": self.clock().isoformat()}
                 self._retry(vault.restore, cred.path, cred.field, rot.old_version,
@@ -673,9 +673,9 @@ class Engine:
                        "(--revoke-first), so the agent has NO working key until a rotation "
                        f"succeeds: fix the cause and run `rotator rotate-now {cred.name}` "
                        "(the daemon also retries it)")
-        self._record_failure(rot, cred, message, old_key_dead=rot.revoke_mode == "first")
         return Produced({"status": rot.outcome or "failed", "finished_at": self.clock(),
-                         "error": message})
+                         "error": message}, credential=self._failure_fields(
+                             rot, cred, message, old_key_dead=rot.revoke_mode == "first"))
 
     # -- revocation ----------------------------------------------------------------------------
 
@@ -742,7 +742,7 @@ class Engine:
                                      message=f"revoked {rev.key_id}")
         crashpoint("after:revoke")
         self._emit_step(rotation, "revoke", "succeeded", t0, None)
-        log.info("%s: old key %s revoked", cred.name, rev.key_id)
+        log.info("%s: old key %s of rotation %s revoked", cred.name, rev.key_id, rotation.id)
         return True
 
     @staticmethod
@@ -842,8 +842,11 @@ class Engine:
             log.warning("%s: key %s, created for rotation %s by a worker that lost its lease, "
                         "revoked", cred.name, key_id, rot.id)
 
-    def _record_failure(self, rot: Rotation, cred: CredentialConfig, message: str,
-                        new_key_kept: bool = False, old_key_dead: bool = False) -> None:
+    def _failure_fields(self, rot: Rotation, cred: CredentialConfig, message: str,
+                        new_key_kept: bool = False, old_key_dead: bool = False
+                        ) -> dict[str, Any]:
+        """The credential's fields after a failed rotation: the failure counted and, for a
+        scheduled one (or a dead old key), a retry after a backoff that grows with each."""
         state = self.store.credential(cred.name)
         failures = (state.failures if state else 0) + 1
         backoff = min(FAILURE_BACKOFF_BASE * 2 ** (failures - 1), FAILURE_BACKOFF_MAX)
@@ -857,7 +860,7 @@ class Engine:
             fields.update(current_key_id=rot.new_key_id)
         elif old_key_dead:
             fields.update(current_key_id=None)
-        self.store.update_credential(cred.name, **fields)
+        return fields
 
     def _finish(self, rotation: Rotation, cred: CredentialConfig,
                 outcome: str) -> RotationResult:
@@ -919,7 +922,8 @@ class Engine:
 
     def _transition(self, rid: str, step_row: int, outcome: str, message: str | None,
                     next_step: str | None, step: str, /, event: StepFinished | None = None,
-                    **fields: Any) -> int | None:
+                    credential: tuple[str, dict[str, Any]] | None = None,
+                    revocation: OldKeyRevocation | None = None, **fields: Any) -> int | None:
         """Record the end of ``step`` (``outcome``: succeeded/failed) and the start of the
         next, with ``event`` for the listeners that record in the same transaction (the
         audit trail); a rotation another worker took over stops this one (``Interrupted``)."""
@@ -934,7 +938,9 @@ class Engine:
 
         try:
             return self.store.step_transition(rid, step_row, outcome, self.clock(), message,
-                                              next_step, expect_step=step, also=also, **fields)
+                                              next_step, expect_step=step, also=also,
+                                              credential=credential, revocation=revocation,
+                                              **fields)
         except StaleRotation as exc:
             raise Interrupted(str(exc)) from exc
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["PHASES", "PROTOCOL", "STEPS", "Produced", "Transition"]
+__all__ = ["PHASES", "PROTOCOL", "STEPS", "OldKeyRevocation", "Produced", "Transition"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,22 @@ PHASES = ("revoke", "done")
 
 
 @dataclass(frozen=True)
+class OldKeyRevocation:
+    """An old key to revoke once its grace period ends (the grace step schedules it)."""
+
+    key_id: str
+    vault_version: str | None
+    not_before: datetime
+
+
+@dataclass(frozen=True)
 class Produced:
-    """What a step produced: the rotation fields to record, and the branch it chose, if any."""
+    """What a step produced. The engine records all of it in the step's transition (one
+    transaction): the rotation's fields, the credential's, an old key's revocation to
+    schedule; and moves to the branch the step chose, if any. Steps never write the store."""
 
     fields: dict[str, Any] = field(default_factory=dict)
     branch: str | None = None
+    credential: dict[str, Any] = field(default_factory=dict)
+    """Fields of the credential's row (its current key, last outcome, next due time)."""
+    revocation: OldKeyRevocation | None = None

@@ -95,9 +95,10 @@ def _held_by(store: StateStore, pid: int) -> list[str]:
 
 
 def _touched_by(path: Path) -> set[str]:
-    """Rotation ids a replica's log says it started or resumed."""
+    """Rotation ids a replica's log says it started, resumed, or revoked an old key of (the
+    revoke after a grace finishes a rotation another replica started)."""
     return {m.group(1) for line in log_lines(path)
-            if (m := re.search(r"(?:resuming rotation|rotation) (\S+) (?:started|at step)",
+            if (m := re.search(r"(?:resuming rotation|rotation) (\S+) (?:started|at step|revoked)",
                                line["message"]))}
 
 

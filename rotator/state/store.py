@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -23,7 +23,7 @@ from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, u
 from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
-from rotator.protocol import PHASES
+from rotator.protocol import PHASES, OldKeyRevocation
 from rotator.state import schema
 from rotator.state.audit_hash import hash_parts
 from rotator.state.models import (
@@ -70,6 +70,19 @@ _LOCKS = Lock.__table__
 _EPOCHS = RotationEpoch.__table__
 _AUDIT = AuditEvent.__table__
 _HEAD = AuditHead.__table__
+
+
+def _schedule_revocation(conn: Connection, rotation_id: str, credential: str,
+                         revocation: OldKeyRevocation) -> None:
+    """Add the pending revocation of an old key, once per (rotation, key)."""
+    revs = _REVOCATIONS
+    exists = conn.scalar(select(revs.c.id).where(revs.c.rotation_id == rotation_id,
+                                                 revs.c.key_id == revocation.key_id))
+    if exists is None:
+        conn.execute(insert(revs).values(
+            rotation_id=rotation_id, credential=credential, key_id=revocation.key_id,
+            vault_version=revocation.vault_version, not_before=revocation.not_before,
+            status="pending", attempts=0))
 
 
 def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> int:
@@ -454,10 +467,14 @@ class StateStore:
     def step_transition(
         self, rotation_id: str, step_row: int, step_status: str, now: datetime,
         message: str | None = None, next_step: str | None = None, /, *, expect_step: str,
-        also: Callable[[Connection], None] | None = None, **rotation_fields: Any,
+        also: Callable[[Connection], None] | None = None,
+        credential: tuple[str, Mapping[str, Any]] | None = None,
+        revocation: OldKeyRevocation | None = None, **rotation_fields: Any,
     ) -> int | None:
-        """Close a step and, in the same transaction, record the rotation's new fields and the
-        start of ``next_step`` (if it is a step that runs). Returns the new step row id.
+        """Close a step and, in the same transaction, record the rotation's new fields, the
+        start of ``next_step`` (if it is a step that runs), the credential's new fields
+        (``credential``: its name and fields) and an old key's revocation to schedule
+        (idempotent: a re-run schedules it once). Returns the new step row id.
 
         Raises ``StaleRotation`` (and records nothing) if the rotation is no longer running at
         ``expect_step``: another worker took it over, so this one must stop touching it.
@@ -474,28 +491,16 @@ class StateStore:
             new_row = None
             if next_step is not None and next_step not in _NOT_RUN:
                 new_row = _new_step(conn, rotation_id, next_step, now)
+            if credential is not None:
+                name, fields = credential
+                if revocation is not None:
+                    _schedule_revocation(conn, rotation_id, name, revocation)
+                if fields:
+                    conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == name)
+                                 .values(**fields))
             if also is not None:
                 also(conn)  # the step's audit event, in the same commit; last (see append)
             return new_row
-
-    def enter_grace(self, rotation_id: str, credential: str, now: datetime,
-                    revocation: tuple[str, str | None, datetime] | None,
-                    **credential_fields: Any) -> None:
-        """The new key is live: schedule the old key's revocation (key id, vault version, not
-        before) idempotently and update the credential, in one transaction."""
-        revs = _REVOCATIONS
-        with self._tx() as conn:
-            if revocation is not None:
-                key_id, version, not_before = revocation
-                exists = conn.scalar(select(revs.c.id).where(
-                    revs.c.rotation_id == rotation_id, revs.c.key_id == key_id))
-                if exists is None:
-                    conn.execute(insert(revs).values(
-                        rotation_id=rotation_id, credential=credential, key_id=key_id,
-                        vault_version=version, not_before=not_before, status="pending",
-                        attempts=0))
-            conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == credential)
-                         .values(**credential_fields))
 
     def record_revocation(self, revocation_id: int, rotation_id: str, started: datetime,
                           now: datetime, *, ok: bool, message: str,
