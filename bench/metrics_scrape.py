@@ -65,7 +65,7 @@ def build(work: Path, n: int) -> tuple[Metrics, StateStore, float]:
     now = datetime.now(UTC)
     for state in store.credentials():
         store.update_credential(state.name, last_rotated_at=now - timedelta(days=3))
-    metrics = Metrics(store, lambda: policies)
+    metrics = Metrics(store, lambda: policies, due=engine.due_decisions)
     metrics.prime(policies)
     for cred in policies.credentials:
         for step in STEPS:

@@ -237,8 +237,10 @@ def status(config_path: str | None, as_json: bool) -> None:
 @json_option
 @click.option("--within", default="30d", show_default=True, metavar="DURATION",
               help="How far ahead to look.")
-def plan(config_path: str | None, as_json: bool, within: str) -> None:
-    """What will rotate when."""
+@click.option("--all", "everything", is_flag=True,
+              help="Every credential, with why it is or is not due (manual-only ones too).")
+def plan(config_path: str | None, as_json: bool, within: str, everything: bool) -> None:
+    """What will rotate when, and why (the due gate's reason code)."""
     _one_shot()
     from rotator.durations import parse_duration
 
@@ -252,19 +254,23 @@ def plan(config_path: str | None, as_json: bool, within: str) -> None:
         from rotator.service import open_context, plan_rows
 
         with open_context(policies, create=False) as ctx:
-            rows = plan_rows(ctx, _now(), horizon)
+            rows = plan_rows(ctx, _now(), horizon, everything)
         if as_json:
             _print_json(rows)
             return 0
         from rich.table import Table
 
-        table = Table(title=f"rotations due within {within}: {len(rows)}")
-        for col in ("due", "credential", "agent", "provider", "reason"):
+        title = ("every credential" if everything
+                 else f"rotations due within {within}") + f": {len(rows)}"
+        table = Table(title=title)
+        for col in ("due", "credential", "agent", "provider", "reason", "why"):
             table.add_column(col)
         for r in rows:
-            due = _when(r["due_at"]) + (" [red](overdue: rotates now)[/]" if r["overdue"] else "")
+            due = _when(r["due_at"]) if r["due_at"] else "never (manual)"
+            if r["due_now"]:
+                due += " [red](overdue: rotates now)[/]"
             table.add_row(due, _esc(r["credential"]), _esc(r["agent"]), _esc(r["provider"]),
-                          _esc(r["reason"]))
+                          _esc(r["reason"]), _esc(r["message"]))
         _console().print(table)
         return 0
 

@@ -22,7 +22,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -59,10 +59,11 @@ from rotator.events import (
 from rotator.generation import Generation
 from rotator.interfaces import NewKey, Provider, Vault
 from rotator.outages import OutageLog
+from rotator.policy import GraceWait
 from rotator.protocol import PROTOCOL, OldKeyRevocation, Produced
 from rotator.state.leases import Fence, Leases
-from rotator.state.models import Revocation, Rotation
-from rotator.state.store import StaleRotation, StateStore, lock_owner_id
+from rotator.state.models import CredentialState, Revocation, Rotation
+from rotator.state.store import DueFacts, StaleRotation, StateStore, lock_owner_id
 
 if TYPE_CHECKING:
     from rotator.config import CredentialConfig, Policies
@@ -94,6 +95,10 @@ def utcnow() -> datetime:
 def new_rotation_id(now: datetime) -> str:
     """Sortable, unique, and short enough to fit in a provider's key name."""
     return f"r{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
+
+
+def _grace_wait(rev: Revocation) -> GraceWait:
+    return GraceWait(rev.not_before, rev.key_id, rev.rotation_id, rev.attempts)
 
 
 def key_tag(rotation_id: str, epoch: int) -> str:
@@ -398,15 +403,35 @@ class Engine:
 
     def due_decision(self, name: str, *, rotating: bool = False) -> policy.Decision:
         """Is a scheduled rotation of ``name`` due now? Asks the due gate (``policy.decide``)
-        with what the store knows: last rotation, first seen, a failure's retry time."""
-        cred = self.policies.credential(name)
-        state = self.store.credential(name)
+        with what the store knows: last rotation, first seen, a failure's retry time, an old
+        key still awaiting its revocation."""
+        pending = self.store.pending_revocations(credential=name)
+        return self._decide(self.policies.credential(name), self.store.credential(name),
+                            rotating, _grace_wait(pending[0]) if pending else None, self.clock())
+
+    def due_decisions(self, facts: Mapping[str, DueFacts] | None = None
+                      ) -> dict[str, policy.Decision]:
+        """The due gate's answer for every credential of the policy file, from three reads of
+        the store (``status``, ``plan`` and ``/metrics`` show these); ``facts``, if the caller
+        already read them (``/metrics`` does, for its timestamps), saves one."""
         now = self.clock()
+        states = self.store.due_facts() if facts is None else facts
+        rotating = {r.credential for r in self.store.unfinished_rotations()}
+        waits: dict[str, GraceWait] = {}
+        for rev in self.store.pending_revocations():  # earliest first
+            waits.setdefault(rev.credential, _grace_wait(rev))
+        return {c.name: self._decide(c, states.get(c.name), c.name in rotating,
+                                     waits.get(c.name), now)
+                for c in self.policies.credentials}
+
+    def _decide(self, cred: CredentialConfig, state: CredentialState | DueFacts | None,
+                rotating: bool,
+                grace: GraceWait | None, now: datetime) -> policy.Decision:
         spec = cred.schedule_spec(self.policies.settings.jitter)
         retry_at = state.next_due_at if state is not None and state.failures else None
         return policy.decide(spec, state.last_rotated_at if state else None,
                              (state.first_seen_at if state else None) or now, now,
-                             rotating=rotating, retry_at=retry_at)
+                             rotating=rotating, retry_at=retry_at, grace=grace)
 
     def _drive(self, rotation: Rotation, cred: CredentialConfig, *,
                step_row: int | None = None) -> RotationResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +32,13 @@ from rotator.probes import ProbeResult
 
 if TYPE_CHECKING:
     from rotator.config import Policies
-    from rotator.state.store import StateStore
+    from rotator.policy import Decision
+    from rotator.state.store import DueFacts, StateStore
 
 __all__ = ["Metrics"]
+
+DueGate = Callable[["Mapping[str, DueFacts]"], "Mapping[str, Decision]"]
+"""Every credential's due decision from the facts a scrape read (``Engine.due_decisions``)."""
 
 disable_created_metrics()  # `_created` series double the page and no dashboard or alert uses them
 
@@ -104,9 +108,11 @@ class _PerCredential:
     TRIGGERS = ("schedule", "manual", "emergency")
     OUTCOMES = ("success", "failed", "rolled_back")
 
-    def __init__(self, store: StateStore, policies: Callable[[], Policies]) -> None:
+    def __init__(self, store: StateStore, policies: Callable[[], Policies],
+                 due: DueGate | None = None) -> None:
         self.store = store
         self.policies = policies
+        self.due = due
         self._lock = threading.Lock()
         self._rotations: dict[tuple[str, str, str, str], float] = {}
         self._labels: dict[tuple[str, str, str], str] = {}
@@ -145,14 +151,20 @@ class _PerCredential:
                        f'trigger="{trigger}"}} {_number(value)}')
         try:
             policies = self.policies()
-            times = {name: (last, nxt) for name, last, nxt in self.store.credential_times()}
+            facts = self.store.due_facts()
+            decisions = self.due(facts) if self.due is not None else {}
         except Exception:  # a scrape must answer even when the store hiccups
             log.exception("could not read the state store for /metrics")
             return "\n".join(out) + "\n"
-        last_lines, next_lines, age_lines = [], [], []
+        last_lines, next_lines, age_lines, reason_lines = [], [], [], []
         for cred in policies.credentials:
             labels = self._agent_labels(cred.name, cred.agent, cred.provider)
-            last, nxt = times.get(cred.name, (None, None))
+            decision = decisions.get(cred.name)
+            if decision is not None:
+                reason_lines.append(f'rotator_credential_due_reason{{{labels},'
+                                    f'reason="{decision.reason}"}} 1')
+            fact = facts.get(cred.name)
+            last, nxt = (fact.last_rotated_at, fact.next_due_at) if fact else (None, None)
             if last is not None:
                 last_lines.append(f"rotator_credential_last_rotation_timestamp_seconds"
                                   f"{{{labels}}} {_number(last.timestamp())}")
@@ -169,6 +181,9 @@ class _PerCredential:
              "When the credential is next due to rotate (Unix time).", next_lines),
             ("rotator_credential_max_age_seconds", "gauge",
              "The policy's interval: the oldest the key should get.", age_lines),
+            ("rotator_credential_due_reason", "gauge",
+             "1 for the due gate's reason code now: why the credential is or is not due "
+             "(in_grace, retry_backoff, outside_window, not_due, ...).", reason_lines),
         ):
             out.append(f"# HELP {name} {text}")
             out.append(f"# TYPE {name} {kind}")
@@ -219,7 +234,8 @@ class Metrics:
     sets ``live`` and ``ready``, which ``/healthz`` and ``/readyz`` answer with (200 or 503,
     JSON saying which check failed and why)."""
 
-    def __init__(self, store: StateStore, policies: Callable[[], Policies]) -> None:
+    def __init__(self, store: StateStore, policies: Callable[[], Policies],
+                 due: DueGate | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.duration = Histogram(
             "rotator_rotation_duration_seconds", "From create to done (grace included).",
@@ -245,7 +261,7 @@ class Metrics:
             "rotator_notifications_total", "Webhook notifications by outcome (sent, failed, "
             "dropped).", ["notifier", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(store))
-        self.per_credential = _PerCredential(store, policies)
+        self.per_credential = _PerCredential(store, policies, due)
         self._server: ThreadingHTTPServer | None = None
         self.live: Callable[[], ProbeResult] = _always_ok
         """``/healthz``: is the process working at all (a failure means restart it)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -27,6 +27,7 @@ from rotator.durations import format_duration
 
 __all__ = [
     "INTERVAL_ELAPSED",
+    "IN_GRACE",
     "MANUAL_ONLY",
     "NEVER_ROTATED",
     "NOT_DUE",
@@ -36,6 +37,7 @@ __all__ = [
     "ROTATING",
     "SCHEDULE_REACHED",
     "Decision",
+    "GraceWait",
     "ScheduleSpec",
     "Window",
     "compute_next_due",
@@ -47,13 +49,14 @@ __all__ = [
 
 ROTATING = "rotating"
 MANUAL_ONLY = "manual_only"
+IN_GRACE = "in_grace"
 NEVER_ROTATED = "never_rotated"
 INTERVAL_ELAPSED = "interval_elapsed"
 SCHEDULE_REACHED = "schedule_reached"
 RETRY_BACKOFF = "retry_backoff"
 OUTSIDE_WINDOW = "outside_window"
 NOT_DUE = "not_due"
-REASONS = (ROTATING, MANUAL_ONLY, RETRY_BACKOFF, NEVER_ROTATED, INTERVAL_ELAPSED,
+REASONS = (ROTATING, MANUAL_ONLY, IN_GRACE, RETRY_BACKOFF, NEVER_ROTATED, INTERVAL_ELAPSED,
            SCHEDULE_REACHED, OUTSIDE_WINDOW, NOT_DUE)
 """Every reason code :func:`decide` can return, in the order the chain checks them."""
 
@@ -347,9 +350,14 @@ class Decision:
     due: bool
     reason: str
     """One of :data:`REASONS`."""
-    message: str
+    _message: str | Callable[[], str] = field(repr=False, compare=False)
     due_at: datetime | None
-    """When the credential is (or was) due, in UTC; None when it is never due by schedule."""
+
+    @property
+    def message(self) -> str:
+        """Why, for people. Written only when asked: ``/metrics`` decides for every credential
+        on every scrape and needs only the reason code."""
+        return self._message() if callable(self._message) else self._message
 
 
 def _base_due(schedule: ScheduleSpec, last_rotated_at: datetime | None,
@@ -384,7 +392,11 @@ def compute_next_due(schedule: ScheduleSpec, last_rotated_at: datetime | None,
     """
     if schedule.manual_only:
         raise ValueError(f"{schedule.credential}: manual-only credentials are never due")
-    due = _jittered_due(schedule, last_rotated_at, first_seen_at)
+    return _windowed(schedule, _jittered_due(schedule, last_rotated_at, first_seen_at), now)
+
+
+def _windowed(schedule: ScheduleSpec, due: datetime, now: datetime) -> datetime:
+    """``due`` pushed to the window's next opening (see ``compute_next_due``)."""
     if schedule.window is not None:
         due = schedule.window.next_open(due)
         if due <= _utc(now) and not schedule.window.contains(now):
@@ -400,6 +412,9 @@ class _Facts:
     now: datetime
     rotating: bool
     retry_at: datetime | None
+    grace: GraceWait | None
+    due: datetime
+    """The due time before the window (unused, and the earliest time, for manual-only)."""
 
 
 def _check_rotating(f: _Facts) -> Decision | None:
@@ -415,72 +430,111 @@ def _check_manual_only(f: _Facts) -> Decision | None:
     return None
 
 
+def _check_in_grace(f: _Facts) -> Decision | None:
+    if f.grace is None:
+        return None
+    g = f.grace
+
+    def why() -> str:
+        if g.failed_attempts:
+            what = (f"revoking old key {g.key_id} (rotation {g.rotation_id}) failed "
+                    f"{g.failed_attempts} time(s), next try {_show(g.until)}")
+        else:
+            what = (f"old key {g.key_id} (rotation {g.rotation_id}) is in its grace until "
+                    f"{_show(g.until)}")
+        return f"{what}; the next rotation waits for its revocation"
+
+    return Decision(False, IN_GRACE, why, _utc(g.until))
+
+
 def _check_retry_backoff(f: _Facts) -> Decision | None:
     if f.retry_at is None or _utc(f.retry_at) <= f.now:
         return None
-    return Decision(False, RETRY_BACKOFF, "the last scheduled attempt failed: retrying "
-                    f"{_show(f.retry_at)}", _utc(f.retry_at))
+    retry_at = _utc(f.retry_at)
+    return Decision(False, RETRY_BACKOFF, lambda: "the last scheduled attempt failed: retrying "
+                    f"{_show(retry_at)}", retry_at)
 
 
 def _check_never_rotated(f: _Facts) -> Decision | None:
     if f.last_rotated_at is not None:
         return None
-    due = _jittered_due(f.schedule, None, f.first_seen_at)
+    due = f.due
     if due > f.now:
         return None
-    return Decision(True, NEVER_ROTATED, f"never rotated by rotator (known since "
+    return Decision(True, NEVER_ROTATED, lambda: f"never rotated by rotator (known since "
                     f"{_show(f.first_seen_at)}): due since {_show(due)}", due)
 
 
 def _check_interval_elapsed(f: _Facts) -> Decision | None:
     if f.last_rotated_at is None or f.schedule.cron is not None:
         return None
-    due = _jittered_due(f.schedule, f.last_rotated_at, f.first_seen_at)
+    due, last = f.due, f.last_rotated_at
     if due > f.now:
         return None
-    return Decision(True, INTERVAL_ELAPSED, f"{f.schedule.describe()} elapsed since the last "
-                    f"rotation at {_show(f.last_rotated_at)}: due since {_show(due)}", due)
+    return Decision(True, INTERVAL_ELAPSED, lambda: f"{f.schedule.describe()} elapsed since the "
+                    f"last rotation at {_show(last)}: due since {_show(due)}", due)
 
 
 def _check_schedule_reached(f: _Facts) -> Decision | None:
     if f.last_rotated_at is None or f.schedule.cron is None:
         return None
-    due = _jittered_due(f.schedule, f.last_rotated_at, f.first_seen_at)
+    due = f.due
     if due > f.now:
         return None
-    return Decision(True, SCHEDULE_REACHED, f"{f.schedule.describe()} reached: due since "
-                    f"{_show(due)}", due)
+    return Decision(True, SCHEDULE_REACHED, lambda: f"{f.schedule.describe()} reached: due "
+                    f"since {_show(due)}", due)
 
 
 _CHAIN: tuple[Callable[[_Facts], Decision | None], ...] = (
-    _check_rotating, _check_manual_only, _check_retry_backoff, _check_never_rotated,
-    _check_interval_elapsed, _check_schedule_reached,
+    _check_rotating, _check_manual_only, _check_in_grace, _check_retry_backoff,
+    _check_never_rotated, _check_interval_elapsed, _check_schedule_reached,
 )
 
 
+@dataclass(frozen=True)
+class GraceWait:
+    """The earliest old key of a credential still waiting for its revocation."""
+
+    until: datetime
+    """When its grace ends (or its failed revocation is next retried)."""
+    key_id: str
+    rotation_id: str
+    failed_attempts: int = 0
+
+
+def _outside_window(decision: Decision, window: Window, now: datetime) -> Decision:
+    """A due credential whose window is closed: due when it next opens."""
+    opens = window.next_open(now)
+    return Decision(False, OUTSIDE_WINDOW, lambda: f"{decision.message}; waiting for the "
+                    f"window {window}, which opens {_show(opens)}", opens)
+
+
 def decide(schedule: ScheduleSpec, last_rotated_at: datetime | None, first_seen_at: datetime,
-           now: datetime, rotating: bool, retry_at: datetime | None = None) -> Decision:
+           now: datetime, rotating: bool, retry_at: datetime | None = None,
+           grace: GraceWait | None = None) -> Decision:
     """Should a scheduled rotation of this credential start at ``now``? First check wins.
 
-    The one place that decides: the scheduler, the engine, ``status`` and ``plan`` all ask it.
-    The chain: ``rotating`` (one at a time), ``manual_only`` (never by schedule),
-    ``retry_backoff`` (a failed scheduled attempt waits until ``retry_at``), then the three
-    ways time can be up (``never_rotated``, ``interval_elapsed``, ``schedule_reached``);
-    a credential whose time is up but whose window is closed gets ``outside_window`` with the
-    next opening as ``due_at``; otherwise ``not_due`` with the next due time.
+    The one place that decides: the scheduler, the engine, ``status``, ``plan`` and the metrics
+    all ask it. The chain: ``rotating`` (one at a time), ``manual_only`` (never by schedule),
+    ``in_grace`` (an old key still awaits its revocation: a next key now would make three live
+    keys, more than some services allow), ``retry_backoff`` (a failed scheduled attempt waits
+    until ``retry_at``), then the three ways time can be up (``never_rotated``,
+    ``interval_elapsed``, ``schedule_reached``); a credential whose time is up but whose window
+    is closed gets ``outside_window`` with the next opening as ``due_at``; otherwise
+    ``not_due`` with the next due time.
     """
     now = _utc(now)
-    facts = _Facts(schedule, last_rotated_at, first_seen_at, now, rotating, retry_at)
+    due = (datetime.min.replace(tzinfo=UTC) if schedule.manual_only
+           else _jittered_due(schedule, last_rotated_at, first_seen_at))
+    facts = _Facts(schedule, last_rotated_at, first_seen_at, now, rotating, retry_at, grace, due)
     for check in _CHAIN:
         decision = check(facts)
         if decision is None:
             continue
         window = schedule.window
         if decision.due and window is not None and not window.contains(now):
-            opens = window.next_open(now)
-            return Decision(False, OUTSIDE_WINDOW, f"{decision.message}; waiting for the "
-                            f"window {window}, which opens {_show(opens)}", opens)
+            return _outside_window(decision, window, now)
         return decision
-    due = compute_next_due(schedule, last_rotated_at, first_seen_at, now)
+    due = _windowed(schedule, due, now)
     what = "first rotation" if last_rotated_at is None else "next rotation"
-    return Decision(False, NOT_DUE, f"{what} {_show(due)} ({schedule.describe()})", due)
+    return Decision(False, NOT_DUE, lambda: f"{what} {_show(due)} ({schedule.describe()})", due)

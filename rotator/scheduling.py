@@ -72,7 +72,8 @@ class Daemon:
                 self._daemon_lock.release()
             raise
         self.store, self.engine, self.audit = self.app.store, self.app.engine, self.app.audit
-        self.metrics = Metrics(self.store, lambda: self.policies)
+        self.metrics = Metrics(self.store, lambda: self.policies,
+                               due=self.engine.due_decisions)
         self.metrics_url: str | None = None
         self.engine.listeners.append(self.metrics.on_event)
         self.engine.call_observers.append(self.metrics.on_call)

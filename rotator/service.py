@@ -23,8 +23,9 @@ from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
 from rotator.interfaces import StagedCopy, StagingInventory
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
+from rotator.policy import MANUAL_ONLY, Decision
 from rotator.runtime import Runtime
-from rotator.state.models import Rotation
+from rotator.state.models import CredentialState, Rotation
 from rotator.state.store import COMMAND_TAG, StateStore, describe_owner, lock_owner_id
 
 __all__ = [
@@ -77,13 +78,16 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
-    """One row per credential of the policy file (SPEC: ``rotator status``)."""
+    """One row per credential of the policy file (SPEC: ``rotator status``). The due time and
+    reason are the due gate's answer now (what the scheduler would decide)."""
     states = {s.name: s for s in ctx.store.credentials()}
+    decisions = ctx.engine.due_decisions()
     active = ctx.store.active_rotation_steps()
     holders = ctx.store.lease_holders(now)
     rows = []
     for cred in ctx.policies.credentials:
         state = states.get(cred.name)
+        decision = decisions[cred.name]
         last = state.last_rotated_at if state else None
         age_from = last or (state.first_seen_at if state else None)
         rows.append({
@@ -100,36 +104,48 @@ def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
             "last_rotation_id": state.last_rotation_id if state else None,
             "last_outcome": state.last_outcome if state else None,
             "last_error": state.last_error if state else None,
-            "next_due_at": _iso(state.next_due_at) if state else None,
-            "due_reason": state.due_reason if state else None,
+            "next_due_at": _iso(_due_at(decision, state)),
+            "due_reason": decision.reason,
+            "due_message": decision.message,
             "rotating_step": active.get(cred.name),
             "rotating_on": describe_owner(holders[cred.name]) if cred.name in holders else None,
         })
     return rows
 
 
-def plan_rows(ctx: Context, now: datetime, within: timedelta) -> list[dict[str, Any]]:
-    """Credentials that will rotate before ``now + within``, earliest first."""
+def _due_at(decision: Decision, state: CredentialState | None) -> datetime | None:
+    """When the credential next rotates by schedule: the gate's time, or (while it rotates)
+    the stored one; None for a credential never rotated by schedule."""
+    if decision.due_at is not None or decision.reason == MANUAL_ONLY:
+        return decision.due_at
+    return state.next_due_at if state else None
+
+
+def plan_rows(ctx: Context, now: datetime, within: timedelta,
+              everything: bool = False) -> list[dict[str, Any]]:
+    """Credentials that will rotate by schedule before ``now + within``, earliest first (with
+    ``everything``, every credential, those never due last), each with the due gate's reason."""
     states = {s.name: s for s in ctx.store.credentials()}
+    decisions = ctx.engine.due_decisions()
     horizon = now + within
     rows = []
     for cred in ctx.policies.credentials:
-        state = states.get(cred.name)
-        due = state.next_due_at if state else None
-        if due is None or due > horizon:
+        decision = decisions[cred.name]
+        due = _due_at(decision, states.get(cred.name))
+        if not everything and (due is None or due > horizon):
             continue
-        decision = ctx.engine.due_decision(cred.name)
         rows.append({
             "credential": cred.name,
             "agent": cred.agent,
             "provider": cred.provider,
             "due_at": _iso(due),
-            "overdue": due <= now,
-            "reason": (state.due_reason if state and state.due_reason else decision.reason),
+            "overdue": due is not None and due <= now,
+            "due_now": decision.due,
+            "reason": decision.reason,
             "message": decision.message,
             "grace_seconds": int(cred.grace.total_seconds()),
         })
-    rows.sort(key=lambda r: r["due_at"])
+    rows.sort(key=lambda r: (r["due_at"] is None, r["due_at"] or "", r["credential"]))
     return rows
 
 

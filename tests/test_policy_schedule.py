@@ -274,9 +274,27 @@ def test_reason_retry_backoff_holds_a_failed_credential_until_its_retry() -> Non
     assert (d.due, reason(d)) == (True, "interval_elapsed"), "due again once the backoff ends"
 
 
+def test_reason_in_grace_holds_the_next_rotation_until_the_old_key_is_revoked() -> None:
+    last = MON - timedelta(days=31)  # its interval is up...
+    until = MON + timedelta(hours=1)  # ...but the last rotation's old key is still live
+    grace = policy.GraceWait(until, "key_old", "r1")
+    d = decide(spec(), last, last, MON, rotating=False, grace=grace)
+    assert (d.due, reason(d), d.due_at) == (False, "in_grace", until)
+    assert "key_old" in d.message and "r1" in d.message and "grace" in d.message
+    failing = policy.GraceWait(until, "key_old", "r1", failed_attempts=3)
+    d = decide(spec(), last, last, MON, rotating=False, grace=failing)
+    assert "failed 3 time(s)" in d.message
+    # It outranks a retry backoff, and the rotation in progress outranks it.
+    d = decide(spec(), last, last, MON, rotating=False, grace=grace,
+               retry_at=MON + timedelta(minutes=5))
+    assert reason(d) == "in_grace"
+    assert reason(decide(spec(), last, last, MON, rotating=True, grace=grace)) == "rotating"
+    assert reason(decide(spec(), last, last, MON, rotating=False)) == "interval_elapsed"
+
+
 def test_every_reason_code_has_a_test() -> None:
-    tested = {"rotating", "manual_only", "retry_backoff", "never_rotated", "interval_elapsed",
-              "schedule_reached", "outside_window", "not_due"}
+    tested = {"rotating", "manual_only", "in_grace", "retry_backoff", "never_rotated",
+              "interval_elapsed", "schedule_reached", "outside_window", "not_due"}
     assert set(policy.REASONS) == tested
 
 

@@ -43,6 +43,15 @@ __all__ = ["COMMAND_TAG", "LockTaken", "StaleRotation", "StateStore", "describe_
            "lock_owner_id"]
 
 
+class DueFacts(NamedTuple):
+    """A credential's row as the due gate reads it."""
+
+    last_rotated_at: datetime | None
+    first_seen_at: datetime | None
+    next_due_at: datetime | None
+    failures: int
+
+
 class LockTaken(NamedTuple):
     """What ``StateStore.take_lock`` got: the lease's new epoch, or else who holds it."""
 
@@ -331,6 +340,15 @@ class StateStore:
         with self._reading() as s:
             return list(s.scalars(select(CredentialState).order_by(CredentialState.name)))
 
+    def due_facts(self) -> dict[str, DueFacts]:
+        """What the due gate needs of every credential, cheaply (a scrape of ``/metrics`` asks
+        for all of them): name -> last rotation, first seen, next due time, failures."""
+        c = _CREDENTIALS.c
+        q = select(c.name, c.last_rotated_at, c.first_seen_at, c.next_due_at, c.failures)
+        with self._reader.connect() as conn:
+            return {name: DueFacts(last, first, nxt, failures or 0)
+                    for name, last, first, nxt, failures in conn.execute(q)}
+
     def update_credential(self, name: str, **fields: Any) -> None:
         with self._tx() as conn:
             conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == name)
@@ -550,14 +568,6 @@ class StateStore:
                 Revocation.credential == credential, Revocation.status == "pending",
                 Revocation.not_before > now).values(not_before=now))
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-    def credential_times(self) -> list[tuple[str, datetime | None, datetime | None]]:
-        """``(name, last_rotated_at, next_due_at)`` of every credential, cheaply (for
-        ``/metrics``, which reads them on every scrape)."""
-        c = _CREDENTIALS.c
-        with self._reader.connect() as conn:
-            rows = conn.execute(select(c.name, c.last_rotated_at, c.next_due_at)).all()
-        return [(name, last, nxt) for name, last, nxt in rows]
 
     def count_pending_revocations(self) -> int:
         with self._reading() as s:
