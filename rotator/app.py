@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from rotator.audit import AuditLog
-from rotator.config import Policies
+from rotator.config import Policies, load_policies
 from rotator.engine import Engine, utcnow
+from rotator.errors import ConfigError
 from rotator.generation import Generation
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
@@ -71,6 +74,35 @@ class App:
             old, self.notifier = self.notifier, self._notifier(policies, self.notifier)
             old.shutdown(EXIT_WAIT_SECONDS)  # delivers what it holds, in the background
         return self.engine.use(policies, runtime)
+
+    def reload_file(self, path: Path) -> Generation | None:
+        """Load the policy file at ``path`` again and make it the new generation, with the
+        store told of new credentials and due times; an invalid file keeps the running
+        policies (None). Either way the audit trail records the reload and the log says why."""
+        try:
+            policies = load_policies(path)
+        except ConfigError as exc:
+            log.error("policy reload rejected, keeping the running policies: %d problem(s)",
+                      len(exc.problems))
+            for problem in exc.problems:
+                log.error("  %s", problem)
+            self._audit_reload(path, {"outcome": "rejected", "problems": len(exc.problems)})
+            return None
+        if policies.settings.state_url != self.policies.settings.state_url:
+            log.warning("state_url changed in the policy file: restart rotator to use it")
+        generation = self.reload(policies)
+        log.debug("policy generation %d in use", generation.number)
+        self.engine.sync_credentials()
+        log.info("policies reloaded: %d credential(s)", len(policies.credentials))
+        self._audit_reload(path, {"outcome": "applied", "credentials": len(policies.credentials)})
+        return generation
+
+    def _audit_reload(self, path: Path, detail: dict[str, Any]) -> None:
+        # Problem texts stay in the log: they quote the policy file, which may hold anything.
+        try:
+            self.audit.record("reload", actor="daemon", detail={"config": str(path), **detail})
+        except Exception:
+            log.exception("could not write the policy reload to the audit trail")
 
     def close(self, notify_wait: float) -> None:
         """Give back leases, let queued notifications go out for up to ``notify_wait``

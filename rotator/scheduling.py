@@ -6,6 +6,9 @@ or another replica sees the same schedule. Each tick *claims* due credentials in
 locks with SKIP LOCKED plus leases), so any number of replicas on PostgreSQL share the work and
 each due rotation runs once; rotations whose worker died are taken over once their lease
 expires. Rotations run on a bounded worker pool of ``max_concurrent_rotations`` threads.
+
+What is not scheduling lives beside it: the App (``rotator.app``) holds the store, engine and
+policy generation and reloads the file; ``rotator.daemon_health`` answers the probes.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from rotator import systemd
 from rotator.app import App
-from rotator.config import Policies, load_policies
+from rotator.config import Policies
+from rotator.daemon_health import DaemonHealth
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
-from rotator.errors import ConfigError, PermanentError
+from rotator.errors import PermanentError
 from rotator.log import log_event
 from rotator.metrics import Metrics
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
-from rotator.probes import Check, ProbeResult, ReadinessProbe
 from rotator.runtime import Runtime
 from rotator.state.daemon_lock import DaemonLock
 from rotator.state.urls import safe_url
@@ -44,12 +47,7 @@ ORPHAN_WARNING_SECONDS = 3600.0
 MIN_WAKEUP_SECONDS = 0.25
 """Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
 at again this soon, not in a tight loop."""
-LIVE_AFTER_POLLS = 3
-LIVE_MIN_SECONDS = 60.0
-"""``/healthz`` fails when no tick started for this many poll intervals (and this long)."""
 TICK_COALESCE_SECONDS = 0.02
-SCHEMA_CHECK_SECONDS = 10.0
-CLOCK_WARN_SECONDS = 2.0
 
 
 class Daemon:
@@ -93,12 +91,10 @@ class Daemon:
         self._tick_wanted = threading.Event()
         self._tick_requested = threading.Event()
         self._orphans_warned = 0.0
-        self._last_tick = time.monotonic()
-        self._schema_checked = (0.0, True)
-        self._readiness = ReadinessProbe(self._ready_checks, describe=self.store.describe_error)
+        self.health = DaemonHealth(self.app, clock, self.stopping)
         self._store_down_since: float | None = None  # monotonic time the store was lost
-        self.metrics.live = self.liveness
-        self.metrics.ready = self.readiness
+        self.metrics.live = self.health.liveness
+        self.metrics.ready = self.health.readiness
 
     @property
     def policies(self) -> Policies:
@@ -124,7 +120,7 @@ class Daemon:
     def run(self) -> None:
         """Block until ``stop``; then wait for the steps in flight and return."""
         settings = self.policies.settings
-        self._check_clock(at_start=True)
+        self.health.check_clock(at_start=True)
         self.engine.sync_credentials()
         self.runtime.warm_up(self.policies.credentials)
         self.preflight()
@@ -149,7 +145,7 @@ class Daemon:
                                 seconds=RELOAD_CHECK_SECONDS, coalesce=True, max_instances=1)
         watchdog_seconds = systemd.watchdog_interval()
         if watchdog_seconds is not None:
-            self._scheduler.add_job(self._watchdog, "interval", id="watchdog",
+            self._scheduler.add_job(self.health.watchdog, "interval", id="watchdog",
                                     seconds=watchdog_seconds, next_run_time=datetime.now(UTC),
                                     coalesce=True, max_instances=1)
         self._scheduler.start()
@@ -184,7 +180,7 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
-        self._readiness.close()
+        self.health.close()
         # Gives back leases of work claimed but never started, then closes the plugins.
         self.app.close(EXIT_WAIT_SECONDS)
         if self._daemon_lock is not None:
@@ -198,82 +194,6 @@ class Daemon:
         systemd (``Type=notify``) hears READY=1 now."""
         log.info("rotator ready")
         systemd.ready(f"running: {len(self.policies.credentials)} credential(s)")
-
-    def _watchdog(self) -> None:
-        """systemd's watchdog follows /healthz: the pings stop once the scheduler stops
-        ticking, and systemd restarts the daemon."""
-        if self.liveness().ok:
-            systemd.watchdog()
-
-    def _heartbeat(self) -> None:
-        """Called at the start of every tick, so at least every ``poll_interval``: the
-        scheduler is alive. ``/healthz`` reads it, and systemd's watchdog through it."""
-        self._last_tick = time.monotonic()
-
-    def liveness(self) -> ProbeResult:
-        """``/healthz``: fails only when the scheduler has stopped ticking (a stuck daemon,
-        which a restart fixes), never because a dependency is down."""
-        age = time.monotonic() - self._last_tick
-        limit = max(LIVE_AFTER_POLLS * self.policies.settings.poll_interval.total_seconds(),
-                    LIVE_MIN_SECONDS)
-        if age > limit:
-            return ProbeResult(False, {"scheduler": f"no tick for {age:.0f}s (limit "
-                                                    f"{limit:.0f}s): the daemon is stuck"})
-        return ProbeResult(True, {"scheduler": "ok"})
-
-    def readiness(self) -> ProbeResult:
-        """``/readyz``: the state store (reachable, schema at this release's head, clock in
-        step with it) and every vault answer; 503 naming what is not ready otherwise."""
-        if self.stopping.is_set():
-            return ProbeResult(False, {"daemon": "stopping"})
-        return self._readiness()
-
-    def _ready_checks(self) -> dict[str, Check]:
-        runtime = self.runtime
-        checks: dict[str, Check] = {"state_store": self._check_store}
-        for name in sorted(self.policies.vaults):
-            checks[f"vaults.{name}"] = lambda name=name: runtime.vault(name).health()
-        return checks
-
-    def _check_store(self) -> None:
-        self.store.require_head()
-        self._check_clock()
-
-    def _check_clock(self, *, at_start: bool = False) -> None:
-        """Leases expire by the workers' clocks: refuse a replica whose clock is off the
-        PostgreSQL server's by more than a quarter of ``lock_ttl`` (SQLite shares this host's
-        clock: nothing to compare)."""
-        before = self.clock()
-        server = self.store.database_time()
-        if server is None:
-            return
-        skew = (server - (before + (self.clock() - before) / 2)).total_seconds()
-        ttl = self.policies.settings.lock_ttl.total_seconds()
-        if abs(skew) > ttl / 4:
-            raise PermanentError(
-                f"this host's clock is {skew:+.1f}s off the state database server's; replicas "
-                f"must agree within {ttl / 4:.0f}s (a quarter of lock_ttl) for leases to keep "
-                "them apart: synchronise the clocks (NTP)")
-        if at_start and abs(skew) > CLOCK_WARN_SECONDS:
-            log.warning("this host's clock is %+.1fs off the state database server's; keep "
-                        "replicas' clocks synchronised (NTP)", skew)
-
-    def _schema_ok(self) -> bool:
-        """Whether the schema is still this release's (another release's ``rotator db upgrade``
-        may have run since start); checked every few seconds, and no new work starts until it
-        matches again."""
-        checked_at, ok = self._schema_checked
-        if time.monotonic() - checked_at < SCHEMA_CHECK_SECONDS:
-            return ok
-        try:
-            self.store.require_head()
-            ok = True
-        except PermanentError as exc:
-            if self._schema_checked[1]:
-                log.error("starting no new work: %s", exc)
-            ok = False
-        self._schema_checked = (time.monotonic(), ok)
-        return ok
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -296,8 +216,8 @@ class Daemon:
 
     def _tick_once(self) -> None:
         try:
-            self._heartbeat()
-            if not self._schema_ok():
+            self.health.heartbeat()
+            if not self.health.schema_ok():
                 return
             if len(self._busy()) >= self.policies.settings.max_concurrent_rotations:
                 return  # nothing could start; the next worker to finish asks for a tick
@@ -439,31 +359,10 @@ class Daemon:
 
     def reload(self) -> bool:
         """Load the policy file again; an invalid file keeps the running policies."""
-        try:
-            policies = load_policies(self.config_path)
-        except ConfigError as exc:
-            log.error("policy reload rejected, keeping the running policies: %d problem(s)",
-                      len(exc.problems))
-            for problem in exc.problems:
-                log.error("  %s", problem)
-            self._audit_reload({"outcome": "rejected", "problems": len(exc.problems)})
+        generation = self.app.reload_file(self.config_path)
+        if generation is None:
             return False
-        if policies.settings.state_url != self.policies.settings.state_url:
-            log.warning("state_url changed in the policy file: restart rotator to use it")
-        generation = self.app.reload(policies)
-        log.debug("policy generation %d in use", generation.number)
-        self.engine.sync_credentials()
-        self.metrics.prime(policies)
-        log.info("policies reloaded: %d credential(s)", len(policies.credentials))
-        self._audit_reload({"outcome": "applied", "credentials": len(policies.credentials)})
+        self.metrics.prime(generation.policies)
         self._warn_orphans(force=True)
         self.tick()
         return True
-
-    def _audit_reload(self, detail: dict[str, Any]) -> None:
-        # Problem texts stay in the log: they quote the policy file, which may hold anything.
-        try:
-            self.audit.record("reload", actor="daemon",
-                              detail={"config": str(self.config_path), **detail})
-        except Exception:
-            log.exception("could not write the policy reload to the audit trail")
