@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import json
 import os
 import re
 import tomllib
@@ -197,6 +198,22 @@ def _url(value: str | None, what: str) -> None:
         raise ValueError(f"{what} must be an http:// or https:// URL")
 
 
+def _argv_from_string(value: Any) -> Any:
+    """``run = "systemctl reload a"`` is a shell string; rotator runs no shell (a key id or
+    name could never be interpolated into one safely), so say exactly what to write instead."""
+    if isinstance(value, str):
+        import shlex
+
+        try:
+            words = shlex.split(value)
+        except ValueError:
+            words = value.split()
+        listed = "[" + ", ".join(json.dumps(w) for w in words) + "]"
+        raise ValueError(f"run is a command as a list of arguments, run without a shell: "
+                         f"write run = {listed}")
+    return value
+
+
 def _argv(value: list[str] | None, what: str) -> None:
     if value is not None and (not value or not value[0]):
         raise ValueError(f'{what} is a command as a list, like ["systemctl", "reload", "agent"]')
@@ -220,6 +237,7 @@ class HealthCheck(_Model):
     run: list[str] | None = None
     timeout: Duration = timedelta(seconds=10)
     attempts: int = Field(default=5, ge=1, le=1000)
+    _run_list = field_validator("run", mode="before")(_argv_from_string)
     delay: Duration = timedelta(seconds=2)
     """Pause between attempts."""
 
@@ -248,6 +266,7 @@ class Hook(_Model):
     run: list[str] | None = None
     url: str | None = None
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    _run_list = field_validator("run", mode="before")(_argv_from_string)
     timeout: Duration = timedelta(seconds=30)
 
     @model_validator(mode="after")
@@ -1021,6 +1040,18 @@ class _Checker:
                 out[name] = ProviderConfig(name=name, type=body["type"], settings=settings)
         return out, classes
 
+    def _secrets_rotator_reads(self) -> dict[tuple[str, str, str], KeyPath]:
+        """(vault, path, field) of every secret reference in the vaults, providers and notify
+        sections: rotator's own credentials, which no agent may be given."""
+        own: dict[tuple[str, str, str], KeyPath] = {}
+        for section in ("vaults", "providers", "notify"):
+            for name, body in self._table(section).items():
+                for path, ref in _refs_in(body, (section, name)):
+                    key = (ref.get("vault"), ref.get("path"), ref.get("field"))
+                    if all(isinstance(k, str) for k in key):
+                        own.setdefault(typing.cast(tuple[str, str, str], key), path)
+        return own
+
     def _secret_refs(self, vault_names: list[str]) -> None:
         """Secret references in plugin settings are well formed and name a defined vault.
 
@@ -1062,6 +1093,7 @@ class _Checker:
         out: list[CredentialConfig] = []
         names: dict[str, int] = {}
         targets: dict[tuple[str, str, str], int] = {}
+        own = self._secrets_rotator_reads()
         for i, raw in enumerate(raw_list):
             path: KeyPath = ("credentials", i)
             if not isinstance(raw, dict):
@@ -1101,6 +1133,11 @@ class _Checker:
                              f"[{targets[key]}]) already rotates this vault path and field")
                 else:
                     targets[key] = i
+                if key in own:
+                    self.add((*path, "path"), (
+                        f"this vault path and field hold {format_key(own[key])}, a secret "
+                        "rotator itself reads: the agent would be handed it and the first "
+                        "rotation would overwrite it; give the credential its own path"))
 
             manual = data.get("manual_only") is True
             if cls is not None and not cls.capabilities.create and not manual:
