@@ -950,6 +950,11 @@ class _Checker:
 
     def _settings(self) -> RotatorSettings:
         raw = self._table("rotator")
+        if isinstance(raw.get("state_url"), dict):
+            url = self._state_url_from(raw["state_url"])
+            raw = {k: v for k, v in raw.items() if k != "state_url"}
+            if url is not None:  # else a problem is said already
+                raw["state_url"] = url
         settings = self.validate(RotatorSettings, raw, ("rotator",))
         if settings is None:
             # Keep checking the credentials with whatever defaults did validate.
@@ -958,6 +963,29 @@ class _Checker:
                     and self.validate_quietly(RotatorSettings, {k: v})}
             settings = RotatorSettings.model_validate(good)
         return settings
+
+    def _state_url_from(self, value: dict[str, Any]) -> Any:
+        """``state_url = { env = ... }`` or ``{ file = ... }``: the whole URL, password
+        included, kept out of the policy file. Not from a vault: the state store opens first."""
+        where = ("rotator", "state_url")
+        ref = self.validate(SecretRef, value, where)
+        if ref is None:
+            return None
+        if ref.env is not None:
+            url = os.environ.get(ref.env)
+            if not url:
+                self.add(where, f"environment variable {ref.env} is not set: it should hold "
+                                "the state database URL")
+            return url
+        if ref.file is not None:
+            try:
+                return Path(ref.file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.add(where, f"cannot read {ref.file}: {exc.strerror}")
+                return None
+        self.add(where, "state_url cannot come from a vault (rotator opens its state store "
+                        'first): use { env = "ROTATOR_STATE_URL" } or { file = ... }')
+        return None
 
     @staticmethod
     def validate_quietly(model: type[BaseModel], data: Any) -> bool:
@@ -1258,6 +1286,12 @@ def _under(path: KeyPath, prefixes: Sequence[KeyPath]) -> bool:
     return any(path[:len(p)] == p for p in prefixes)
 
 
+STATE_URL_PASSWORD = (
+    "a password never goes in the policy file: leave it out of state_url and set PGPASSWORD "
+    "(or a ~/.pgpass file), or give the whole URL as state_url = { env = \"ROTATOR_STATE_URL\" }"
+    " or { file = ... }")
+
+
 # -- entry points ----------------------------------------------------------------------------
 
 CONFIG_ENV = "ROTATOR_CONFIG"
@@ -1387,7 +1421,8 @@ def _parse(text: str, source: Path) -> Policies:
         # Whatever else was said about a secret's key may quote it: only this problem stays.
         checker.problems = [(p, m) for p, m in checker.problems if not _under(p, secret_paths)]
         for path, _value in secrets:
-            checker.add(path, SECRETS_NEVER_HERE)
+            checker.add(path, STATE_URL_PASSWORD if path == ("rotator", "state_url")
+                        else SECRETS_NEVER_HERE)
         policies = None
     if policies is None:
         raise ConfigError(checker.report(scrub=[*(value for _path, value in secrets),

@@ -672,3 +672,30 @@ def test_other_state_urls_are_left_alone(tmp_path: Path, url: str) -> None:
     policies = load_policies(path)
     assert isinstance(policies, Policies)
     assert policies.settings.state_url == url
+
+
+# -- state_url with a password ---------------------------------------------------------------
+
+
+def test_a_password_in_state_url_gets_hints_that_work(tmp_path: Path, monkeypatch) -> None:
+    """The hint for a password in state_url must name forms state_url accepts (issue 12:
+    it suggested { env = ... }, which state_url then refused as not a string)."""
+    url = "postgresql+psycopg://rotator:hunter2@db.internal/rotator"
+    text = '[rotator]\nstate_url = "URL"\n' + BASE + credential("a/openai")
+    [problem] = problems_of(text.replace("URL", url))
+    assert problem.key == "rotator.state_url" and "PGPASSWORD" in problem.message
+    assert "hunter2" not in str(problem)
+    # Each form the hint names is accepted.
+    monkeypatch.setenv("ROTATOR_STATE_URL", url)
+    by_env = text.replace('"URL"', '{ env = "ROTATOR_STATE_URL" }')
+    assert parse_policies(by_env).settings.state_url == url
+    secret_file = tmp_path / "state-url"
+    secret_file.write_text(url + "\n")
+    by_file = text.replace('"URL"', f'{{ file = "{secret_file}" }}')
+    assert parse_policies(by_file).settings.state_url == url
+    # ...and said plainly when it cannot be used.
+    monkeypatch.delenv("ROTATOR_STATE_URL")
+    [problem] = problems_of(by_env)
+    assert "ROTATOR_STATE_URL is not set" in problem.message
+    [problem] = problems_of(text.replace('"URL"', '{ vault = "main", path = "a", field = "b" }'))
+    assert "cannot come from a vault" in problem.message
