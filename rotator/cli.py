@@ -30,9 +30,33 @@ _FAST_EXIT = False
 """Set by one-shot commands (status, plan, history, check, rotate-now, audit) whose resources
 are all closed when they return: they may skip the interpreter's teardown."""
 
-config_option = click.option(
-    "-c", "--config", "config_path", metavar="PATH", default=None,
-    help="Policy file (default ./rotation-policies.toml, or $ROTATOR_CONFIG).")
+CONFIG_HELP = "Policy file (default ./rotation-policies.toml, or $ROTATOR_CONFIG)."
+
+
+def _config_or_global(ctx: click.Context, _param: click.Parameter, value: str | None
+                      ) -> str | None:
+    """``-c`` after the subcommand, else the one given before it (``rotator -c F check``)."""
+    return value if value is not None else ctx.find_root().params.get("config_path")
+
+
+def _verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        from rotator.log import setup_logging
+
+        setup_logging(logging.DEBUG)
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=False,
+                              callback=_verbose, help="Log debug details to stderr.")
+
+
+def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-c/--config`` and ``-v/--verbose``, accepted after the subcommand as before it."""
+    fn = click.option("-c", "--config", "config_path", metavar="PATH", default=None,
+                      callback=_config_or_global, help=CONFIG_HELP)(fn)
+    return verbose_option(fn)
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Machine-readable output (documented, stable).")
 
@@ -40,10 +64,15 @@ json_option = click.option("--json", "as_json", is_flag=True,
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
+    class _QuietOnClosedPipe(Console):
+        def on_broken_pipe(self) -> None:  # rich's own exits 1: "a rotation failed" here
+            self.quiet = True
+            sys.exit(_closed_pipe())
+
     stream = sys.stderr if stderr else sys.stdout
     # A pipe or a log file gets the whole table rather than 80 columns of ellipses.
     width = None if stream.isatty() else 250
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    return _QuietOnClosedPipe(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -116,10 +145,23 @@ def _when(iso: str | None) -> str:
     return iso.replace("T", " ")[:16] + " UTC" if iso else "-"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Rotator(click.Group):
+    """The ``rotator`` group: a reader that goes away (``rotator audit export | head``) ends
+    the command quietly with exit 0, as with cat, not with click's exit 1 (which here means a
+    rotation failed)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            sys.exit(_closed_pipe())
+
+
+@click.group(cls=_Rotator, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rotator")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
-def main(verbose: bool) -> None:
+@click.option("-c", "--config", "config_path", metavar="PATH", default=None, help=CONFIG_HELP)
+def main(verbose: bool, config_path: str | None) -> None:
     """rotator: rotates the API keys an AI-agent fleet depends on, with no outage."""
     from rotator.log import setup_logging
 
@@ -159,12 +201,28 @@ def run(config_path: str | None) -> None:
 
 @main.command()
 @config_option
+@json_option
 @click.option("--online", is_flag=True,
               help="Also reach every vault and provider and check rotator's own access.")
-def check(config_path: str | None, online: bool) -> None:
+@click.option("--strict", is_flag=True,
+              help="Questionable settings (grace not shorter than interval, ...) are errors.")
+def check(config_path: str | None, online: bool, strict: bool, as_json: bool) -> None:
     """Validate the policy file (exit 0), or print each problem with its place (exit 2)."""
     _one_shot()
-    policies = _load(config_path)
+    from rotator.config import Problem, load_policies, resolve_config_path
+    from rotator.errors import ConfigError
+
+    source = resolve_config_path(config_path)
+    try:
+        policies = load_policies(source)
+    except ConfigError as exc:
+        _check_report(str(source), [str(p) for p in exc.problems], [], [], as_json)
+    from rotator.policy_lint import policy_warnings
+
+    # (place, message): printed "place: warning: message", or as a problem with --strict.
+    warnings = [(str(Problem(w.file, w.line, w.key, "")).removesuffix(": "), w.message)
+                for w in policy_warnings(policies)]
+    problems: list[str] = []
     if online:
         from rotator.runtime import Runtime
         from rotator.service import find_leftovers, online_check, reading_store
@@ -172,20 +230,41 @@ def check(config_path: str | None, online: bool) -> None:
         runtime = Runtime(policies)
         try:
             failed: set[str] = set()  # reported with their reason already
-            problems = online_check(policies, runtime, failed)
+            problems = [f"{policies.source}: {p}" for p in online_check(policies, runtime,
+                                                                        failed)]
             with reading_store(policies) as store:
                 report = find_leftovers(policies, runtime, store, skip=failed)
         finally:
             runtime.close()
-        for line in [o.describe() for o in report.leftovers] + report.unchecked(failed):
-            click.echo(f"{policies.source}: warning: {line}", err=True)
-        if problems:
-            for problem in problems:
-                click.echo(f"{policies.source}: {problem}", err=True)
-            sys.exit(EXIT_USAGE)
-    click.echo(f"{policies.source}: OK: {len(policies.credentials)} credential(s), "
-               f"{len(policies.providers)} provider(s), {len(policies.vaults)} vault(s)"
-               + (", all reachable" if online else ""))
+        warnings += [(str(policies.source), line) for line in
+                     [o.describe() for o in report.leftovers] + report.unchecked(failed)]
+    if strict:
+        problems += [f"{place}: {message}" for place, message in warnings]
+        warnings = []
+    summary = (f"{len(policies.credentials)} credential(s), {len(policies.providers)} "
+               f"provider(s), {len(policies.vaults)} vault(s)"
+               + (", all reachable" if online and not problems else ""))
+    _check_report(str(policies.source), problems, warnings, [summary], as_json)
+
+
+def _check_report(source: str, problems: list[str], warnings: list[tuple[str, str]],
+                  summary: list[str], as_json: bool) -> NoReturn:
+    """``check``'s verdict: exit 0 with the summary, or 2 with every problem."""
+    shown = [f"{place}: warning: {message}" for place, message in warnings]
+    if as_json:
+        _print_json({"file": source, "ok": not problems, "problems": problems,
+                     "warnings": shown, "summary": summary[0] if summary else None})
+        sys.exit(EXIT_USAGE if problems else 0)
+    for line in shown:
+        click.echo(line, err=True)
+    for line in problems:
+        click.echo(line, err=True)
+    if problems:
+        click.echo(f"rotator: {len(problems)} problem(s) in {source}: fix them and run "
+                   "`rotator check` again", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"{source}: OK: {summary[0]}")
+    sys.exit(0)
 
 
 @main.command()
@@ -497,6 +576,8 @@ def audit_export(config_path: str | None, since: str | None, credential: str | N
             with click.open_file(output, "w", encoding="utf-8") as out:
                 for event in AuditLog(store).export(start, credential):
                     out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             _fail(f"-o {output}: {exc.strerror or exc}")
         finally:
@@ -589,6 +670,7 @@ def db_current(config_path: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@verbose_option
 @click.option("--duration", default=None, metavar="DURATION",
               help="Stop by itself after this long (default: run until Ctrl-C).")
 @click.option("--workdir", default=None, metavar="DIR",
@@ -607,6 +689,14 @@ def demo(duration: str | None, workdir: str | None) -> None:
     _guard(lambda: run_demo(duration=limit, workdir=Path(workdir) if workdir else None))
 
 
+def _closed_pipe() -> int:
+    """The reader went away (``rotator audit export | head``): stop quietly, as cat does.
+    Python would still complain flushing stdout at exit, so point it at /dev/null first."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def console_main() -> None:
     """The ``rotator`` console script: run the command, then leave without the interpreter's
     module teardown, which costs half a second with the SDKs loaded. By then every command
@@ -615,6 +705,8 @@ def console_main() -> None:
         main()
     except SystemExit as exc:
         code = exc.code
+    except BrokenPipeError:
+        code = _closed_pipe()
     else:
         code = 0
     if isinstance(code, str):

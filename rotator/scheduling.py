@@ -257,8 +257,11 @@ class Daemon:
     def preflight(self) -> None:
         """Log, loudly, every vault and provider the daemon cannot use right now. It keeps
         running (a vault may come up later) but an operator reading the log knows why."""
+        from rotator.policy_lint import policy_warnings
         from rotator.service import online_check
 
+        for warning in policy_warnings(self.policies):
+            log.warning("questionable policy (rotator check --strict refuses it): %s", warning)
         for problem in online_check(self.policies, self.runtime):
             log.error("cannot work with %s; rotations needing it will fail until this is "
                       "fixed", problem)

@@ -1,0 +1,113 @@
+"""The command line as an operator types it at night (issue 12): options on either side of the
+subcommand, check as a script would call it, warnings for policies nobody means, a quiet exit
+into a closed pipe. Each test reproduces what was seen before the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.support import ROTATOR, make_fleet
+
+POLICY = """\
+[rotator]
+state_url = "sqlite:///state.db"
+
+[vaults.main]
+type = "vault"
+url = "http://127.0.0.1:8200"
+token_env = "VAULT_TOKEN"
+
+[providers.openai-prod]
+type = "openai"
+project_id = "proj_1"
+admin_key = { env = "OPENAI_ADMIN_KEY" }
+
+[[credentials]]
+name = "writer/openai"
+agent = "writer"
+provider = "openai-prod"
+vault = "main"
+path = "agents/writer"
+field = "OPENAI_API_KEY"
+EXTRA
+params = { service_account_id = "svc_1" }
+"""
+
+
+def _policy(tmp_path: Path, extra: str = 'interval = "30d"') -> Path:
+    path = tmp_path / "policies.toml"
+    path.write_text(POLICY.replace("EXTRA", extra))
+    return path
+
+
+def _rotator(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ROTATOR, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_config_and_verbose_are_accepted_before_and_after_the_subcommand(tmp_path):
+    policy = _policy(tmp_path)
+    for args in (["-c", str(policy), "check"], ["check", "-c", str(policy)],
+                 ["check", "-v", "-c", str(policy)], ["-v", "check", "-c", str(policy)],
+                 ["-c", str(policy), "check", "-v"]):
+        result = _rotator(*args, cwd=tmp_path)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "OK: 1 credential(s)" in result.stdout, args
+    # After the subcommand wins over before it.
+    other = tmp_path / "missing.toml"
+    result = _rotator("-c", str(policy), "check", "-c", str(other), cwd=tmp_path)
+    assert result.returncode == 2 and "missing.toml" in result.stderr
+
+
+def test_check_json_for_scripts_and_its_errors_say_what_to_do(tmp_path):
+    policy = _policy(tmp_path)
+    good = _rotator("check", "-c", str(policy), "--json", cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    doc = json.loads(good.stdout)
+    assert doc["ok"] is True and doc["problems"] == [] and doc["warnings"] == []
+    assert doc["summary"].startswith("1 credential(s)")
+    policy.write_text(policy.read_text().replace('agent = "writer"', 'agent = 7'))
+    bad = _rotator("check", "-c", str(policy), "--json", cwd=tmp_path)
+    assert bad.returncode == 2
+    doc = json.loads(bad.stdout)
+    assert doc["ok"] is False and len(doc["problems"]) == 1
+    assert "credentials[0].agent" in doc["problems"][0]
+    human = _rotator("check", "-c", str(policy), cwd=tmp_path)
+    assert human.returncode == 2
+    assert "nothing was changed" not in human.stderr
+    assert "fix them and run `rotator check` again" in human.stderr
+
+
+def test_questionable_policies_warn_and_strict_refuses_them(tmp_path):
+    policy = _policy(tmp_path, 'interval = "1h"\ngrace = "2h"')
+    lenient = _rotator("check", "-c", str(policy), cwd=tmp_path)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "credentials[0].grace: warning: grace 2h is not shorter than interval 1h" \
+        in lenient.stderr
+    strict = _rotator("check", "-c", str(policy), "--strict", "--json", cwd=tmp_path)
+    assert strict.returncode == 2
+    assert any("not shorter than interval" in p for p in json.loads(strict.stdout)["problems"])
+    short = _policy(tmp_path, 'interval = "10m"\ngrace = "0s"')
+    warned = _rotator("check", "-c", str(short), cwd=tmp_path)
+    assert warned.returncode == 0 and "interval 10m is under 1h" in warned.stderr
+    # Weeks are a unit (documented in the README).
+    weekly = _policy(tmp_path, 'interval = "2w"')
+    assert _rotator("check", "-c", str(weekly), cwd=tmp_path).stderr == ""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "`2w`" in readme
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path, openbao, fake_openai):
+    """`rotator audit export | head` used to end with `rotator: -o -: Broken pipe`."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    assert fleet.cli("rotate-now", "--all", "--yes").returncode == 0
+    for command in ("audit export", "status", "history --json"):
+        # `true` exits at once: every write rotator makes goes to a pipe nobody reads.
+        result = subprocess.run(
+            f"{' '.join(ROTATOR)} {command} | true; echo \"rc=${{PIPESTATUS[0]}}\"",
+            shell=True, executable="/bin/bash", capture_output=True, text=True,
+            env=fleet.env(), cwd=tmp_path, timeout=60)
+        assert result.stderr == "", (command, result.stderr)
+        assert result.stdout.strip() == "rc=0", (command, result.stdout)
