@@ -61,6 +61,24 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Machine-readable output (documented, stable).")
 
 
+def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``[NAME]... [--agent A] [--provider P]``: only those credentials (default: all)."""
+    fn = click.option("--provider", help="Only the credentials of this provider.")(fn)
+    fn = click.option("--agent", help="Only the credentials this agent consumes.")(fn)
+    return click.argument("names", nargs=-1)(fn)
+
+
+def _select(policies: Policies, names: tuple[str, ...], agent: str | None,
+            provider: str | None, **kw: Any) -> set[str]:
+    """The names of the credentials the filters pick; a typo exits 2 saying what was meant."""
+    from rotator.selection import SelectionError, select_credentials
+
+    try:
+        return {c.name for c in select_credentials(policies, names, agent, provider, **kw)}
+    except SelectionError as exc:
+        _fail(str(exc))
+
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -270,16 +288,19 @@ def _check_report(source: str, problems: list[str], warnings: list[tuple[str, st
 @main.command()
 @config_option
 @json_option
-def status(config_path: str | None, as_json: bool) -> None:
+@filter_options
+def status(config_path: str | None, as_json: bool, names: tuple[str, ...], agent: str | None,
+           provider: str | None) -> None:
     """One row per credential: agent, provider, key age, last rotation, next due, step."""
     _one_shot()
     policies = _load(config_path)
+    chosen = _select(policies, names, agent, provider)
 
     def body() -> int:
         from rotator.service import find_leftovers, leftovers_by_row, open_context, status_rows
 
         with open_context(policies, create=False) as ctx:
-            rows = status_rows(ctx, _now())
+            rows = [r for r in status_rows(ctx, _now()) if r["credential"] in chosen]
             report = find_leftovers(ctx.policies, ctx.runtime, ctx.store)
         # The JSON stays a list of rows (scripts index it): each row gains staged_leftovers;
         # what belongs to no row, and the vaults that could not be listed, go to stderr.
@@ -318,7 +339,9 @@ def status(config_path: str | None, as_json: bool) -> None:
               help="How far ahead to look.")
 @click.option("--all", "everything", is_flag=True,
               help="Every credential, with why it is or is not due (manual-only ones too).")
-def plan(config_path: str | None, as_json: bool, within: str, everything: bool) -> None:
+@filter_options
+def plan(config_path: str | None, as_json: bool, within: str, everything: bool,
+         names: tuple[str, ...], agent: str | None, provider: str | None) -> None:
     """What will rotate when, and why (the due gate's reason code)."""
     _one_shot()
     from rotator.durations import parse_duration
@@ -328,12 +351,14 @@ def plan(config_path: str | None, as_json: bool, within: str, everything: bool) 
     except ValueError as exc:
         _fail(f"--within: {exc}")
     policies = _load(config_path)
+    chosen = _select(policies, names, agent, provider)
 
     def body() -> int:
         from rotator.service import open_context, plan_rows
 
         with open_context(policies, create=False) as ctx:
-            rows = plan_rows(ctx, _now(), horizon, everything)
+            rows = [r for r in plan_rows(ctx, _now(), horizon, everything)
+                    if r["credential"] in chosen]
         if as_json:
             _print_json(rows)
             return 0
@@ -382,16 +407,8 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
         _fail("--revoke-immediately and --revoke-first exclude each other")
     mode = "first" if revoke_first else "immediately" if revoke_immediately else "grace"
     policies = _load(config_path)
-    from rotator.service import select_credentials
-
-    try:
-        creds = select_credentials(policies, names, agent, provider, all_)
-    except KeyError as exc:
-        _fail(f"no credential named {exc.args[0]} in {policies.source}; "
-              "`rotator status` lists them")
-    if not creds:
-        what = f"agent {agent!r}" if agent else f"provider {provider!r}"
-        _fail(f"no credential in {policies.source} matches {what}")
+    chosen = _select(policies, names, agent, provider, all_=all_)
+    creds = [c for c in policies.credentials if c.name in chosen]
     err = _console(stderr=True)
     mode_text = {"grace": "old keys revoked after their grace period",
                  "immediately": "old keys revoked as soon as the new ones are live",
@@ -460,22 +477,26 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
 @main.command()
 @config_option
 @json_option
-@click.argument("name", required=False)
+@filter_options
 @click.option("--limit", default=50, show_default=True, help="How many rotations to show.")
-def history(config_path: str | None, as_json: bool, name: str | None, limit: int) -> None:
-    """Past rotations with their steps, durations, outcomes and reasons."""
+def history(config_path: str | None, as_json: bool, names: tuple[str, ...], agent: str | None,
+            provider: str | None, limit: int) -> None:
+    """Past rotations with their steps, durations, outcomes and reasons (newest first)."""
     _one_shot()
     policies = _load(config_path)
+    _select(policies, (), agent, provider)  # names are checked against the store too, below
 
     def body() -> int:
         from rotator.service import history_rows, open_context
 
-        known = {c.name for c in policies.credentials}
         with open_context(policies, create=False) as ctx:
-            rows = history_rows(ctx, name, limit)
-        if name is not None and not rows and name not in known:
-            _fail(f"no credential named {name!r} in {policies.source} and no rotation of it "
-                  "in the state store; `rotator status` lists the credentials")
+            # A credential since removed from the file still has its history.
+            gone = [n for n in names if ctx.store.rotations(n, limit=1)]
+            chosen = _select(policies, names, agent, provider, allow_unknown=gone)
+            if not names and not agent and not provider:
+                rows = history_rows(ctx, None, limit)
+            else:
+                rows = history_rows(ctx, sorted(chosen | set(gone)), limit)
         if as_json:
             _print_json(rows)
             return 0

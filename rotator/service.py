@@ -40,7 +40,6 @@ __all__ = [
     "plan_rows",
     "reading_store",
     "rotate_now",
-    "select_credentials",
     "status_rows",
 ]
 
@@ -149,10 +148,17 @@ def plan_rows(ctx: Context, now: datetime, within: timedelta,
     return rows
 
 
-def history_rows(ctx: Context, credential: str | None, limit: int = 50
+def history_rows(ctx: Context, credentials: Collection[str] | None, limit: int = 50
                  ) -> list[dict[str, Any]]:
+    """The last ``limit`` rotations, newest first: of every credential (None) or of these."""
+    if credentials is None:
+        rotations = ctx.store.rotations(None, limit=limit)
+    else:
+        rotations = sorted((r for name in credentials
+                            for r in ctx.store.rotations(name, limit=limit)),
+                           key=lambda r: r.started_at, reverse=True)[:limit]
     rows = []
-    for rot in ctx.store.rotations(credential, limit=limit):
+    for rot in rotations:
         steps = [{
             "step": s.step, "status": s.status, "started_at": _iso(s.started_at),
             "finished_at": _iso(s.finished_at),
@@ -173,20 +179,6 @@ def history_rows(ctx: Context, credential: str | None, limit: int = 50
             "steps": steps,
         })
     return rows
-
-
-def select_credentials(policies: Policies, names: tuple[str, ...], agent: str | None,
-                       provider: str | None, all_: bool) -> list[CredentialConfig]:
-    """Resolve rotate-now's selection; unknown names raise ``KeyError`` naming them."""
-    chosen: list[CredentialConfig] = []
-    unknown = [n for n in names if n not in {c.name for c in policies.credentials}]
-    if unknown:
-        raise KeyError(", ".join(unknown))
-    for cred in policies.credentials:
-        if (all_ or cred.name in names or (agent is not None and cred.agent == agent)
-                or (provider is not None and cred.provider == provider)):
-            chosen.append(cred)
-    return chosen
 
 
 def rotate_now(ctx: Context, credentials: list[CredentialConfig], *, revoke_mode: str,

@@ -111,3 +111,42 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path, openbao, fake_openai):
             env=fleet.env(), cwd=tmp_path, timeout=60)
         assert result.stderr == "", (command, result.stderr)
         assert result.stdout.strip() == "rc=0", (command, result.stdout)
+
+
+def test_typed_names_get_did_you_mean_and_the_right_option(tmp_path):
+    policy = _policy(tmp_path)
+
+    def refused(*args: str) -> str:
+        result = _rotator("rotate-now", "-c", str(policy), "--dry-run", *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stdout)
+        return result.stderr
+
+    assert 'no agent "writter" (did you mean "writer"?)' in refused("--agent", "writter")
+    assert '"writer" is an agent, not a credential: use --agent writer' in refused("writer")
+    assert '(did you mean "writer/openai"?)' in refused("writer/opena")
+    assert "use --provider openai-prod" in refused("openai-prod")
+    assert 'no provider "openai" with credentials (did you mean "openai-prod"?)' \
+        in refused("--provider", "openai")
+    for command in ("status", "plan", "history"):
+        result = _rotator(command, "-c", str(policy), "--agent", "writter", cwd=tmp_path)
+        assert result.returncode == 2 and 'did you mean "writer"?' in result.stderr, command
+
+
+def test_status_plan_and_history_take_names_agents_and_providers(tmp_path, openbao,
+                                                                 fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=3)
+    assert fleet.cli("rotate-now", "--all", "--yes").returncode == 0
+    assert fleet.cli("rotate-now", "agent-1/openai", "--yes").returncode == 0
+    for command in ("status", "plan --all", "history"):
+        args = command.split()
+        one = json.loads(fleet.cli(*args, "agent-1/openai", "--json").stdout)
+        assert {r["credential"] for r in one} == {"agent-1/openai"}, command
+        two = json.loads(fleet.cli(*args, "--agent", "agent-2", "--json").stdout)
+        assert {r["credential"] for r in two} == {"agent-2/openai"}, command
+        every = json.loads(fleet.cli(*args, "--provider", "openai-test", "--json").stdout)
+        assert {r["credential"] for r in every} == {c["name"] for c in fleet.credentials}
+    history = json.loads(fleet.cli("history", "agent-1/openai", "agent-0/openai",
+                                   "--json").stdout)
+    assert [r["credential"] for r in history] == \
+        ["agent-1/openai", "agent-1/openai", "agent-0/openai"][:len(history)]
+    assert len(history) == 3 and history[0]["started_at"] >= history[1]["started_at"]
