@@ -79,7 +79,17 @@ def _select(policies: Policies, names: tuple[str, ...], agent: str | None,
         _fail(str(exc))
 
 
-def _console(stderr: bool = False) -> Any:
+def _print_table(table: Any) -> None:
+    """A table at its full width, like kubectl: ids and names are what an operator copies into
+    the next command, so none is ever cut; a narrow terminal wraps the lines instead."""
+    console = _console()
+    needed = _console(width=100_000).measure(table).maximum  # measured unbounded
+    if needed > console.width:
+        console = _console(width=needed)
+    console.print(table)
+
+
+def _console(stderr: bool = False, width: int | None = None) -> Any:
     from rich.console import Console
 
     class _QuietOnClosedPipe(Console):
@@ -89,7 +99,8 @@ def _console(stderr: bool = False) -> Any:
 
     stream = sys.stderr if stderr else sys.stdout
     # A pipe or a log file gets the whole table rather than 80 columns of ellipses.
-    width = None if stream.isatty() else 250
+    if width is None and not stream.isatty():
+        width = 250
     return _QuietOnClosedPipe(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
@@ -325,7 +336,7 @@ def status(config_path: str | None, as_json: bool, names: tuple[str, ...], agent
                           _when(r["next_due_at"]) + (f" ({r['due_reason']})"
                                                      if r["due_reason"] else ""),
                           " on ".join(filter(None, (r["rotating_step"], r["rotating_on"]))))
-        _console().print(table)
+        _print_table(table)
         _warn(report.warnings())
         return 0
 
@@ -375,7 +386,7 @@ def plan(config_path: str | None, as_json: bool, within: str, everything: bool,
                 due += " [red](overdue: rotates now)[/]"
             table.add_row(due, _esc(r["credential"]), _esc(r["agent"]), _esc(r["provider"]),
                           _esc(r["reason"]), _esc(r["message"]))
-        _console().print(table)
+        _print_table(table)
         return 0
 
     _guard(body)
@@ -513,7 +524,7 @@ def history(config_path: str | None, as_json: bool, names: tuple[str, ...], agen
             table.add_row(_when(r["started_at"]), _esc(r["credential"]), r["rotation_id"],
                           r["trigger"], r["outcome"] or r["status"], took, steps,
                           _esc(r["error"] or r["reason"] or ""))
-        _console().print(table)
+        _print_table(table)
         return 0
 
     _guard(body)

@@ -150,3 +150,40 @@ def test_status_plan_and_history_take_names_agents_and_providers(tmp_path, openb
     assert [r["credential"] for r in history] == \
         ["agent-1/openai", "agent-1/openai", "agent-0/openai"][:len(history)]
     assert len(history) == 3 and history[0]["started_at"] >= history[1]["started_at"]
+
+
+def _on_terminal(args: list[str], env: dict[str, str], cwd: Path, columns: int = 80) -> str:
+    """What ``rotator ARGS`` shows on an 80-column terminal (a pseudo-terminal)."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*ROTATOR, *args], stdin=follower, stdout=follower,
+                            stderr=follower, cwd=cwd, close_fds=True,
+                            env={**env, "COLUMNS": str(columns), "LINES": "50"})
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_tables_never_cut_the_ids_an_operator_copies(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    assert fleet.cli("rotate-now", "--all", "--yes").returncode == 0
+    [row] = json.loads(fleet.cli("history", "--json").stdout)
+    for command in (["status"], ["history"], ["plan", "--all"]):
+        shown = _on_terminal(command, fleet.env(), tmp_path)
+        assert "…" not in shown, (command, shown)
+        assert "agent-0/openai" in shown, (command, shown)
+        if command != ["plan", "--all"]:
+            key = row["new_key_id"] if command == ["status"] else row["rotation_id"]
+            assert key in shown, (command, key, shown)
