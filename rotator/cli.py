@@ -151,6 +151,11 @@ def _warn(lines: list[str]) -> None:
         click.echo(f"warning: {line}", err=True)
 
 
+def _note(line: str) -> None:
+    """Context for the output, on stderr: stdout stays the table or the JSON."""
+    click.echo(f"note: {line}", err=True)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -308,9 +313,14 @@ def status(config_path: str | None, as_json: bool, names: tuple[str, ...], agent
     chosen = _select(policies, names, agent, provider)
 
     def body() -> int:
-        from rotator.service import find_leftovers, leftovers_by_row, open_context, status_rows
+        from rotator.service import (
+            find_leftovers,
+            leftovers_by_row,
+            reading_context,
+            status_rows,
+        )
 
-        with open_context(policies, create=False) as ctx:
+        with reading_context(policies, _note) as ctx:
             rows = [r for r in status_rows(ctx, _now()) if r["credential"] in chosen]
             report = find_leftovers(ctx.policies, ctx.runtime, ctx.store)
         # The JSON stays a list of rows (scripts index it): each row gains staged_leftovers;
@@ -365,9 +375,9 @@ def plan(config_path: str | None, as_json: bool, within: str, everything: bool,
     chosen = _select(policies, names, agent, provider)
 
     def body() -> int:
-        from rotator.service import open_context, plan_rows
+        from rotator.service import plan_rows, reading_context
 
-        with open_context(policies, create=False) as ctx:
+        with reading_context(policies, _note) as ctx:
             rows = [r for r in plan_rows(ctx, _now(), horizon, everything)
                     if r["credential"] in chosen]
         if as_json:

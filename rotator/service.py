@@ -9,11 +9,13 @@ from __future__ import annotations
 import getpass
 import logging
 import secrets
+import tempfile
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from rotator.app import App
@@ -26,6 +28,7 @@ from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.policy import MANUAL_ONLY, Decision
 from rotator.runtime import Runtime
 from rotator.state.models import CredentialState, Rotation
+from rotator.state.schema import NoStateStore
 from rotator.state.store import COMMAND_TAG, StateStore, describe_owner, lock_owner_id
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "online_check",
     "open_context",
     "plan_rows",
+    "reading_context",
     "reading_store",
     "rotate_now",
     "status_rows",
@@ -70,6 +74,29 @@ def open_context(policies: Policies, *, clock: Callable[[], datetime] = utcnow,
         # A one-shot command exits hard right after this: give queued notifications (an
         # emergency rotate-now's, above all) a short, bounded chance to go out first.
         app.close(EXIT_WAIT_SECONDS)
+
+
+@contextmanager
+def reading_context(policies: Policies, on_preview: Callable[[str], None] | None = None
+                    ) -> Iterator[Context]:
+    """``open_context`` for ``status`` and ``plan``: before anything has run (no SQLite store
+    yet) they answer from the policy file alone, over a throw-away store, and ``on_preview``
+    hears why, rather than refusing: "what will happen when" is the first question."""
+    try:
+        with open_context(policies, create=False) as ctx:
+            yield ctx
+            return
+    except NoStateStore as exc:
+        why = str(exc).split(":")[0]
+    if on_preview is not None:
+        on_preview(f"{why} yet: nothing has run, so this is what the policy file alone says "
+                   "(`rotator run` or `rotator rotate-now` creates it)")
+    with tempfile.TemporaryDirectory(prefix="rotator-preview-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'preview.db'}"
+        preview = policies.model_copy(update={
+            "settings": policies.settings.model_copy(update={"state_url": url})})
+        with open_context(preview) as ctx:
+            yield ctx
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -187,3 +187,24 @@ def test_tables_never_cut_the_ids_an_operator_copies(tmp_path, openbao, fake_ope
         if command != ["plan", "--all"]:
             key = row["new_key_id"] if command == ["status"] else row["rotation_id"]
             assert key in shown, (command, key, shown)
+
+
+def test_status_and_plan_answer_before_anything_has_run(tmp_path):
+    """Before the first rotation they used to refuse (`no state store at ...`), even --json;
+    the first question after writing a policy is "what will happen when"."""
+    policy = _policy(tmp_path, 'schedule = "0 3 * * MON"')
+    env = {"PATH": "/usr/bin:/bin", "VAULT_TOKEN": "unused"}
+    for command in (["status", "--json"], ["plan", "--json"], ["plan", "--all", "--json"]):
+        result = subprocess.run([*ROTATOR, *command, "-c", str(policy)], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=60, env=env)
+        assert result.returncode == 0, (command, result.stderr)
+        rows = json.loads(result.stdout)
+        assert [r["credential"] for r in rows] == ["writer/openai"], command
+        reason = rows[0]["due_reason" if command[0] == "status" else "reason"]
+        # A key rotator never rotated is due once it knows it (jitter aside), whatever the
+        # schedule: the preview says so before the daemon does it.
+        assert reason in ("never_rotated", "not_due"), rows
+        message = rows[0]["due_message" if command[0] == "status" else "message"]
+        assert "first rotation" in message or "never rotated" in message
+        assert "note: no state store at" in result.stderr and "nothing has run" in result.stderr
+    assert not (tmp_path / "state.db").exists(), "a preview must not create the state store"

@@ -192,6 +192,10 @@ def reaching(url: str) -> Iterator[None]:
             "rotator") from exc
 
 
+class NoStateStore(PermanentError):
+    """A command that only reads found no SQLite state store file: nothing has run yet."""
+
+
 def _prepare_sqlite_file(url: str, create: bool) -> None:
     """Create the SQLite file owner-only (0600) before SQLite creates it world-readable; or,
     for commands that only read, refuse a file that does not exist (a wrong ``state_url``
@@ -203,7 +207,7 @@ def _prepare_sqlite_file(url: str, create: bool) -> None:
     if path.exists():
         return
     if not create:
-        raise PermanentError(
+        raise NoStateStore(
             f"no state store at {path}: nothing has run with this policy file yet (start "
             "`rotator run` or use `rotator rotate-now`), or `state_url` points elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
