@@ -334,7 +334,7 @@ def status(config_path: str | None, as_json: bool, names: tuple[str, ...], agent
 
         table = Table(title=f"{len(rows)} credential(s)")
         for col in ("credential", "agent", "provider", "key id", "key age", "last rotation",
-                    "outcome", "next due", "rotating"):
+                    "outcome", "next due", "rotating / old keys still valid"):
             table.add_column(col)
         for r in rows:
             outcome = r["last_outcome"] or "-"
@@ -345,7 +345,7 @@ def status(config_path: str | None, as_json: bool, names: tuple[str, ...], agent
                           f"[{style}]{outcome}[/]" if style else outcome,
                           _when(r["next_due_at"]) + (f" ({r['due_reason']})"
                                                      if r["due_reason"] else ""),
-                          " on ".join(filter(None, (r["rotating_step"], r["rotating_on"]))))
+                          _esc(_rotating(r)))
         _print_table(table)
         _warn(report.warnings())
         return 0
@@ -457,42 +457,140 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
         if not click.confirm("Proceed?", err=True):
             _fail("nothing rotated", EXIT_USAGE)
 
+    if logging.getLogger().level > logging.DEBUG:
+        # Each credential's lines below say what the engine would log (the failed step and
+        # its cause, the old key's fate) once; -v shows the engine's log as well.
+        logging.getLogger("rotator.engine").setLevel(logging.CRITICAL)
+
     def body() -> int:
+        from rotator.key_report import key_report
         from rotator.service import open_context
         from rotator.service import rotate_now as do_rotate
 
-        marks = {"success": "[green]✓[/]", "rolled_back": "[yellow]↺[/]",
-                 "skipped": "[yellow]…[/]", "interrupted": "[yellow]…[/]"}
-
-        def progress(result: Any) -> None:
-            if not as_json:
-                mark = marks.get(result.outcome, "[red]✗[/]")
-                err.print(f"{mark} {_esc(result.credential)}: {result.outcome}: "
-                          f"{_esc(result.message)}")
+        out = _console()
+        by_name = {c.name: c for c in creds}
+        reports: list[dict[str, Any]] = []
+        progress = _Progress(len(creds), enabled=not as_json and len(creds) > 1
+                             and sys.stderr.isatty())
 
         with open_context(policies) as ctx:
-            results = do_rotate(ctx, creds, revoke_mode=mode, reason=reason,
-                                on_result=progress)
-        failed = [r for r in results if not r.ok]
+            def on_result(result: Any) -> None:
+                report = key_report(ctx.store, ctx.runtime, by_name[result.credential], result)
+                reports.append(report)
+                progress.clear()
+                if not as_json:
+                    for line in _leak_lines(report):
+                        out.print(line)
+                progress.done(ok=result.ok)
+
+            do_rotate(ctx, creds, revoke_mode=mode, reason=reason, on_result=on_result)
+        progress.clear()
+        order = {c.name: i for i, c in enumerate(creds)}
+        reports.sort(key=lambda r: order[r["credential"]])
+        failed = [r["credential"] for r in reports if r["outcome"] != "success"]
         if as_json:
-            _print_json({"rotations": [{
-                "credential": r.credential, "rotation_id": r.rotation_id, "outcome": r.outcome,
-                "message": r.message,
-                "revoke_at": r.revoke_at.isoformat().replace("+00:00", "Z")
-                if r.revoke_at else None,
-                "manual_revoke": r.manual_revoke} for r in results],
-                "succeeded": len(results) - len(failed), "failed": len(failed)})
+            _print_json({"rotations": reports, "succeeded": len(reports) - len(failed),
+                         "failed": len(failed)})
         else:
-            for r in results:
-                if r.manual_revoke:
-                    err.print(f"[bold red]ACTION NEEDED[/] {_esc(r.credential)}: "
-                              f"{_esc(r.manual_revoke)}")
-            click.echo(f"{len(results) - len(failed)} rotated, {len(failed)} failed")
-            for r in failed:
-                click.echo(f"FAILED {r.credential}: {r.outcome}: {r.message}")
+            click.echo(f"{len(reports) - len(failed)} rotated, {len(failed)} failed"
+                       + (f": {', '.join(failed)}" if failed else ""))
         return EXIT_FAILED if failed else 0
 
     _guard(body)
+
+
+def _rotating(row: dict[str, Any]) -> str:
+    """The status table's last column: the step under way and who runs it, and every old key
+    still valid (so which keys are live is never a guess)."""
+    parts = []
+    if row["rotating_step"] and row["rotating_step"] != "grace":
+        parts.append(" on ".join(filter(None, (row["rotating_step"], row["rotating_on"]))))
+    for old in row["old_keys"]:
+        if old["fate"] == "revoke_failing":
+            parts.append(f"old key {old['key_id']} STILL VALID: revoking it failed, next try "
+                         f"{_clock(old['retry_at'])}")
+        else:
+            parts.append(f"old key {old['key_id']} valid until {_clock(old['revoke_after'])}")
+    return "; ".join(parts) or "-"
+
+
+def _clock(iso: str | None) -> str:
+    """``2026-12-05T08:41:02.1Z`` -> ``2026-12-05 08:41:02 UTC``."""
+    return iso.replace("T", " ")[:19] + " UTC" if iso else "-"
+
+
+def _leak_lines(r: dict[str, Any]) -> list[str]:
+    """One credential's result as an operator reads it after a leak: the new key, the old
+    key's fate, or the step that failed with its root cause, once."""
+    marks = {"success": "[green]✓[/]", "rolled_back": "[yellow]↺[/]",
+             "skipped": "[yellow]…[/]", "interrupted": "[yellow]…[/]"}
+    head = f"{marks.get(r['outcome'], '[red]✗[/]')} {_esc(r['credential'])} (agent " \
+           f"{_esc(r['agent'])})"
+    lines = []
+    if r["outcome"] == "success":
+        lines.append(f"{head}: new key {_esc(r['new_key_id'])} is current")
+    elif r["failed_step"]:
+        lines.append(f"{head}: {r['outcome']} at step {r['failed_step']}: {_esc(r['cause'])}")
+        rest = r["message"].removeprefix(r["cause"] or "").lstrip("; ")
+        if rest and rest != r["cause"]:
+            lines.append(f"    then: {_esc(rest)}")
+    else:
+        lines.append(f"{head}: {r['outcome']}: {_esc(r['message'])}")
+    old = r["old_key"]
+    if old is not None:
+        key = _esc(old["key_id"] or "")
+        fate = old["fate"]
+        if fate == "revoked":
+            dead = ", checked dead at the provider" if old["verified_dead"] else ""
+            lines.append(f"    old key {key}: revoked at {_clock(old['revoked_at'])}{dead}")
+        elif fate == "in_grace":
+            lines.append(f"    old key {key}: still valid until {_clock(old['revoke_after'])} "
+                         "(its grace), then revoked")
+        elif fate == "revoke_failing":
+            lines.append(f"    [red]old key {key}: STILL VALID[/], revoking it failed "
+                         f"({old['attempts']} attempt(s)): {_esc(old['error'])}; next try "
+                         f"{_clock(old['retry_at'])}")
+        elif fate == "manual":
+            lines.append(f"    [bold red]ACTION NEEDED[/] old key: {_esc(old['action'])}")
+        elif fate == "current":
+            lines.append(f"    old key {key}: still the agent's key (not revoked)")
+    return lines
+
+
+class _Progress:
+    """``[n/N] f failed, Ns`` on stderr for a batch on a terminal; nothing when piped."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        import time
+
+        self.total, self.enabled, self.finished, self.failed = total, enabled, 0, 0
+        self._started = time.monotonic()
+        self._shown = False
+        self._lock = threading.Lock()
+        self.show()
+
+    def show(self) -> None:
+        import time
+
+        if self.enabled:
+            elapsed = time.monotonic() - self._started
+            sys.stderr.write(f"\r\033[K[{self.finished}/{self.total}] {self.failed} failed, "
+                             f"{elapsed:.0f}s elapsed")
+            sys.stderr.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        if self.enabled and self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self._shown = False
+
+    def done(self, ok: bool) -> None:
+        with self._lock:
+            self.finished += 1
+            self.failed += 0 if ok else 1
+            if self.finished < self.total:
+                self.show()
 
 
 @main.command()
@@ -525,14 +623,15 @@ def history(config_path: str | None, as_json: bool, names: tuple[str, ...], agen
 
         table = Table(title=f"{len(rows)} rotation(s)")
         for col in ("started", "credential", "rotation", "trigger", "outcome", "took",
-                    "steps", "reason / error"):
+                    "old key -> new key", "steps", "reason / error"):
             table.add_column(col)
         for r in rows:
             steps = " ".join(f"{s['step']}{'' if s['status'] == 'succeeded' else '!'}"
                              for s in r["steps"])
             took = f"{r['duration_seconds']:.1f}s" if r["duration_seconds"] is not None else "-"
             table.add_row(_when(r["started_at"]), _esc(r["credential"]), r["rotation_id"],
-                          r["trigger"], r["outcome"] or r["status"], took, steps,
+                          r["trigger"], r["outcome"] or r["status"], took,
+                          _esc(f"{r['old_key_id'] or '-'} -> {r['new_key_id'] or '-'}"), steps,
                           _esc(r["error"] or r["reason"] or ""))
         _print_table(table)
         return 0

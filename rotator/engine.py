@@ -483,8 +483,9 @@ class Engine:
                     self._transition(rid, step_row, "failed", message, None, step)
                     log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
                               rid, message)
-                    return self._result(rotation, "failed",
-                                        extra=f"clean-up pending, will retry: {message}")
+                    cause = f"{rotation.error}; " if rotation.error else ""
+                    return self._result(rotation, "failed", extra=(
+                        f"{cause}clean-up pending, will retry: {message}"))
                 log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
                           message)
                 fields = {"outcome": transition.failure_outcome, "error": message}

@@ -24,6 +24,7 @@ from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
 from rotator.interfaces import StagedCopy, StagingInventory
+from rotator.key_report import old_keys_live
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.policy import MANUAL_ONLY, Decision
 from rotator.runtime import Runtime
@@ -110,6 +111,7 @@ def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
     decisions = ctx.engine.due_decisions()
     active = ctx.store.active_rotation_steps()
     holders = ctx.store.lease_holders(now)
+    old_keys = old_keys_live(ctx.store)
     rows = []
     for cred in ctx.policies.credentials:
         state = states.get(cred.name)
@@ -135,6 +137,7 @@ def status_rows(ctx: Context, now: datetime) -> list[dict[str, Any]]:
             "due_message": decision.message,
             "rotating_step": active.get(cred.name),
             "rotating_on": describe_owner(holders[cred.name]) if cred.name in holders else None,
+            "old_keys": old_keys.get(cred.name, []),
         })
     return rows
 

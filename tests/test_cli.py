@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.support import make_fleet
 
@@ -61,8 +62,9 @@ def test_rotate_now_exits_1_naming_the_failure(tmp_path, openbao, fake_openai):
     fleet.config.write_text(fleet.config.read_text().replace(broken, "svc_acct_gone", 1))
     result = fleet.cli("rotate-now", "--all", "--revoke-immediately", "--yes")
     assert result.returncode == 1
-    assert "1 rotated, 1 failed" in result.stdout
-    assert "FAILED agent-0/openai" in result.stdout
+    assert "1 rotated, 1 failed: agent-0/openai" in result.stdout
+    assert "✗ agent-0/openai (agent agent-0): failed at step prepare" in result.stdout \
+        or "✗ agent-0/openai (agent agent-0): failed at step create" in result.stdout
     assert "Traceback" not in result.stderr
 
 
@@ -92,10 +94,14 @@ def test_unusable_state_url_is_one_clear_line(tmp_path, openbao, fake_openai):
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
     fleet.config.write_text(fleet.config.read_text().replace(
         str(fleet.state_db), "/proc/no-such-dir/state.db"))
-    result = fleet.cli("status")
+    result = fleet.cli("history")
     assert result.returncode == 2
     assert "no state store at" in result.stderr and "state_url" in result.stderr
-    assert not (tmp_path / "elsewhere").exists(), "a read-only command creates nothing"
+    # status previews from the policy file, saying plainly that there is no store there.
+    result = fleet.cli("status")
+    assert result.returncode == 0
+    assert "note: no state store at /proc/no-such-dir/state.db yet" in result.stderr
+    assert not Path("/proc/no-such-dir").exists(), "a read-only command creates nothing"
     result = fleet.cli("rotate-now", "--all", "--yes")
     assert result.returncode == 2
     assert "cannot open the state store" in result.stderr and "state_url" in result.stderr

@@ -147,9 +147,11 @@ def test_status_plan_and_history_take_names_agents_and_providers(tmp_path, openb
         assert {r["credential"] for r in every} == {c["name"] for c in fleet.credentials}
     history = json.loads(fleet.cli("history", "agent-1/openai", "agent-0/openai",
                                    "--json").stdout)
-    assert [r["credential"] for r in history] == \
-        ["agent-1/openai", "agent-1/openai", "agent-0/openai"][:len(history)]
-    assert len(history) == 3 and history[0]["started_at"] >= history[1]["started_at"]
+    assert sorted(r["credential"] for r in history) == \
+        ["agent-0/openai", "agent-1/openai", "agent-1/openai"]
+    assert history[0]["credential"] == "agent-1/openai", "newest first"
+    starts = [r["started_at"] for r in history]
+    assert starts == sorted(starts, reverse=True)
 
 
 def _on_terminal(args: list[str], env: dict[str, str], cwd: Path, columns: int = 80) -> str:
@@ -208,3 +210,78 @@ def test_status_and_plan_answer_before_anything_has_run(tmp_path):
         assert "first rotation" in message or "never rotated" in message
         assert "note: no state store at" in result.stderr and "nothing has run" in result.stderr
     assert not (tmp_path / "state.db").exists(), "a preview must not create the state store"
+
+
+def test_leak_response_names_the_dead_key_and_the_new_one(tmp_path, openbao, fake_openai):
+    """`rotate-now --revoke-immediately` used to print only `success: new key ... is current`:
+    the key that died, the point of the command, was named nowhere."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
+    leaked = fleet.legacy_keys["agent-0/openai"]
+    human = fleet.cli("rotate-now", "agent-0/openai", "--revoke-immediately", "--yes")
+    assert human.returncode == 0, human.stderr
+    assert f"old key {leaked}: revoked at 20" in human.stdout
+    assert "checked dead at the provider" in human.stdout
+    assert "(agent agent-0): new key key_" in human.stdout
+    assert leaked not in [k["id"] for k in fleet.live_keys(fleet.credentials[0])]
+    leaked = fleet.legacy_keys["agent-1/openai"]
+    result = fleet.cli("rotate-now", "agent-1/openai", "--revoke-immediately", "--yes",
+                       "--json")
+    [r] = json.loads(result.stdout)["rotations"]
+    assert r["old_key"]["key_id"] == leaked and r["old_key"]["fate"] == "revoked"
+    assert r["old_key"]["verified_dead"] is True and r["old_key"]["revoked_at"]
+    assert r["new_key_id"] and r["new_key_id"] != leaked and r["agent"] == "agent-1"
+    history = fleet.cli("history", "agent-1/openai")
+    assert leaked in history.stdout and r["new_key_id"] in history.stdout
+
+
+def test_a_failure_leads_with_its_root_cause_once(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1, settings={"retry_deadline": "1s"})
+    account = fleet.credentials[0]["service_account_id"]
+    fake_openai.inject_fault(400, count=100, path_contains=f"/{account}/api_keys",
+                             method="POST")
+    result = fleet.cli("rotate-now", "--all", "--revoke-immediately", "--yes")
+    assert result.returncode == 1
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("✗ agent-0/openai (agent agent-0): failed at step create: "), \
+        lines
+    cause = lines[0].split("failed at step create: ", 1)[1]
+    assert (result.stdout + result.stderr).count(cause) == 1, "the cause is said once"
+    assert any(f"old key {fleet.legacy_keys['agent-0/openai']}: still the agent's key" in line
+               for line in lines)
+    assert lines[-1] == "0 rotated, 1 failed: agent-0/openai"
+    [r] = json.loads(fleet.cli("rotate-now", "--all", "--yes", "--json").stdout)["rotations"]
+    assert r["failed_step"] == "create" and r["cause"] and r["old_key"]["fate"] == "current"
+
+
+def test_status_says_which_old_keys_are_still_valid(tmp_path, openbao, fake_openai):
+    """After rotations with a grace period and a failed emergency rotation, `status` showed
+    `outcome: failed` with `rotating: grace`: which key was live was a guess."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1, grace="1h",
+                       settings={"retry_deadline": "1s"})
+    legacy = fleet.legacy_keys["agent-0/openai"]
+    assert fleet.cli("rotate-now", "--all", "--yes").returncode == 0
+    [row] = json.loads(fleet.cli("status", "--json").stdout)
+    assert [(k["key_id"], k["fate"]) for k in row["old_keys"]] == [(legacy, "in_grace")]
+    table = fleet.cli("status").stdout
+    assert f"old key {legacy} valid until" in table
+    current = row["key_id"]
+    # An emergency rotation kills the key in grace first, then fails to create.
+    account = fleet.credentials[0]["service_account_id"]
+    fake_openai.inject_fault(400, count=100, path_contains=f"/{account}/api_keys",
+                             method="POST")
+    failed = fleet.cli("rotate-now", "--all", "--revoke-immediately", "--yes")
+    assert failed.returncode == 1
+    [row] = json.loads(fleet.cli("status", "--json").stdout)
+    assert row["last_outcome"] == "failed" and row["old_keys"] == []
+    assert row["key_id"] == current and row["rotating_step"] is None
+    assert [k["id"] for k in fleet.live_keys(fleet.credentials[0])] == [current]
+
+
+def test_a_batch_on_a_terminal_shows_progress_and_a_pipe_does_not(tmp_path, openbao,
+                                                                  fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=3)
+    shown = _on_terminal(["rotate-now", "--all", "--yes"], fleet.env(), tmp_path)
+    assert "[0/3] 0 failed" in shown and "[2/3] 0 failed" in shown, shown
+    assert "3 rotated, 0 failed" in shown
+    piped = fleet.cli("rotate-now", "--all", "--yes")
+    assert piped.returncode == 0 and "/3]" not in piped.stdout + piped.stderr
