@@ -435,17 +435,7 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
                  "immediately": "old keys revoked as soon as the new ones are live",
                  "first": "old keys revoked FIRST (agents may fail until the new key is stored)"}
     if dry_run:
-        rows = [{"credential": c.name, "agent": c.agent, "provider": c.provider,
-                 "revoke_mode": mode, "grace_seconds": int(c.grace.total_seconds())}
-                for c in creds]
-        if as_json:
-            _print_json({"dry_run": True, "rotations": rows})
-        else:
-            for r in rows:
-                click.echo(f"would rotate {r['credential']} (agent {r['agent']}, provider "
-                           f"{r['provider']})")
-            click.echo(f"{len(rows)} credential(s); {mode_text[mode]}; nothing changed (dry run)")
-        sys.exit(0)
+        _dry_run(policies, creds, mode, mode_text[mode], as_json)
     if not yes:
         if not sys.stdin.isatty():
             _fail(f"about to rotate {len(creds)} credential(s) with no terminal to confirm; "
@@ -458,9 +448,10 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
             _fail("nothing rotated", EXIT_USAGE)
 
     if logging.getLogger().level > logging.DEBUG:
-        # Each credential's lines below say what the engine would log (the failed step and
-        # its cause, the old key's fate) once; -v shows the engine's log as well.
-        logging.getLogger("rotator.engine").setLevel(logging.CRITICAL)
+        # Each credential's lines below say the failed step and its cause, and a key to revoke
+        # by hand, once: the engine's log lines saying the same are dropped (-v keeps them).
+        logging.getLogger("rotator.engine").addFilter(
+            lambda record: not getattr(record, "in_result", False))
 
     def body() -> int:
         from rotator.key_report import key_report
@@ -512,6 +503,39 @@ def _rotating(row: dict[str, Any]) -> str:
         else:
             parts.append(f"old key {old['key_id']} valid until {_clock(old['revoke_after'])}")
     return "; ".join(parts) or "-"
+
+
+def _dry_run(policies: Policies, creds: list[Any], mode: str, mode_text: str,
+             as_json: bool) -> NoReturn:
+    """``rotate-now --dry-run``: a read-only preflight of each rotation; exit 1 if any would
+    fail, saying why."""
+    from rotator.runtime import Runtime
+    from rotator.service import preflight
+
+    runtime = Runtime(policies)
+    try:
+        problems = preflight(runtime, creds)
+    finally:
+        runtime.close()
+    rows = [{"credential": c.name, "agent": c.agent, "provider": c.provider,
+             "revoke_mode": mode, "grace_seconds": int(c.grace.total_seconds()),
+             "ready": not problems[c.name], "problems": problems[c.name]} for c in creds]
+    failing = [r for r in rows if not r["ready"]]
+    if as_json:
+        _print_json({"dry_run": True, "rotations": rows, "ready": len(rows) - len(failing),
+                     "would_fail": len(failing)})
+    else:
+        for r in rows:
+            what = f"{r['credential']} (agent {r['agent']}, provider {r['provider']})"
+            if r["ready"]:
+                click.echo(f"would rotate {what}: ready")
+                continue
+            click.echo(f"would FAIL {what}:")
+            for problem in r["problems"]:
+                click.echo(f"    {problem}")
+        click.echo(f"{len(rows)} credential(s), {len(failing)} would fail; {mode_text}; "
+                   "nothing changed (dry run: secrets read, access checked, nothing written)")
+    sys.exit(EXIT_FAILED if failing else 0)
 
 
 def _clock(iso: str | None) -> str:

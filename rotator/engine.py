@@ -77,6 +77,9 @@ T = TypeVar("T")
 
 TRIGGERS = ("schedule", "manual", "emergency")
 REVOKE_MODES = ("grace", "immediately", "first")
+IN_RESULT = {"in_result": True}
+"""``extra`` of a log record that says what the rotation's result says too (a failed step and
+its cause, a key to revoke by hand): ``rotate-now`` prints the result and drops these."""
 FAILURE_BACKOFF_BASE = timedelta(minutes=1)
 FAILURE_BACKOFF_MAX = timedelta(hours=1)
 VERIFY_ATTEMPTS = 6
@@ -482,12 +485,12 @@ class Engine:
                     # Keep the root cause in `error`; the clean-up's own failure is the step's.
                     self._transition(rid, step_row, "failed", message, None, step)
                     log.error("%s: clean-up of rotation %s failed, will retry: %s", cred.name,
-                              rid, message)
+                              rid, message, extra=IN_RESULT)
                     cause = f"{rotation.error}; " if rotation.error else ""
                     return self._result(rotation, "failed", extra=(
                         f"{cause}clean-up pending, will retry: {message}"))
                 log.error("%s: step %s of rotation %s failed: %s", cred.name, step, rid,
-                          message)
+                          message, extra=IN_RESULT)
                 fields = {"outcome": transition.failure_outcome, "error": message}
                 step_row = self._transition(rid, step_row, "failed", message,
                                             transition.on_failure, step, **fields)
@@ -530,7 +533,7 @@ class Engine:
                 manual = (f"the key in vault {cred.vault!r} at {cred.path}#{cred.field} "
                           f"(version {old_version}) was not written by rotator and provider "
                           f"{cred.provider!r} could not identify it: revoke it by hand")
-                log.warning("%s: %s", cred.name, manual)
+                log.warning("%s: %s", cred.name, manual, extra=IN_RESULT)
         branch = "revoke_first" if rot.revoke_mode == "first" else None
         if branch is None and not provider.capabilities.create:
             raise PermanentError(
@@ -669,7 +672,7 @@ class Engine:
                     why = ("the old key was already revoked (--revoke-first)"
                            if rot.revoke_mode == "first" else "there was no key before")
                     message = f"new key {rot.new_key_id} kept in the vault because {why}"
-                    log.error("%s: %s", cred.name, message)
+                    log.error("%s: %s", cred.name, message, extra=IN_RESULT)
                     return Produced({"status": "failed", "outcome": "failed",
                                      "error": message, "finished_at": self.clock()},
                                     credential=self._failure_fields(

@@ -32,6 +32,7 @@ __all__ = [
     "StagingInventory",
     "Vault",
     "VaultValue",
+    "WriteAccessCheck",
     "key_name_for",
 ]
 
@@ -321,6 +322,17 @@ class StagedCopy:
     location: str = ""
     """Where the copy lives, in the vault's own terms (a KV path, a version label), so that an
     operator can find and delete it; never a value."""
+
+
+class WriteAccessCheck(ABC):
+    """Optional for a vault: say, without writing anything, whether its credentials allow
+    every write a rotation of ``path``/``field`` makes (``rotate-now --dry-run`` asks, so a
+    missing permission is found before a leak night, not during it). Discovered by type."""
+
+    @abstractmethod
+    def missing_write_access(self, path: str, field: str) -> list[str]:
+        """What a rotation of this secret needs and the vault's credentials lack, one line
+        each naming the permission (empty: nothing missing). Raises like every vault call."""
 
 
 class StagingInventory(ABC):

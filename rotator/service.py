@@ -23,7 +23,7 @@ from rotator.audit import AuditLog
 from rotator.config import CredentialConfig, Policies
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import NotFound, RotatorError
-from rotator.interfaces import StagedCopy, StagingInventory
+from rotator.interfaces import StagedCopy, StagingInventory, WriteAccessCheck
 from rotator.key_report import old_keys_live
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.policy import MANUAL_ONLY, Decision
@@ -42,6 +42,7 @@ __all__ = [
     "online_check",
     "open_context",
     "plan_rows",
+    "preflight",
     "reading_context",
     "reading_store",
     "rotate_now",
@@ -423,6 +424,47 @@ def leftovers_by_row(rows: list[dict[str, Any]], report: LeftoverReport,
         if not owners:
             orphans.append(leftover)
     return orphans
+
+
+def preflight(runtime: Runtime, credentials: list[CredentialConfig]) -> dict[str, list[str]]:
+    """``rotate-now --dry-run``: everything a rotation of each credential would need, tried
+    without changing anything: its vault answers, the agent's secret can be read, the vault
+    lets rotator write where a rotation writes (asked of vaults that can say), and the
+    provider accepts rotator's admin credentials. Credential name -> what would fail."""
+    vault_problems: dict[str, str | None] = {}
+    provider_problems: dict[str, str | None] = {}
+    out: dict[str, list[str]] = {}
+    for cred in credentials:
+        problems = out.setdefault(cred.name, [])
+        if cred.vault not in vault_problems:
+            try:
+                runtime.vault(cred.vault).health()
+                vault_problems[cred.vault] = None
+            except RotatorError as exc:
+                vault_problems[cred.vault] = str(exc)
+        if cred.provider not in provider_problems:
+            try:
+                runtime.provider(cred.provider).check_access()
+                provider_problems[cred.provider] = None
+            except RotatorError as exc:
+                provider_problems[cred.provider] = str(exc)
+        problems += [p for p in (vault_problems[cred.vault], provider_problems[cred.provider])
+                     if p]
+        if vault_problems[cred.vault]:
+            continue
+        vault = runtime.vault(cred.vault)
+        try:
+            vault.read(cred.path, cred.field)
+        except NotFound:
+            pass  # nothing there yet: the first rotation provisions it
+        except RotatorError as exc:
+            problems.append(str(exc))
+        if isinstance(vault, WriteAccessCheck):
+            try:
+                problems += vault.missing_write_access(cred.path, cred.field)
+            except RotatorError as exc:
+                problems.append(str(exc))
+    return out
 
 
 def online_check(policies: Policies, runtime: Runtime,

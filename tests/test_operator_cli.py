@@ -285,3 +285,36 @@ def test_a_batch_on_a_terminal_shows_progress_and_a_pipe_does_not(tmp_path, open
     assert "3 rotated, 0 failed" in shown
     piped = fleet.cli("rotate-now", "--all", "--yes")
     assert piped.returncode == 0 and "/3]" not in piped.stdout + piped.stderr
+
+
+def test_dry_run_is_a_read_only_preflight(tmp_path, openbao, fake_openai):
+    """`--dry-run` used to check nothing: a wrong vault token printed `would rotate`, exit 0."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
+    before = [fleet.vault_secret(c) for c in fleet.credentials]
+    good = fleet.cli("rotate-now", "--all", "--dry-run", "--json")
+    assert good.returncode == 0, good.stdout + good.stderr
+    doc = json.loads(good.stdout)
+    assert doc["would_fail"] == 0 and all(r["ready"] for r in doc["rotations"])
+    assert fake_openai.request_count("POST") == 0 and fake_openai.request_count("DELETE") == 0
+    assert [fleet.vault_secret(c) for c in fleet.credentials] == before, "nothing written"
+
+    wrong = fleet.cli("rotate-now", "--all", "--dry-run", VAULT_TOKEN="s.not-a-token")
+    assert wrong.returncode == 1
+    assert wrong.stdout.count("would FAIL") == 2 and "vault 'main'" in wrong.stdout
+    assert "2 credential(s), 2 would fail" in wrong.stdout
+
+    # A token that may read everything but write nothing: found before the night it matters.
+    root = openbao.client()
+    root.sys.create_or_update_policy(name=f"{fleet.prefix}-read", policy=(
+        f'path "secret/data/{fleet.prefix}/*" {{ capabilities = ["read"] }}\n'))
+    token = root.auth.token.create(policies=[f"{fleet.prefix}-read"], ttl="10m")
+    reader = token["auth"]["client_token"]
+    denied = fleet.cli("rotate-now", fleet.credentials[0]["name"], "--dry-run", "--json",
+                       VAULT_TOKEN=reader)
+    assert denied.returncode == 1, denied.stderr
+    [row] = json.loads(denied.stdout)["rotations"]
+    path = f"secret/data/{fleet.prefix}/agents/agent-0"
+    assert any(f"may not create or update {path} (the secret)" in p for p in row["problems"]), \
+        row["problems"]
+    assert any("discarding the staged copy" in p for p in row["problems"])
+    assert fake_openai.request_count("POST") == 0

@@ -47,6 +47,7 @@ from rotator.interfaces import (
     StagingInventory,
     Vault,
     VaultValue,
+    WriteAccessCheck,
 )
 from rotator.plugin_support import same_text
 from rotator.vaults.vault_token import VaultToken, errors_text
@@ -156,7 +157,7 @@ _STANDBY = "standby"
 """In Vault's error text: a standby node that cannot serve the request right now."""
 
 
-class HashiCorpVault(Vault, StagingInventory):
+class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
     """KV v2 on HashiCorp Vault or OpenBao; see the module docstring for the layout it keeps.
 
     Thread-safe: each thread gets its own ``hvac.Client`` (a ``requests`` session is not meant to
@@ -239,6 +240,38 @@ class HashiCorpVault(Vault, StagingInventory):
 
         self._call(delete, what=f"discarding the staged key at {self._where(staged)}",
                    capability=f'"delete" on "{mount}/metadata/{staged}"')
+
+    def missing_write_access(self, path: str, field: str) -> list[str]:
+        """Ask the server (``sys/capabilities-self``, in the default policy) what this token
+        may do on each path a rotation of ``path`` writes; nothing is written."""
+        path, field = self._check(path, field)
+        mount = self.cfg.mount
+        staged = self._staged_path(path, "preflight")
+        needs = {
+            f"{mount}/data/{path}": ({"create", "read", "update"}, "the secret"),
+            f"{mount}/metadata/{path}": ({"patch"}, "its metadata (or read and update)"),
+            f"{mount}/data/{staged}": ({"create", "read", "update"}, "the staged copy"),
+            f"{mount}/metadata/{staged}": ({"delete"}, "discarding the staged copy"),
+        }
+
+        def ask(client: hvac.Client) -> Any:
+            return client.sys.get_capabilities(list(needs))
+
+        answer = self._call(ask, what="asking what the token may write",
+                            capability='"update" on "sys/capabilities-self" (the default policy)')
+        granted = answer.get("data", answer) if isinstance(answer, dict) else {}
+        missing = []
+        for where, (wanted, what) in needs.items():
+            has = set(granted.get(where) or [])
+            if "root" in has:
+                continue
+            if where == f"{mount}/metadata/{path}" and {"read", "update"} <= has:
+                continue  # read-and-update works where patch is not granted
+            lacking = sorted(wanted - has)
+            if lacking:
+                missing.append(f"vault {self.name!r}: the token may not "
+                               f"{' or '.join(lacking)} {where} ({what})")
+        return missing
 
     def staged_rotations(self, path: str) -> list[str]:
         """Rotation ids with a staged copy under ``staging_path``/``path`` (one LIST call)."""
