@@ -839,9 +839,14 @@ def db_current(config_path: str | None, as_json: bool) -> None:
 @click.option("--duration", default=None, metavar="DURATION",
               help="Stop by itself after this long (default: run until Ctrl-C).")
 @click.option("--workdir", default=None, metavar="DIR",
-              help="Where the demo keeps its files (default: a new temporary directory).")
-def demo(duration: str | None, workdir: str | None) -> None:
-    """A self-contained demo: OpenBao, the fake OpenAI API, a sample agent, the daemon."""
+              help="Where the demo keeps its files (default: a temporary directory, removed "
+                   "at the end).")
+@click.option("--serve", is_flag=True,
+              help="Also set up a second terminal to practise the leak runbook on the demo "
+                   "(writes ./rotator-drill.env: source it there, then run rotator commands).")
+def demo(duration: str | None, workdir: str | None, serve: bool) -> None:
+    """A self-contained demo: a local OpenBao, the fake OpenAI API, one sample agent per agent
+    in the policy file, and the daemon rotating their keys every few seconds."""
     from rotator.demo import run_demo
     from rotator.durations import parse_duration
 
@@ -851,7 +856,8 @@ def demo(duration: str | None, workdir: str | None) -> None:
             limit = parse_duration(duration).total_seconds()
         except ValueError as exc:
             _fail(f"--duration: {exc}")
-    _guard(lambda: run_demo(duration=limit, workdir=Path(workdir) if workdir else None))
+    _guard(lambda: run_demo(duration=limit, workdir=Path(workdir) if workdir else None,
+                            serve=serve))
 
 
 def _closed_pipe() -> int:

@@ -27,11 +27,17 @@ log = logging.getLogger("rotator.demo")
 
 DEMO_INTERVALS = ("30s", "45s", "60s", "40s")
 DEMO_GRACE = "10s"
+DRILL_ENV = Path("rotator-drill.env")
+"""Written by ``demo --serve`` in the current directory for a second terminal to source."""
 
 
 def run_demo(*, duration: float | None = None, workdir: Path | None = None,
-             example: Path | None = None) -> int:
-    """Run the demo until Ctrl-C or ``duration`` seconds; returns 0 if no agent saw an outage."""
+             example: Path | None = None, serve: bool = False) -> int:
+    """Run the demo until Ctrl-C or ``duration`` seconds; returns 0 if no agent saw an outage.
+
+    ``serve``: also write ``drill.env`` (the vault address and token, the policy file) and say
+    how a second terminal uses it to practise the leak runbook against the running demo. A
+    temporary work directory is removed at the end; a ``workdir`` given is kept."""
     import tomli_w
 
     from rotator.config import load_policies, resolve_config_path
@@ -45,6 +51,7 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
         raise PermanentError(f"the demo runs the example policy file, and {example} does not "
                              "exist: run it from the repository root or set $ROTATOR_CONFIG")
     doc = tomllib.loads(example.read_text())
+    temporary = workdir is None
     work = (workdir or Path(tempfile.mkdtemp(prefix="rotator-demo-"))).absolute()
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "rotator.log"
@@ -88,6 +95,12 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
             time.sleep(0.05)
         out.line(f"  daemon                  {len(policies.credentials)} credential(s), "
                  f"metrics on {daemon.metrics_url}")
+        if serve:
+            stack.append(_DrillEnv(DRILL_ENV.absolute(), bao, demo_file))
+            out.line("Practise the leak runbook from a second terminal in this directory "
+                     "(README: \"Practise the leak runbook\"):")
+            out.line(f"  source {DRILL_ENV}")
+            out.line("  rotator status")
         out.line("Ctrl-C stops everything." if duration is None
                  else f"Running for {duration:.0f}s.")
         started = time.monotonic()
@@ -116,6 +129,32 @@ def run_demo(*, duration: float | None = None, workdir: Path | None = None,
             except BaseException:
                 log.exception("stopping %s failed", type(item).__name__)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if temporary:
+            import shutil
+
+            logging.getLogger().handlers[:] = []
+            shutil.rmtree(work, ignore_errors=True)
+
+
+class _DrillEnv:
+    """The environment a second terminal needs to work on the running demo (vault address and
+    token, the demo's policy file), in an owner-only file in the current directory: never
+    printed (the token is a secret, even a throw-away dev server's), removed when the demo
+    stops."""
+
+    def __init__(self, path: Path, bao: Any, config: Path) -> None:
+        self.path = path
+        lines = [f"export VAULT_ADDR={bao.url}", f"export VAULT_TOKEN={bao.root_token}",
+                 f"export ROTATOR_CONFIG={config}"]
+        if "ROTATOR_DEMO_OPENAI_ADMIN_KEY" in os.environ:
+            lines.append("export ROTATOR_DEMO_OPENAI_ADMIN_KEY="
+                         + os.environ["ROTATOR_DEMO_OPENAI_ADMIN_KEY"])
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def stop(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
