@@ -431,26 +431,26 @@ def preflight(runtime: Runtime, credentials: list[CredentialConfig]) -> dict[str
     without changing anything: its vault answers, the agent's secret can be read, the vault
     lets rotator write where a rotation writes (asked of vaults that can say), and the
     provider accepts rotator's admin credentials. Credential name -> what would fail."""
-    vault_problems: dict[str, str | None] = {}
-    provider_problems: dict[str, str | None] = {}
+    checked: dict[tuple[str, str], str | None] = {}  # each vault and provider asked once
+
+    def problem_of(kind: str, name: str, check: Callable[[], None]) -> str | None:
+        if (kind, name) not in checked:
+            try:
+                check()
+                checked[kind, name] = None
+            except RotatorError as exc:
+                checked[kind, name] = str(exc)
+        return checked[kind, name]
+
     out: dict[str, list[str]] = {}
     for cred in credentials:
         problems = out.setdefault(cred.name, [])
-        if cred.vault not in vault_problems:
-            try:
-                runtime.vault(cred.vault).health()
-                vault_problems[cred.vault] = None
-            except RotatorError as exc:
-                vault_problems[cred.vault] = str(exc)
-        if cred.provider not in provider_problems:
-            try:
-                runtime.provider(cred.provider).check_access()
-                provider_problems[cred.provider] = None
-            except RotatorError as exc:
-                provider_problems[cred.provider] = str(exc)
-        problems += [p for p in (vault_problems[cred.vault], provider_problems[cred.provider])
-                     if p]
-        if vault_problems[cred.vault]:
+        vault_down = problem_of("vault", cred.vault,
+                                lambda c=cred: runtime.vault(c.vault).health())
+        no_access = problem_of("provider", cred.provider,
+                               lambda c=cred: runtime.provider(c.provider).check_access())
+        problems += [p for p in (vault_down, no_access) if p]
+        if vault_down:
             continue
         vault = runtime.vault(cred.vault)
         try:
