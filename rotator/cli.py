@@ -494,8 +494,9 @@ def _rotating(row: dict[str, Any]) -> str:
     """The status table's last column: the step under way and who runs it, and every old key
     still valid (so which keys are live is never a guess)."""
     parts = []
-    if row["rotating_step"] and row["rotating_step"] != "grace":
-        parts.append(" on ".join(filter(None, (row["rotating_step"], row["rotating_on"]))))
+    step = row["rotating_step"] if row["rotating_step"] != "grace" else None
+    if step or row["rotating_on"]:
+        parts.append(" on ".join(filter(None, (step, row["rotating_on"]))))
     for old in row["old_keys"]:
         if old["fate"] == "revoke_failing":
             parts.append(f"old key {old['key_id']} STILL VALID: revoking it failed, next try "
