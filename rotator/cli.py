@@ -835,6 +835,54 @@ def db_current(config_path: str | None, as_json: bool) -> None:
     _guard(body)
 
 
+@main.command("exec", context_settings={"allow_interspersed_args": False})
+@config_option
+@click.option("--agent", required=True, help="Whose keys: every credential with this agent.")
+@click.option("--watch", is_flag=True,
+              help="Stay as the command's supervisor and act when a rotation stores a new key.")
+@click.option("--restart", is_flag=True,
+              help="With --watch: restart the command with the new keys (default: signal it).")
+@click.option("--signal", "signal_name", default="SIGHUP", show_default=True, metavar="SIGNAL",
+              help="With --watch: the signal that tells the command a key changed.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --watch: how often to look at the vault.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(config_path: str | None, agent: str, watch: bool, restart: bool, signal_name: str,
+          poll: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND with the agent's keys from the vault as environment variables (named after
+    their vault fields), instead of a .env file; nothing is written to disk. Write it as
+    `rotator exec --agent NAME -- COMMAND ARGS...`."""
+    import signal as signals
+
+    from rotator.durations import parse_duration
+
+    if restart and not watch:
+        _fail("--restart goes with --watch")
+    try:
+        signum = signals.Signals[signal_name if signal_name.startswith("SIG")
+                                 else f"SIG{signal_name}"]
+    except KeyError:
+        _fail(f"--signal: no signal named {signal_name!r} (SIGHUP, SIGUSR1, ...)")
+    try:
+        interval = parse_duration(poll).total_seconds()
+    except ValueError as exc:
+        _fail(f"--poll: {exc}")
+    policies = _load(config_path)
+    _select(policies, (), agent, None)
+    if watch and logging.getLogger().level > logging.INFO:
+        from rotator.log import setup_logging
+
+        setup_logging(logging.INFO)  # a supervisor says when it signals or restarts
+
+    def body() -> int:
+        from rotator.agent_exec import WatchOptions, exec_agent
+
+        options = WatchOptions(poll=interval, restart=restart, signal=signum) if watch else None
+        return exec_agent(policies, agent, command, options)
+
+    _guard(body)
+
+
 @main.command()
 @verbose_option
 @click.option("--duration", default=None, metavar="DURATION",
