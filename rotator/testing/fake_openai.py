@@ -22,7 +22,7 @@ from typing import Any
 
 from rotator.testing.fake_server import ApiError, JsonApiFake, Request, bearer, random_text
 
-__all__ = ["FakeOpenAIServer"]
+__all__ = ["FakeOpenAIServer", "service_account_key_value"]
 
 _ALNUM = string.ascii_letters + string.digits
 _DEFAULT_LIMIT = 20
@@ -128,6 +128,18 @@ def _fault_error(status: int, retry_after: float | None) -> _ApiError:
     if status == 404:
         return _ApiError(404, "The requested resource was not found.")
     return _ApiError(status, "Injected fault.", headers=headers)
+
+
+def service_account_key_value() -> str:
+    """A service-account key in OpenAI's published shape: ``sk-svcacct-``, 74 characters, the
+    ``T3BlbkFJ`` marker, 74 more (so secret scanners recognise it as a real one would be)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+    def part() -> str:  # ends with a letter or digit, as the keys shown in listings do
+        return "".join(secrets.choice(alphabet) for _ in range(73)) + secrets.choice(
+            alphabet[:62])
+
+    return f"sk-svcacct-{part()}T3BlbkFJ{part()}"
 
 
 class FakeOpenAIServer(JsonApiFake):
@@ -428,7 +440,7 @@ class FakeOpenAIServer(JsonApiFake):
         sa = self._service_accounts.get(sa_id)
         if sa is None or sa.project_id != project_id:
             raise KeyError(f"no service account {sa_id} in project {project_id}")
-        value = value or "sk-svcacct-" + secrets.token_urlsafe(48)
+        value = value or service_account_key_value()
         if value in self._by_value:
             raise ValueError("that key value is already in use")
         now = int(time.time())
