@@ -133,11 +133,10 @@ def _fault_error(status: int, retry_after: float | None) -> _ApiError:
 def service_account_key_value() -> str:
     """A service-account key in OpenAI's published shape: ``sk-svcacct-``, 74 characters, the
     ``T3BlbkFJ`` marker, 74 more (so secret scanners recognise it as a real one would be)."""
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+    alphanumeric = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
     def part() -> str:  # ends with a letter or digit, as the keys shown in listings do
-        return "".join(secrets.choice(alphabet) for _ in range(73)) + secrets.choice(
-            alphabet[:62])
+        return random_text(73) + random_text(1, alphanumeric)
 
     return f"sk-svcacct-{part()}T3BlbkFJ{part()}"
 
