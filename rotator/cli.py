@@ -835,6 +835,52 @@ def db_current(config_path: str | None, as_json: bool) -> None:
     _guard(body)
 
 
+@main.command()
+@verbose_option
+@json_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--git", "history", is_flag=True,
+              help="Also every commit of the repository (deleted files included).")
+def scan(paths: tuple[Path, ...], history: bool, as_json: bool) -> None:
+    """Find plaintext keys in files and git history: which agent holds which key, where,
+    and which keys several agents share (never a value: a fingerprint tells them apart)."""
+    _one_shot()
+
+    def body() -> int:
+        import time
+
+        from rotator.scan import scan as run_scan
+
+        started = time.monotonic()
+        inventory = run_scan(paths, git=history)
+        took = time.monotonic() - started
+        if as_json:
+            _print_json({"found": [f.as_json() for f in inventory.found],
+                         "files": inventory.files,
+                         "history_versions": inventory.history_versions,
+                         "seconds": round(took, 3)})
+            return 0
+        from rich.table import Table
+
+        keys = len({f.fingerprint for f in inventory.found})
+        table = Table(title=f"{keys} key(s) at {len(inventory.found)} place(s) in "
+                            f"{inventory.files} file(s)"
+                            + (f" and {inventory.history_versions} file version(s) of history"
+                               if history else ""))
+        for col in ("agent", "service", "type", "where", "variable", "shared by",
+                    "fingerprint"):
+            table.add_column(col)
+        for f in inventory.found:
+            table.add_row(_esc(f.agent or "-"), _esc(f.service), _esc(f.kind), _esc(f.where),
+                          _esc(f.variable or "-"),
+                          _esc(f"{len(f.shared_by)} agents" if f.shared_by else "-"),
+                          f.fingerprint)
+        _print_table(table)
+        return 0
+
+    _guard(body)
+
+
 @main.command("exec", context_settings={"allow_interspersed_args": False})
 @config_option
 @click.option("--agent", required=True, help="Whose keys: every credential with this agent.")
