@@ -841,7 +841,10 @@ def db_current(config_path: str | None, as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--git", "history", is_flag=True,
               help="Also every commit of the repository (deleted files included).")
-def scan(paths: tuple[Path, ...], history: bool, as_json: bool) -> None:
+@click.option("--policy-out", type=click.Path(path_type=Path), metavar="FILE",
+              help="Also write a draft policy file for the keys found (never a value).")
+def scan(paths: tuple[Path, ...], history: bool, as_json: bool,
+         policy_out: Path | None) -> None:
     """Find plaintext keys in files and git history: which agent holds which key, where,
     and which keys several agents share (never a value: a fingerprint tells them apart)."""
     _one_shot()
@@ -854,6 +857,14 @@ def scan(paths: tuple[Path, ...], history: bool, as_json: bool) -> None:
         started = time.monotonic()
         inventory = run_scan(paths, git=history)
         took = time.monotonic() - started
+        if policy_out is not None:
+            from rotator.policy_draft import draft_policy
+
+            if policy_out.exists():
+                _fail(f"--policy-out: {policy_out} exists; give a new file name")
+            policy_out.write_text(draft_policy(inventory.found, " ".join(map(str, paths))))
+            _note(f"draft policy written to {policy_out}: fill in each \"FILL IN\", then "
+                  f"`rotator check -c {policy_out}`")
         if as_json:
             _print_json({"found": [f.as_json() for f in inventory.found],
                          "files": inventory.files,

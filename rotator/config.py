@@ -1282,6 +1282,19 @@ def _refs_in(node: Any, path: KeyPath) -> Iterator[tuple[KeyPath, dict[str, Any]
             yield from _refs_in(value, (*path, index))
 
 
+def _fill_ins(node: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, str]]:
+    """Strings a draft policy left for the operator: they start with ``FILL IN``."""
+    if isinstance(node, str):
+        if node.startswith("FILL IN"):
+            yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _fill_ins(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _fill_ins(value, (*path, index))
+
+
 def _under(path: KeyPath, prefixes: Sequence[KeyPath]) -> bool:
     return any(path[:len(p)] == p for p in prefixes)
 
@@ -1416,6 +1429,16 @@ def _parse(text: str, source: Path) -> Policies:
     suspects: list[str] = []
     secrets = list(_find_secrets(doc, suspects=suspects))
     policies = checker.run()
+    fill_ins = list(_fill_ins(doc))
+    if fill_ins:
+        # A draft's placeholders (rotator scan --policy-out): what only the operator knows.
+        # One message each: what else was said of that key is about the placeholder.
+        paths = [path for path, _value in fill_ins]
+        checker.problems = [(p, m) for p, m in checker.problems if not _under(p, paths)]
+        for path, value in fill_ins:
+            checker.add(path, f'still a placeholder ("{value}"): replace it with the real '
+                              "value")
+        policies = None
     if secrets:
         secret_paths = [path for path, _value in secrets]
         # Whatever else was said about a secret's key may quote it: only this problem stays.

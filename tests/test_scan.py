@@ -4,6 +4,7 @@ variable and sharing; the history-only key with --git; no look-alike flagged; no
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections import defaultdict
 
@@ -88,3 +89,49 @@ def test_the_table_names_agents_places_and_sharing(fleet_repo):
     _, shown = _scan(fleet_repo, "--git")
     assert "agents/agent-03/tools.py:3" in shown and "10 agents" in shown
     assert "docker-compose.yml:5" in shown and "(history, commit" in shown
+
+
+FILLED = {  # what an operator would write where the draft says FILL IN
+    "your Vault or OpenBao address": "http://127.0.0.1:8200",
+    "the OpenAI project id": "proj_fleet",
+    "the service account of": "svc_acct_fleet",
+    "the region": "us-east-1",
+    "the IAM user of": "fleet-agent",
+    "the name of": "fleet agent key",
+}
+
+
+def test_policy_out_drafts_a_file_check_accepts_once_filled_in(fleet_repo, tmp_path):
+    draft = tmp_path / "draft.toml"
+    _scan(fleet_repo, "--git", "--policy-out", str(draft))
+    text = draft.read_text()
+    assert [p.service for p in fleet_repo.planted if p.value in text] == [], "a value"
+    import tomllib
+
+    doc = tomllib.loads(text)
+    creds = {c["name"]: c for c in doc["credentials"]}
+    # One credential per agent for the OpenAI key five agents share (and one for the key
+    # hardcoded in agent-03's script), and per agent for the Anthropic one.
+    assert sum(1 for c in creds.values() if c["provider"] == "openai") == 11
+    assert "agent-03/client-key" in creds
+    assert sum(1 for c in creds.values() if c["provider"] == "anthropic") == 10
+    assert all(c.get("manual_only") for c in creds.values() if c["provider"] == "anthropic")
+    assert {c["interval"] for c in creds.values() if c["provider"] == "stripe"} == {"30d"}
+    assert {c["interval"] for c in creds.values() if c["provider"] == "openai"} == {"90d"}
+    assert "ACME_API_KEY of agent-06" in text and "DATABASE_URL of agent-00" in text
+    result = subprocess.run([*ROTATOR, "check", "-c", str(draft), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    problems = json.loads(result.stdout)["problems"]
+    assert result.returncode == 2 and problems
+    assert all("still a placeholder" in p for p in problems), problems
+    for hint, value in FILLED.items():
+        text = re.sub(rf'"FILL IN: {re.escape(hint)}[^"]*"', f'"{value}"', text)
+    assert "FILL IN" not in text.split("# Found but not drafted")[0].replace(
+        "# Replace every \"FILL IN", "")
+    draft.write_text(text)
+    filled = subprocess.run([*ROTATOR, "check", "-c", str(draft)], capture_output=True,
+                            text=True, timeout=60)
+    assert filled.returncode == 0, filled.stderr
+    again = subprocess.run([*ROTATOR, "scan", ".", "--policy-out", str(draft)],
+                           cwd=fleet_repo.root, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr, "never overwrites a file"
