@@ -35,6 +35,7 @@ from rotator.errors import (
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
+    KeyProbe,
     NewKey,
     PluginSettings,
     Provider,
@@ -107,7 +108,7 @@ def _prefixed(value: str | None, prefix: str, what: str, example: str) -> str | 
     return value
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(Provider, KeyProbe):
     """Revokes (sets ``inactive``) Anthropic API keys; cannot create them.
 
     Thread-safe: one ``httpx.Client`` serves every thread; the admin key is resolved on first
@@ -157,6 +158,19 @@ class AnthropicProvider(Provider):
             raise CredentialRejected(f"{self.name}: {action}: Anthropic refused the key "
                                      f"(HTTP {response.status_code} {_error_type(response)})")
         raise self._error(response, action, admin=False)
+
+    def found_credential(self, secret: Secret, companions: Mapping[str, str]
+                         ) -> CredentialInfo | None:
+        """Keys are found and revoked project-wide: no params needed."""
+        return CredentialInfo("a key found by rotator scan", "", AnthropicParams())
+
+    def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
+        """A found key is live when it can list models (the same call as ``verify``)."""
+        try:
+            self.verify(CredentialInfo("a key found by rotator scan", "", None), secret)
+        except CredentialRejected:
+            return False
+        return True
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Set ``key_id`` inactive. A key already inactive, archived, expired or unknown is

@@ -70,6 +70,7 @@ from rotator.errors import (
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
+    KeyProbe,
     NewKey,
     PluginSettings,
     Provider,
@@ -206,12 +207,14 @@ def _params(credential: CredentialInfo) -> AwsIamParams:
     return params_as(credential, AwsIamParams, "aws-iam")
 
 
-class AwsIamProvider(Provider):
+class AwsIamProvider(Provider, KeyProbe):
     """Rotates the access keys of one IAM user per credential.
 
     Thread-safe: boto3 clients are; the admin clients are built under a lock and dropped when
     AWS refuses the admin credentials, so the next call resolves them again (they may rotate).
     """
+
+    probe_companions: ClassVar[tuple[str, ...]] = ("AWS_ACCESS_KEY_ID",)
 
     type_name: ClassVar[str] = "aws-iam"
     settings_model: ClassVar[type[PluginSettings]] = AwsIamSettings
@@ -278,6 +281,39 @@ class AwsIamProvider(Provider):
         if _arn_user(arn) != user_name:
             raise CredentialRejected(f"{self.name}: access key {key_id} signs in as {arn}, not "
                                      f"as IAM user {user_name}")
+
+    def found_credential(self, secret: Secret, companions: Mapping[str, str]
+                         ) -> CredentialInfo | None:
+        """The IAM user IAM says owns the access key id found beside the secret key."""
+        key_id = companions.get("AWS_ACCESS_KEY_ID")
+        if not key_id:
+            return None
+        try:
+            with self._admin_call(f"finding the owner of access key {key_id}",
+                                  action="GetAccessKeyLastUsed",
+                                  not_found="no such access key") as iam:
+                user = iam.get_access_key_last_used(AccessKeyId=key_id).get("UserName")
+        except NotFound:
+            return None
+        if not user:
+            return None
+        return CredentialInfo("a key found by rotator scan", "", AwsIamParams(user_name=user))
+
+    def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
+        """A found secret access key is live when IAM still has its access key id (the
+        ``AWS_ACCESS_KEY_ID`` found beside it) Active for some user and STS signs in as that
+        user with the pair: ``verify``, for whichever user IAM says owns the key."""
+        key_id = companions.get("AWS_ACCESS_KEY_ID")
+        if not key_id:
+            return None
+        found = self.found_credential(secret, companions)
+        if found is None:
+            return False
+        try:
+            self.verify(found, secret, key_id=key_id)
+        except CredentialRejected:
+            return False
+        return True
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Deactivate, then delete the key, then drop its tag; a key already gone is success."""

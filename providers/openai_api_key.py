@@ -30,6 +30,7 @@ from rotator.errors import (
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
+    KeyProbe,
     NewKey,
     PluginSettings,
     Provider,
@@ -99,7 +100,7 @@ class OpenAIParams(PluginSettings):
         return value
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(Provider, KeyProbe):
     """Rotates the API keys of one service account per credential, in one OpenAI project.
 
     Thread-safe: one cached admin client serves every thread; a 401 on an admin call drops it so
@@ -208,6 +209,19 @@ class OpenAIProvider(Provider):
             credential.name,
         )
         return None
+
+    def found_credential(self, secret: Secret, companions: Mapping[str, str]
+                         ) -> CredentialInfo | None:
+        """Keys are found and revoked project-wide: no params needed."""
+        return CredentialInfo("a key found by rotator scan", "", None)
+
+    def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
+        """A found key is live when it can list models (the same call as ``verify``)."""
+        try:
+            self.verify(CredentialInfo("a key found by rotator scan", "", None), secret)
+        except CredentialRejected:
+            return False
+        return True
 
     def check_access(self) -> None:
         """Read the project and one page of its keys: the calls rotation itself depends on."""

@@ -568,6 +568,9 @@ def _leak_lines(r: dict[str, Any]) -> list[str]:
         if fate == "revoked":
             dead = ", checked dead at the provider" if old["verified_dead"] else ""
             lines.append(f"    old key {key}: revoked at {_clock(old['revoked_at'])}{dead}")
+        elif fate == "handed_over":
+            lines.append(f"    old key {key}: shared with credentials that still use it; "
+                         "revoked when the last of them has rotated")
         elif fate == "in_grace":
             lines.append(f"    old key {key}: still valid until {_clock(old['revoke_after'])} "
                          "(its grace), then revoked")
@@ -836,15 +839,18 @@ def db_current(config_path: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@verbose_option
+@config_option
 @json_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--git", "history", is_flag=True,
               help="Also every commit of the repository (deleted files included).")
+@click.option("--verify", is_flag=True,
+              help="Ask each key's service (the policy file's providers) whether it is still "
+                   "live: a live key in a file or in history is an incident.")
 @click.option("--policy-out", type=click.Path(path_type=Path), metavar="FILE",
               help="Also write a draft policy file for the keys found (never a value).")
-def scan(paths: tuple[Path, ...], history: bool, as_json: bool,
-         policy_out: Path | None) -> None:
+def scan(config_path: str | None, paths: tuple[Path, ...], history: bool, verify: bool,
+         as_json: bool, policy_out: Path | None) -> None:
     """Find plaintext keys in files and git history: which agent holds which key, where,
     and which keys several agents share (never a value: a fingerprint tells them apart)."""
     _one_shot()
@@ -854,9 +860,21 @@ def scan(paths: tuple[Path, ...], history: bool, as_json: bool,
 
         from rotator.scan import scan as run_scan
 
+        policies = _load(config_path) if verify else None
         started = time.monotonic()
         inventory = run_scan(paths, git=history)
         took = time.monotonic() - started
+        verdicts: dict[str, Any] = {}
+        if policies is not None:
+            from rotator.runtime import Runtime
+            from rotator.scan_verify import verify as verify_keys
+
+            runtime = Runtime(policies)
+            try:
+                verdicts = verify_keys(inventory, runtime)
+            finally:
+                runtime.close()
+        live = sorted({fp for fp, v in verdicts.items() if v.state == "live"})
         if policy_out is not None:
             from rotator.policy_draft import draft_policy
 
@@ -866,11 +884,14 @@ def scan(paths: tuple[Path, ...], history: bool, as_json: bool,
             _note(f"draft policy written to {policy_out}: fill in each \"FILL IN\", then "
                   f"`rotator check -c {policy_out}`")
         if as_json:
-            _print_json({"found": [f.as_json() for f in inventory.found],
-                         "files": inventory.files,
+            found = [f.as_json() for f in inventory.found]
+            if verify:
+                for entry in found:
+                    entry["verified"] = verdicts[entry["fingerprint"]].as_json()
+            _print_json({"found": found, "files": inventory.files,
                          "history_versions": inventory.history_versions,
-                         "seconds": round(took, 3)})
-            return 0
+                         "seconds": round(took, 3), "live": live if verify else None})
+            return 1 if live else 0
         from rich.table import Table
 
         keys = len({f.fingerprint for f in inventory.found})
@@ -879,15 +900,150 @@ def scan(paths: tuple[Path, ...], history: bool, as_json: bool,
                             + (f" and {inventory.history_versions} file version(s) of history"
                                if history else ""))
         for col in ("agent", "service", "type", "where", "variable", "shared by",
-                    "fingerprint"):
+                    "fingerprint", *(("verified",) if verify else ())):
             table.add_column(col)
         for f in inventory.found:
+            state = ()
+            if verify:
+                v = verdicts[f.fingerprint]
+                state = ({"live": "[bold red]LIVE[/]", "revoked": "revoked"}.get(
+                    v.state, f"unchecked: {_esc(v.why)}"),)
             table.add_row(_esc(f.agent or "-"), _esc(f.service), _esc(f.kind), _esc(f.where),
                           _esc(f.variable or "-"),
                           _esc(f"{len(f.shared_by)} agents" if f.shared_by else "-"),
-                          f.fingerprint)
+                          f.fingerprint, *state)
         _print_table(table)
-        return 0
+        if verify:
+            places = [f for f in inventory.found if f.fingerprint in live]
+            if live:
+                _warn([f"{len(live)} key(s) found are LIVE at their service ({len(places)} "
+                       "place(s)): move each into the vault with `rotator import` and let its "
+                       "first rotation revoke it, or revoke it now with `rotator revoke-found "
+                       "FINGERPRINT`"])
+            else:
+                _note("no live key: every key checked is refused by its service")
+        return 1 if live else 0
+
+    _guard(body)
+
+
+@main.command("import")
+@config_option
+@json_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--agent", help="Only the credentials this agent consumes.")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Write to the vault (default: show what would be written).")
+@click.option("--force", is_flag=True,
+              help="Replace a vault secret that holds a different key.")
+@click.option("--strip-env", is_flag=True,
+              help="Replace each imported line of a .env file with a comment saying where the "
+                   "key lives now (with --apply).")
+def import_(config_path: str | None, paths: tuple[Path, ...], agent: str | None, apply_: bool,
+            force: bool, strip_env: bool, as_json: bool) -> None:
+    """Move keys from .env files and code into the vault, one per credential.
+
+    Each credential takes its agent's key from the variable named by its field, in the files
+    under PATH... Its first rotation then gives the agent a key of its own and revokes the
+    imported one."""
+    _one_shot()
+    policies = _load(config_path)
+    chosen = _select(policies, (), agent, None)
+    creds = [c for c in policies.credentials if c.name in chosen]
+
+    def body() -> int:
+        from rotator import key_import
+        from rotator.runtime import Runtime
+        from rotator.scan import scan as run_scan
+
+        inventory = run_scan(paths)
+        by_name = {c.name: c for c in creds}
+        runtime = Runtime(policies)
+        try:
+            rows = key_import.plan_import(policies, runtime, inventory, creds, force=force)
+            if apply_:
+                key_import.apply_plan(runtime, inventory, rows, by_name)
+        finally:
+            runtime.close()
+        stripped, by_hand = (key_import.strip_env(inventory, rows, by_name, apply=apply_)
+                             if strip_env else ([], []))
+        taken = {(f.path, f.line) for row in rows for f in row.places}
+        untaken = [f for f in inventory.found if (f.path, f.line) not in taken
+                   and not (f.service == "aws" and "ACCESS_KEY_ID" in (f.variable or ""))]
+        problems = [r for r in rows if r.action in key_import.PROBLEMS]
+        if as_json:
+            _print_json({"applied": apply_, "rows": [r.as_json() for r in rows],
+                         "stripped": stripped, "remove_by_hand": by_hand,
+                         "not_imported": [f.as_json() for f in untaken]})
+            return 1 if problems else 0
+        from rich.table import Table
+
+        table = Table(title="import" if apply_ else "import (dry run: nothing written)")
+        for col in ("credential", "from", "fingerprint", "to", "action", "detail"):
+            table.add_column(col)
+        for r in rows:
+            shared = (f"; shared with {len(r.shared_with)} other credential(s): revoked once "
+                      "the last has rotated" if r.shared_with else "")
+            table.add_row(_esc(r.credential), _esc(", ".join(f.where for f in r.places) or "-"),
+                          r.fingerprint or "-", _esc(r.target),
+                          ("[red]" + r.action + "[/]") if r in problems else r.action,
+                          _esc(r.detail + shared))
+        _print_table(table)
+        for f in untaken:
+            _note(f"not imported: {f.where}: {f.variable or f.service} of "
+                  f"{f.agent or 'no agent'} ({f.service} {f.kind}): no credential in the "
+                  "policy file takes it")
+        verb = "stripped" if apply_ else "would be stripped"
+        for line in stripped:
+            _note(f"{verb}: {line}")
+        for line in by_hand:
+            _note(f"remove by hand: {line}")
+        pending = sum(r.action in ("write", "overwrite") for r in rows)
+        if not apply_ and pending:
+            _note(f"{pending} key(s) to write: run again with --apply")
+        if problems:
+            _warn([f"{len(problems)} credential(s) not imported: see their rows"])
+        return 1 if problems else 0
+
+    _guard(body)
+
+
+@main.command("revoke-found")
+@config_option
+@json_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, metavar="FINGERPRINT",
+              help="The fingerprint `rotator scan` printed for the key (repeatable).")
+@click.option("--git", "history", is_flag=True, help="Also look in the git history.")
+@click.option("--force", is_flag=True,
+              help="Revoke even a key that is still a credential's key in the vault.")
+def revoke_found_cmd(config_path: str | None, paths: tuple[Path, ...], keys: tuple[str, ...],
+                     history: bool, force: bool, as_json: bool) -> None:
+    """Revoke a key a scan found, by its fingerprint, at its service.
+
+    For a key left in PATH... or their git history (--git) that no credential rotates: one
+    only in history, a shared key nobody uses any more. Never give its value."""
+    _one_shot()
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.revoke_found import revoke_found
+        from rotator.runtime import Runtime
+        from rotator.scan import scan as run_scan
+
+        inventory = run_scan(paths, git=history)
+        runtime = Runtime(policies)
+        try:
+            outcomes = revoke_found(policies, runtime, inventory, list(keys), force=force)
+        finally:
+            runtime.close()
+        bad = [o for o in outcomes if o.state not in ("revoked", "already_dead")]
+        if as_json:
+            _print_json({"outcomes": [o.as_json() for o in outcomes]})
+        else:
+            for o in outcomes:
+                click.echo(f"{o.fingerprint}: {o.state.replace('_', ' ')}: {o.detail}")
+        return 1 if bad else 0
 
     _guard(body)
 

@@ -742,6 +742,16 @@ class Engine:
         info = self.runtime.info(cred)
         started, t0 = self.clock(), time.monotonic()
         try:
+            holders = self._still_held_by(cred, rev)
+            if holders:
+                self.store.record_revocation(
+                    rev.id, rotation.id, started, self.clock(), ok=True, handed_over=True,
+                    message=f"shared key {rev.key_id} left to {', '.join(holders)}")
+                self._emit_step(rotation, "revoke", "succeeded", t0, None)
+                log.info("%s: old key %s of rotation %s is shared and still the key of %s: "
+                         "it is revoked once the last of them has rotated", cred.name,
+                         rev.key_id, rotation.id, ", ".join(holders))
+                return True
             self._retry(provider.revoke, info, rev.key_id)
             if provider.capabilities.verify_revoked and rev.vault_version:
                 try:
@@ -773,6 +783,54 @@ class Engine:
         self._emit_step(rotation, "revoke", "succeeded", t0, None)
         log.info("%s: old key %s of rotation %s revoked", cred.name, rev.key_id, rotation.id)
         return True
+
+    def _still_held_by(self, cred: CredentialConfig, rev: Revocation) -> list[str]:
+        """Other credentials of the same provider that still use the key ``rev`` would revoke:
+        one key several agents shared before ``rotator import`` gave each a credential. It
+        dies with the revocation of the last of them, so no agent loses a key it still reads.
+
+        Costs nothing once every credential has rotated: only a credential rotator has not yet
+        rotated (no ``current_key_id``) can hold an adopted key, and only those are read."""
+        siblings = {c.name: c for c in self.policies.credentials
+                    if c.provider == cred.provider and c.name != cred.name}
+        if not siblings:
+            return []
+        # Siblings whose own revocation of this key comes after this one (by due time, then
+        # row id: one order every replica sees) will kill it; the last in that order does.
+        # Two revocations due together cannot each leave the key to the other.
+        later = sorted({r.credential for r in self.store.pending_revocations()
+                        if r.credential in siblings and r.key_id == rev.key_id
+                        and (r.not_before, r.id) > (rev.not_before, rev.id)})
+        unrotated = [s.name for s in self.store.credentials()
+                     if s.name in siblings and s.current_key_id is None]
+        if not unrotated:
+            return later
+        old = None
+        if rev.vault_version:
+            try:
+                old = self._retry(self.runtime.vault(cred.vault).read_version, cred.path,
+                                  cred.field, rev.vault_version)
+            except NotFound:
+                old = None
+        provider = self.runtime.provider(cred.provider)
+        holders = list(later)
+        for name in unrotated:
+            sib = siblings[name]
+            try:
+                current = self._retry(self.runtime.vault(sib.vault).read, sib.path, sib.field,
+                                      provider.companion_fields(self.runtime.info(sib)))
+            except NotFound:
+                continue
+            if current.secret is None or current.metadata.get("key_id"):
+                continue  # written by rotator: that credential has a key of its own
+            if old is not None:
+                same = current.secret.reveal() == old.reveal()
+            else:  # the old version is gone: ask the provider whose key it is
+                same = self._retry(provider.identify, self.runtime.info(sib), current.secret,
+                                   dict(current.companions)) == rev.key_id
+            if same:
+                holders.append(name)
+        return sorted(set(holders))
 
     @staticmethod
     def _confirm_dead(provider: Any, info: Any, old: Any, key_id: str) -> None:

@@ -22,6 +22,7 @@ from rotator.secret_ref import SecretRef
 __all__ = [
     "Capabilities",
     "CredentialInfo",
+    "KeyProbe",
     "NewKey",
     "PluginSettings",
     "Provider",
@@ -322,6 +323,30 @@ class StagedCopy:
     location: str = ""
     """Where the copy lives, in the vault's own terms (a KV path, a version label), so that an
     operator can find and delete it; never a value."""
+
+
+class KeyProbe(ABC):
+    """Optional for a provider: say whether the service still accepts a key found outside any
+    vault, knowing nothing of the credential it belonged to (``rotator scan --verify`` asks of
+    every key found in files and git history: a revoked key there is harmless, a live one is an
+    incident). Discovered by type: ``isinstance(provider, KeyProbe)``."""
+
+    probe_companions: ClassVar[tuple[str, ...]] = ()
+    """Variables found beside the key that the probe needs (an AWS secret key's access key
+    id); ``scan`` passes their values from the same file."""
+
+    @abstractmethod
+    def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
+        """True: the service accepts the key; False: it refuses it (revoked, deleted, never
+        issued); None: cannot tell (a companion is missing). Raises ``TransientError`` when
+        the service cannot be asked now, ``PermanentError`` when the admin access is wrong."""
+
+    def found_credential(self, secret: Secret, companions: Mapping[str, str]
+                         ) -> CredentialInfo | None:
+        """A credential under which ``identify`` and ``revoke`` act on this found key
+        (``rotator revoke-found``), with params the service itself tells (the IAM user owning
+        an access key); None when only the operator's policy can say (default)."""
+        return None
 
 
 class WriteAccessCheck(ABC):

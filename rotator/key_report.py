@@ -19,10 +19,11 @@ from rotator.state.store import StateStore
 
 __all__ = ["key_report", "old_keys_live"]
 
-FATES = ("revoked", "in_grace", "revoke_failing", "manual", "current", "none")
-"""``old_key.fate``: revoked; still valid until its grace ends; its revocation keeps failing;
-to be revoked by hand (rotator could not identify it); still the agent's key (the rotation
-failed before replacing it); there was no key before."""
+FATES = ("revoked", "handed_over", "in_grace", "revoke_failing", "manual", "current", "none")
+"""``old_key.fate``: revoked; handed over (a key several credentials shared: the revocation of
+the last one still using it kills it); still valid until its grace ends; its revocation keeps
+failing; to be revoked by hand (rotator could not identify it); still the agent's key (the
+rotation failed before replacing it); there was no key before."""
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -30,6 +31,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _revocation_fate(rev: Revocation, verifies: bool) -> dict[str, Any]:
+    if rev.status == "handed_over":  # a shared key: the last credential to move revokes it
+        return {"fate": "handed_over", "handed_over_at": _iso(rev.done_at)}
     if rev.status == "done":
         return {"fate": "revoked", "revoked_at": _iso(rev.done_at),
                 "verified_dead": verifies and rev.vault_version is not None}

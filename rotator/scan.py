@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rotator.errors import PermanentError
+from rotator.interfaces import Secret
 
 __all__ = ["Found", "Inventory", "scan"]
 
@@ -80,6 +81,20 @@ class Inventory:
     found: list[Found] = field(default_factory=list)
     files: int = 0
     history_versions: int = 0
+    paths: dict[str, Path] = field(default_factory=dict)
+    """A found key's ``path`` (relative, as reported) -> the file scanned there."""
+    secrets: dict[str, Secret] = field(default_factory=dict, repr=False)
+    """fingerprint -> the value, as a ``Secret``: for ``--verify`` and ``rotator import``, in
+    this process only (never printed, never in ``as_json``)."""
+
+    def value_of(self, found: Found) -> Secret:
+        return self.secrets[found.fingerprint]
+
+    def beside(self, found: Found, variable: str) -> Found | None:
+        """The key assigned to ``variable`` in the same file (and commit) as ``found``: the
+        access key id found beside an AWS secret key."""
+        return next((f for f in self.found if f.variable == variable and f.path == found.path
+                     and f.commit == found.commit and f is not found), None)
 
 
 def fingerprint(value: str) -> str:
@@ -206,14 +221,17 @@ def scan(paths: Iterable[Path], *, git: bool = False) -> Inventory:
             data = path.read_bytes()
             inventory.files += 1
             rel = path.relative_to(base)
+            inventory.paths[str(rel)] = path
             lines = data.decode("utf-8", "replace").splitlines()
             for rule, value, line, column in _findings(scanner, data, lines):
                 if (fingerprint(value), str(rel), line) not in seen:
                     seen.add((fingerprint(value), str(rel), line))
+                    inventory.secrets[fingerprint(value)] = Secret(value)
                     inventory.found.append(_found(rule, value, rel, lines, line, column))
             known = {line for _fp, path_, line in seen if path_ == str(rel)}
             for value, line in _env_secrets(rel, lines, known):
                 seen.add((fingerprint(value), str(rel), line))
+                inventory.secrets[fingerprint(value)] = Secret(value)
                 inventory.found.append(_found(ENV_RULE, value, rel, lines, line, 0))
     if git:
         in_tree = {f.fingerprint for f in inventory.found}
@@ -246,6 +264,7 @@ def _scan_history(scanner: Any, root: Path, in_tree: set[str], inventory: Invent
             fp = fingerprint(value)
             if fp in in_tree or (fp, str(rel), line) in places:
                 continue
+            inventory.secrets[fp] = Secret(value)
             places[fp, str(rel), line] = _found(rule, value, rel, lines, line, column,
                                                 commit=commits[0] or "unknown")
     inventory.found.extend(places.values())

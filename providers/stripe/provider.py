@@ -28,10 +28,11 @@ from providers.stripe.api_keys import ApiKeys
 from providers.stripe.client import StripeAccount, quiet_sdk_debug_logs
 from providers.stripe.settings import StripeParams, StripeSettings, params_of
 from providers.stripe.webhooks import WebhookSecrets
-from rotator.errors import RotatorError, TransientError
+from rotator.errors import CredentialRejected, RotatorError, TransientError
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
+    KeyProbe,
     NewKey,
     PluginSettings,
     Provider,
@@ -44,7 +45,7 @@ __all__ = ["StripeParams", "StripeProvider", "StripeSettings", "quiet_sdk_debug_
 log = logging.getLogger(__name__)
 
 
-class StripeProvider(Provider):
+class StripeProvider(Provider, KeyProbe):
     """Rotates webhook signing secrets and API keys of one Stripe account.
 
     Thread-safe: every call goes through the one :class:`StripeAccount`, whose cached clients
@@ -86,6 +87,17 @@ class StripeProvider(Provider):
         """API key: read the balance with it. Webhook secret: its endpoint is still live."""
         params = params_of(credential)
         self._kind(params).verify(credential, params, secret, key_id)
+
+    def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
+        """A found secret or restricted key is live when Stripe authenticates it (``verify``
+        of an API key: reading the balance)."""
+        params = StripeParams(kind="api_key", key_name="a key found by rotator scan")
+        found = CredentialInfo("a key found by rotator scan", "", params)
+        try:
+            self._kind(params).verify(found, params, secret, None)
+        except CredentialRejected:
+            return False
+        return True
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Delete the endpoint / expire the key; already gone is success. Refuses an id that

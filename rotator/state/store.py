@@ -522,12 +522,15 @@ class StateStore:
 
     def record_revocation(self, revocation_id: int, rotation_id: str, started: datetime,
                           now: datetime, *, ok: bool, message: str,
-                          retry_at: datetime | None = None) -> None:
-        """A revocation attempt's outcome and its step row, in one transaction."""
+                          retry_at: datetime | None = None, handed_over: bool = False
+                          ) -> None:
+        """A revocation attempt's outcome and its step row, in one transaction.
+        ``handed_over``: the key is shared and another credential's revocation will kill it."""
         revs = _REVOCATIONS
         values: dict[str, Any] = {"attempts": revs.c.attempts + 1}
         if ok:
-            values.update(status="done", done_at=now, last_error=None)
+            values.update(status="handed_over" if handed_over else "done", done_at=now,
+                          last_error=None)
         else:
             values["last_error"] = message
             if retry_at is not None:
