@@ -173,8 +173,9 @@ def strip_env(inventory: Inventory, rows: list[ImportRow],
     edits: dict[Path, dict[int, str]] = defaultdict(dict)
     stripped: list[str] = []
     by_hand: list[str] = []
+    imported = ("written", "unchanged") if apply else ("write", "overwrite", "unchanged")
     for row in rows:
-        if row.action not in ("written", "unchanged"):
+        if row.action not in imported:
             continue
         cred = credentials[row.credential]
         for place in row.places:
