@@ -120,6 +120,17 @@ def main() -> None:
         print(f"kingfisher on {args.files} generated files: {len(found)} finding(s) "
               f"({args.files // 500 + (1 if args.files % 500 else 0)} planted), "
               f"{time.perf_counter() - t0:.1f} s")
+        # What the operator waits for: `rotator scan` itself (agents, sharing, fingerprints,
+        # the .env heuristic on top of the engine), in process.
+        from rotator.scan import scan
+
+        for label, root, git in (("fixture tree", repo, False), ("fixture --git", repo, True),
+                                 (f"{args.files} generated files", big, False)):
+            t0 = time.perf_counter()
+            inventory = scan([root], git=git)
+            print(f"rotator scan, {label}: {len(inventory.found)} place(s), "
+                  f"{len({f.fingerprint for f in inventory.found})} key(s), "
+                  f"{inventory.files} file(s), {time.perf_counter() - t0:.2f} s")
 
 
 if __name__ == "__main__":
