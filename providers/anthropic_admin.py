@@ -43,7 +43,7 @@ from rotator.interfaces import (
     SecretRef,
     SecretResolver,
 )
-from rotator.plugin_support import params_as, remote_message
+from rotator.plugin_support import FOUND_KEY, accepted, params_as, remote_message
 
 if TYPE_CHECKING:
     import httpx
@@ -162,15 +162,11 @@ class AnthropicProvider(Provider, KeyProbe):
     def found_credential(self, secret: Secret, companions: Mapping[str, str]
                          ) -> CredentialInfo | None:
         """Keys are found and revoked project-wide: no params needed."""
-        return CredentialInfo("a key found by rotator scan", "", AnthropicParams())
+        return CredentialInfo(FOUND_KEY, "", AnthropicParams())
 
     def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
         """A found key is live when it can list models (the same call as ``verify``)."""
-        try:
-            self.verify(CredentialInfo("a key found by rotator scan", "", None), secret)
-        except CredentialRejected:
-            return False
-        return True
+        return accepted(self, secret)
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Set ``key_id`` inactive. A key already inactive, archived, expired or unknown is

@@ -77,7 +77,7 @@ from rotator.interfaces import (
     Secret,
     SecretResolver,
 )
-from rotator.plugin_support import params_as
+from rotator.plugin_support import FOUND_KEY, accepted, params_as
 
 __all__ = ["AwsIamParams", "AwsIamProvider", "AwsIamSettings"]
 
@@ -297,7 +297,7 @@ class AwsIamProvider(Provider, KeyProbe):
             return None
         if not user:
             return None
-        return CredentialInfo("a key found by rotator scan", "", AwsIamParams(user_name=user))
+        return CredentialInfo(FOUND_KEY, "", AwsIamParams(user_name=user))
 
     def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
         """A found secret access key is live when IAM still has its access key id (the
@@ -309,11 +309,7 @@ class AwsIamProvider(Provider, KeyProbe):
         found = self.found_credential(secret, companions)
         if found is None:
             return False
-        try:
-            self.verify(found, secret, key_id=key_id)
-        except CredentialRejected:
-            return False
-        return True
+        return accepted(self, secret, found.params, key_id=key_id)
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Deactivate, then delete the key, then drop its tag; a key already gone is success."""

@@ -40,6 +40,8 @@ from rotator.interfaces import (
     key_name_for,
 )
 from rotator.plugin_support import (
+    FOUND_KEY,
+    accepted,
     classify_status,
     params_as,
     remote_message,
@@ -213,15 +215,11 @@ class OpenAIProvider(Provider, KeyProbe):
     def found_credential(self, secret: Secret, companions: Mapping[str, str]
                          ) -> CredentialInfo | None:
         """Keys are found and revoked project-wide: no params needed."""
-        return CredentialInfo("a key found by rotator scan", "", None)
+        return CredentialInfo(FOUND_KEY, "", None)
 
     def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
         """A found key is live when it can list models (the same call as ``verify``)."""
-        try:
-            self.verify(CredentialInfo("a key found by rotator scan", "", None), secret)
-        except CredentialRejected:
-            return False
-        return True
+        return accepted(self, secret)
 
     def check_access(self) -> None:
         """Read the project and one page of its keys: the calls rotation itself depends on."""

@@ -17,8 +17,14 @@ from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 from rotator import redaction
-from rotator.errors import NotFound, PermanentError, RotatorError, TransientError
-from rotator.interfaces import CredentialInfo, PluginSettings
+from rotator.errors import (
+    CredentialRejected,
+    NotFound,
+    PermanentError,
+    RotatorError,
+    TransientError,
+)
+from rotator.interfaces import CredentialInfo, PluginSettings, Provider, Secret
 
 __all__ = [
     "MAX_REMOTE_MESSAGE",
@@ -128,3 +134,19 @@ def classify_status(status: int, *, prefix: str, detail: str, service: str,
 def same_text(a: str, b: str) -> bool:
     """Whether two secret values are equal, compared in constant time."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+FOUND_KEY = "a key found by rotator scan"
+"""The credential name a found key is checked under (it belongs to no credential yet)."""
+
+
+def accepted(provider: Provider, secret: Secret, params: object = None,
+             key_id: str | None = None) -> bool:
+    """``KeyProbe.probe`` for a provider whose ``verify`` judges the key by itself: True when
+    the service accepts it, False when it refuses it; other errors propagate."""
+    try:
+        provider.verify(CredentialInfo(FOUND_KEY, "", params), secret, key_id=key_id)
+    except CredentialRejected:
+        return False
+    return True
+

@@ -11,30 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support import ENV_AGENT as AGENT
 from tests.support import ROTATOR, make_fleet, wait_for
-
-# An agent: calls the provider with the key from its environment every 0.1 s and records each
-# answer (and which key, by digest) in a JSON-lines file; a signal is recorded too, and SIGTERM
-# makes it exit 3.
-AGENT = r'''
-import hashlib, json, os, signal, sys, time, urllib.request, urllib.error
-log = open(sys.argv[1], "a", buffering=1)
-key = os.environ["OPENAI_API_KEY"]
-digest = hashlib.sha256(key.encode()).hexdigest()
-signal.signal(signal.SIGHUP, lambda *_: log.write(json.dumps({"signal": "HUP"}) + "\n"))
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
-log.write(json.dumps({"started": digest}) + "\n")
-while True:
-    request = urllib.request.Request(sys.argv[2] + "/models",
-                                     headers={"Authorization": "Bearer " + key})
-    try:
-        urllib.request.urlopen(request, timeout=5).read()
-        ok = True
-    except urllib.error.HTTPError as exc:
-        ok = exc.code != 401
-    log.write(json.dumps({"ok": ok, "key": digest}) + "\n")
-    time.sleep(0.1)
-'''
 
 
 def _digest(value: str) -> str:

@@ -28,30 +28,12 @@ from rotator.scan import fingerprint
 from rotator.testing.fleet_repo import AGENTS, FleetRepo, build_fleet_repo
 from rotator.testing.moto_server import REGION
 from tests.harnesses.aws import admin_env, admin_refs
-from tests.support import ROTATOR, wait_for
+from tests.support import ENV_AGENT, ROTATOR, wait_for
 
 pytestmark = pytest.mark.slow
 PREFIX = "migration"
 """Where this test's secrets live in the session's OpenBao (the draft says agents/...)."""
 
-# An agent that calls OpenAI with the key in its environment every 0.1 s and records each answer.
-AGENT = r'''
-import hashlib, json, os, sys, time, urllib.request, urllib.error
-log = open(sys.argv[1], "a", buffering=1)
-key = os.environ["OPENAI_API_KEY"]
-digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-log.write(json.dumps({"started": digest}) + "\n")
-while True:
-    request = urllib.request.Request(sys.argv[2] + "/models",
-                                     headers={"Authorization": "Bearer " + key})
-    try:
-        urllib.request.urlopen(request, timeout=5).read()
-        ok = True
-    except urllib.error.HTTPError as exc:
-        ok = exc.code != 401
-    log.write(json.dumps({"ok": ok, "key": digest}) + "\n")
-    time.sleep(0.1)
-'''
 
 
 class Operator:
@@ -217,7 +199,7 @@ def test_a_fleet_of_env_files_migrates_to_rotated_keys_with_every_old_key_revoke
 
         # 3. The agents read the vault through rotator exec --watch; then rotator run.
         script = tmp_path / "agent.py"
-        script.write_text(AGENT)
+        script.write_text(ENV_AGENT)
         for i in range(AGENTS):
             agents.append(op.popen("exec", "-c", str(config), "--agent", f"agent-{i:02d}",
                                    "--watch", "--restart", "--poll", "1s", "--", sys.executable,

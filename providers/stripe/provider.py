@@ -28,7 +28,7 @@ from providers.stripe.api_keys import ApiKeys
 from providers.stripe.client import StripeAccount, quiet_sdk_debug_logs
 from providers.stripe.settings import StripeParams, StripeSettings, params_of
 from providers.stripe.webhooks import WebhookSecrets
-from rotator.errors import CredentialRejected, RotatorError, TransientError
+from rotator.errors import RotatorError, TransientError
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
@@ -39,6 +39,7 @@ from rotator.interfaces import (
     Secret,
     SecretResolver,
 )
+from rotator.plugin_support import FOUND_KEY, accepted
 
 __all__ = ["StripeParams", "StripeProvider", "StripeSettings", "quiet_sdk_debug_logs"]
 
@@ -91,13 +92,7 @@ class StripeProvider(Provider, KeyProbe):
     def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
         """A found secret or restricted key is live when Stripe authenticates it (``verify``
         of an API key: reading the balance)."""
-        params = StripeParams(kind="api_key", key_name="a key found by rotator scan")
-        found = CredentialInfo("a key found by rotator scan", "", params)
-        try:
-            self._kind(params).verify(found, params, secret, None)
-        except CredentialRejected:
-            return False
-        return True
+        return accepted(self, secret, StripeParams(kind="api_key", key_name=FOUND_KEY))
 
     def revoke(self, credential: CredentialInfo, key_id: str) -> None:
         """Delete the endpoint / expire the key; already gone is success. Refuses an id that
