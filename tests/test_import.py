@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -65,7 +66,14 @@ def openai_fleet(tmp_path, openbao, fake_openai):
                        "params": {"service_account_id": fake_openai.add_service_account(
                            project, name=a)}} for a in keys])
     env = {**os.environ, "VAULT_TOKEN": openbao.root_token}
-    return repo, config, env, keys, prefix
+    yield repo, config, env, keys, prefix
+    _forget(repo)
+
+
+def _forget(repo: Path) -> None:
+    """The repository holds plaintext keys on purpose; the session's leak scan must not find
+    them (an operator deletes the .env files too)."""
+    shutil.rmtree(repo, ignore_errors=True)
 
 
 def test_import_never_replaces_a_different_key_without_force(tmp_path, openbao, openai_fleet):
@@ -148,6 +156,14 @@ def test_import_into_aws_secrets_manager_with_the_access_key_id_beside(
                          "path": f"agents/{user}/aws", "field": "AWS_SECRET_ACCESS_KEY",
                          "interval": "90d", "params": {"user_name": user}}]}))
     env = {**os.environ, **admin_env(moto_server)}
+    try:
+        _import_and_rotate_aws(env, tmp_path, config, repo, moto_server, iam, user, pair)
+    finally:
+        _forget(repo)
+
+
+def _import_and_rotate_aws(env: dict[str, str], tmp_path: Path, config: Path, repo: Path,
+                           moto_server: Any, iam: Any, user: str, pair: dict[str, str]) -> None:
     result = _run(env, tmp_path, "import", "-c", str(config), str(repo), "--apply")
     assert result.returncode == 0, result.stdout
     assert pair["SecretAccessKey"] not in result.stdout
