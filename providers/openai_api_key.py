@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
@@ -37,6 +38,8 @@ from rotator.interfaces import (
     Secret,
     SecretRef,
     SecretResolver,
+    UsageBucket,
+    UsageReport,
     key_name_for,
 )
 from rotator.plugin_support import (
@@ -102,7 +105,7 @@ class OpenAIParams(PluginSettings):
         return value
 
 
-class OpenAIProvider(Provider, KeyProbe):
+class OpenAIProvider(Provider, KeyProbe, UsageReport):
     """Rotates the API keys of one service account per credential, in one OpenAI project.
 
     Thread-safe: one cached admin client serves every thread; a 401 on an admin call drops it so
@@ -220,6 +223,44 @@ class OpenAIProvider(Provider, KeyProbe):
     def probe(self, secret: Secret, companions: Mapping[str, str]) -> bool | None:
         """A found key is live when it can list models (the same call as ``verify``)."""
         return accepted(self, secret)
+
+    usage_key_batch: ClassVar[int] = 100
+    """Key ids asked for per usage request (they travel in the query string)."""
+
+    def usage(self, key_ids: Sequence[str], start: datetime, end: datetime,
+              width: timedelta) -> list[UsageBucket]:
+        """Completions usage of the project's keys, grouped by ``api_key_id``
+        (``GET /v1/organization/usage/completions``), every page followed."""
+        names = {timedelta(minutes=1): "1m", timedelta(hours=1): "1h", timedelta(days=1): "1d"}
+        if width not in names:
+            raise PermanentError(f"{self.name}: OpenAI reports usage in 1m, 1h or 1d buckets")
+        client = self._admin_client()
+        limit = {"1m": 1440, "1h": 168, "1d": 31}[names[width]]
+        out: list[UsageBucket] = []
+        for i in range(0, len(key_ids), self.usage_key_batch):
+            batch = list(key_ids[i:i + self.usage_key_batch])
+            page: str | None = None
+            while True:
+                with self._boundary("reading the project's usage", client=client):
+                    answer = client.admin.organization.usage.completions(
+                        start_time=int(start.timestamp()), end_time=int(end.timestamp()),
+                        bucket_width=names[width],  # type: ignore[arg-type]
+                        group_by=["api_key_id"], api_key_ids=batch,
+                        project_ids=[self.config.project_id], limit=limit,
+                        **({"page": page} if page else {}))
+                for bucket in answer.data:
+                    begins = datetime.fromtimestamp(bucket.start_time, UTC)
+                    for r in bucket.results:
+                        key_id = getattr(r, "api_key_id", None)
+                        requests = int(getattr(r, "num_model_requests", 0) or 0)
+                        if key_id and requests:
+                            tokens = int(getattr(r, "input_tokens", 0) or 0) + \
+                                int(getattr(r, "output_tokens", 0) or 0)
+                            out.append(UsageBucket(key_id, begins, width, requests, tokens))
+                page = answer.next_page if answer.has_more else None
+                if not page:
+                    break
+        return out
 
     def check_access(self) -> None:
         """Read the project and one page of its keys: the calls rotation itself depends on."""

@@ -12,6 +12,7 @@ import hmac
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -31,6 +32,8 @@ __all__ = [
     "SecretResolver",
     "StagedCopy",
     "StagingInventory",
+    "UsageBucket",
+    "UsageReport",
     "Vault",
     "VaultValue",
     "WriteAccessCheck",
@@ -323,6 +326,38 @@ class StagedCopy:
     location: str = ""
     """Where the copy lives, in the vault's own terms (a KV path, a version label), so that an
     operator can find and delete it; never a value."""
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """What one key did in one time bucket, as the provider reports it (never a value)."""
+
+    key_id: str
+    start: datetime
+    """Start of the bucket, aware UTC; the bucket is ``[start, start + width)``."""
+    width: timedelta
+    requests: int
+    tokens: int | None = None
+    """Input plus output tokens, where the provider counts them."""
+    cost: float | None = None
+    """Spend in the provider's currency (USD), where the provider reports it per key."""
+
+
+class UsageReport(ABC):
+    """Optional for a provider: per-key usage from the service's own records, which the
+    daemon polls for ``rotator usage``, the per-key metrics and the misuse rules. Discovered
+    by type: ``isinstance(provider, UsageReport)``."""
+
+    usage_widths: ClassVar[tuple[timedelta, ...]] = (timedelta(minutes=1), timedelta(hours=1))
+    """Bucket widths the service can report, finest first."""
+
+    @abstractmethod
+    def usage(self, key_ids: Sequence[str], start: datetime, end: datetime,
+              width: timedelta) -> list[UsageBucket]:
+        """Buckets of ``width`` (one of ``usage_widths``) from ``start`` to ``end`` for each
+        of ``key_ids`` (a provider-wide question: one call serves every credential), only
+        those with use. Raises ``TransientError`` (rate limited: the poller backs off) or
+        ``PermanentError`` (the admin key may not read usage), like every provider call."""
 
 
 class KeyProbe(ABC):

@@ -11,6 +11,7 @@ where OpenAI itself hands the value out.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import re
@@ -19,10 +20,14 @@ import string
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from rotator.testing.fake_server import ApiError, JsonApiFake, Request, bearer, random_text
 
 __all__ = ["FakeOpenAIServer", "service_account_key_value"]
+
+_BUCKETS = {"1m": (60, 60, 1440), "1h": (3600, 24, 168), "1d": (86400, 7, 31)}
+"""``bucket_width`` -> (seconds, default limit, maximum limit), as the Usage API documents."""
 
 _ALNUM = string.ascii_letters + string.digits
 _DEFAULT_LIMIT = 20
@@ -45,6 +50,19 @@ def _mask_for_error(value: str) -> str:
     if len(value) <= 12:
         return "*" * len(value)
     return f"{value[:8]}{'*' * 20}{value[-4:]}"
+
+
+@dataclass(frozen=True)
+class _Use:
+    """Model requests one key made at one moment (what the Usage API aggregates)."""
+
+    at: float
+    key_id: str
+    project_id: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    model: str
 
 
 @dataclass
@@ -159,6 +177,8 @@ class FakeOpenAIServer(JsonApiFake):
     tcp_nodelay = False  # keeps its ~40 ms a response, which bench/ figures were measured with
     routes = [
         ("GET", re.compile(r"/v1/models"), "_list_models"),
+        ("POST", re.compile(r"/v1/chat/completions"), "_chat_completion"),
+        ("GET", re.compile(r"/v1/organization/usage/completions"), "_usage_completions"),
         ("GET", re.compile(_PROJECT), "_get_project"),
         ("GET", re.compile(rf"{_PROJECT}/service_accounts/(?P<sa_id>[^/]+)"),
          "_get_service_account"),
@@ -178,6 +198,7 @@ class FakeOpenAIServer(JsonApiFake):
         self._service_accounts: dict[str, _ServiceAccount] = {}
         self._keys: dict[str, _Key] = {}  # insertion order is listing order
         self._by_value: dict[str, str] = {}
+        self._uses: list[_Use] = []
 
     @property
     def base_url(self) -> str:
@@ -217,6 +238,15 @@ class FakeOpenAIServer(JsonApiFake):
         with self._lock:
             key = self._mint(project_id, service_account_id, name, value=value)
         return key.id, key.value
+
+    def record_usage(self, key_id: str, at: float, requests: int = 1, input_tokens: int = 0,
+                     output_tokens: int = 0, model: str = "gpt-4o-mini") -> None:
+        """Usage of ``key_id`` at ``at`` (Unix seconds), as if its holder had made the calls
+        then: synthetic traffic for baselines, without waiting days."""
+        with self._lock:
+            key = self._keys[key_id]
+            self._uses.append(_Use(at, key.id, key.project_id, requests, input_tokens,
+                                   output_tokens, model))
 
     def is_valid(self, value: str) -> bool:
         """Whether ``GET /v1/models`` would accept ``value`` right now."""
@@ -263,11 +293,12 @@ class FakeOpenAIServer(JsonApiFake):
         handler_name, groups = self.route(request)
         authorization = request.headers.get("authorization")
         with self._lock:
-            if handler_name != "_list_models":
+            if handler_name not in ("_list_models", "_chat_completion"):
                 self._check_admin(authorization)
             handler = getattr(self, handler_name)
             return 200, handler(authorization=authorization, query=request.query,
-                                body=_parse_body(request.raw_body), **groups)
+                                body=_parse_body(request.raw_body), target=request.target,
+                                **groups)
 
     # The handlers below run with self._lock held.
 
@@ -311,6 +342,108 @@ class FakeOpenAIServer(JsonApiFake):
                 for m in _MODELS
             ],
         }
+
+    def _chat_completion(self, authorization: str | None, body: dict[str, Any],
+                         **_: Any) -> Any:
+        """A completion (its text is fixed): what the Usage API counts, per key."""
+        token = bearer(authorization)
+        if token is None:
+            raise _ApiError(401, "You didn't provide an API key.")
+        key = self._lookup_value(token)
+        now = time.time()
+        if key is None or not key.usable(now):
+            raise _invalid_key(token)
+        key.last_used_at = int(now)
+        model = body.get("model") or "gpt-4o-mini"
+        prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages") or []
+                     if isinstance(m, dict))
+        use = _Use(now, key.id, key.project_id, 1, max(1, prompt // 4), 8, str(model))
+        self._uses.append(use)
+        return {"id": _random_id("chatcmpl-"), "object": "chat.completion",
+                "created": int(now), "model": use.model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": use.input_tokens,
+                          "completion_tokens": use.output_tokens,
+                          "total_tokens": use.input_tokens + use.output_tokens}}
+
+    def _usage_completions(self, query: dict[str, str], target: str, **_: Any) -> Any:
+        """``GET /v1/organization/usage/completions``: buckets of ``bucket_width`` from
+        ``start_time`` (inclusive) to ``end_time`` (exclusive, default now), ``limit`` a page,
+        ``page`` the cursor; grouped by ``group_by`` fields, filtered by ``api_key_ids``,
+        ``project_ids`` and ``models`` (arrays as ``name[]=`` or repeated ``name=``)."""
+        every = parse_qs(urlsplit(target).query)
+
+        def many(name: str) -> list[str]:
+            return every.get(f"{name}[]", []) + every.get(name, [])
+
+        def number(name: str, default: int | None = None) -> int:
+            text = query.get(name)
+            if text is None:
+                if default is None:
+                    raise _ApiError(400, f"Missing required parameter: '{name}'.", param=name)
+                return default
+            try:
+                return int(text)
+            except ValueError:
+                raise _ApiError(400, f"Invalid '{name}': expected an integer.",
+                                param=name) from None
+
+        width_name = query.get("bucket_width", "1d")
+        if width_name not in _BUCKETS:
+            raise _ApiError(400, "Invalid 'bucket_width': expected one of 1m, 1h, 1d.",
+                            param="bucket_width")
+        width, default_limit, max_limit = _BUCKETS[width_name]
+        start = number("start_time")
+        end = number("end_time", int(time.time()) + 1)
+        limit = number("limit", default_limit)
+        if not 1 <= limit <= max_limit:
+            raise _ApiError(400, f"Invalid 'limit': must be between 1 and {max_limit} for "
+                            f"bucket_width={width_name}.", param="limit")
+        groups = many("group_by")
+        allowed = {"project_id", "user_id", "api_key_id", "model", "batch", "service_tier",
+                   "api_source"}
+        if set(groups) - allowed:
+            raise _ApiError(400, "Invalid 'group_by'.", param="group_by")
+        keys, projects, models = set(many("api_key_ids")), set(many("project_ids")), \
+            set(many("models"))
+        first = start - start % width
+        starts = list(range(first, end, width))
+        offset = 0
+        if query.get("page"):
+            try:
+                offset = int(base64.b64decode(query["page"]).decode())
+            except ValueError:
+                raise _ApiError(400, "Invalid 'page'.", param="page") from None
+        page = starts[offset:offset + limit]
+        uses = [u for u in self._uses if (not keys or u.key_id in keys)
+                and (not projects or u.project_id in projects)
+                and (not models or u.model in models) and start <= u.at < end]
+        data = []
+        for bucket in page:
+            totals: dict[tuple[Any, ...], list[int]] = {}
+            for u in uses:
+                if bucket <= u.at < bucket + width:
+                    group = (u.project_id if "project_id" in groups else None,
+                             u.key_id if "api_key_id" in groups else None,
+                             u.model if "model" in groups else None)
+                    t = totals.setdefault(group, [0, 0, 0])
+                    t[0] += u.requests
+                    t[1] += u.input_tokens
+                    t[2] += u.output_tokens
+            data.append({"object": "bucket", "start_time": bucket, "end_time": bucket + width,
+                         "results": [{
+                             "object": "organization.usage.completions.result",
+                             "input_tokens": t[1], "output_tokens": t[2],
+                             "input_cached_tokens": 0, "input_audio_tokens": 0,
+                             "output_audio_tokens": 0, "num_model_requests": t[0],
+                             "project_id": g[0], "user_id": None, "api_key_id": g[1],
+                             "model": g[2], "batch": None}
+                             for g, t in totals.items()]})
+        more = offset + limit < len(starts)
+        return {"object": "page", "data": data, "has_more": more,
+                "next_page": base64.b64encode(str(offset + limit).encode()).decode()
+                if more else None}
 
     def _get_project(self, project_id: str, **_: Any) -> Any:
         project = self._project(project_id)
