@@ -224,6 +224,8 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport):
         """A found key is live when it can list models (the same call as ``verify``)."""
         return accepted(self, secret)
 
+    usage_widths: ClassVar[tuple[timedelta, ...]] = (
+        timedelta(minutes=1), timedelta(hours=1), timedelta(days=1))
     usage_key_batch: ClassVar[int] = 100
     """Key ids asked for per usage request (they travel in the query string)."""
 

@@ -667,6 +667,73 @@ def history(config_path: str | None, as_json: bool, names: tuple[str, ...], agen
     _guard(body)
 
 
+@main.command()
+@config_option
+@json_option
+@filter_options
+@click.option("--since", default="24h", show_default=True, metavar="TIME|DURATION",
+              help="From when: an ISO time, or a duration meaning that long ago.")
+@click.option("--until", default=None, metavar="TIME|DURATION",
+              help="Up to when (default now): an ISO time, or a duration meaning that long ago.")
+@click.option("--width", type=click.Choice(["1m", "1h", "1d"]), default="1h",
+              show_default=True, help="Bucket width.")
+@click.option("--key-id", metavar="KEY", help="Only this key (an id from status or history).")
+def usage(config_path: str | None, as_json: bool, names: tuple[str, ...], agent: str | None,
+          provider: str | None, since: str, until: str | None, width: str,
+          key_id: str | None) -> None:
+    """What each key did (current, old, revoked), per bucket, from the provider's records.
+
+    Step 3 of the leak runbook: a key's calls after it was replaced are not its agent's."""
+    _one_shot()
+    policies = _load(config_path)
+    chosen = _select(policies, names, agent, provider)
+    creds = [c for c in policies.credentials if c.name in chosen]
+    start = _parse_since(since)
+    end = _parse_since(until, "--until") if until is not None else _now()
+    if end <= start:
+        _fail("--until must be after --since")
+
+    def body() -> int:
+        from rotator.key_usage import WIDTHS, usage_of
+        from rotator.service import open_context
+
+        with open_context(policies, create=False) as ctx:
+            keys = usage_of(ctx.runtime, ctx.store, creds, start, end, WIDTHS[width],
+                            key_id=key_id)
+        if key_id is not None and not keys:
+            _fail(f"--key-id: {key_id} is not a key rotator knows for the credentials chosen "
+                  "(`rotator history` lists old and new key ids)")
+        if as_json:
+            _print_json({"since": start.isoformat().replace("+00:00", "Z"), "width": width,
+                         "keys": [k.as_json() for k in keys]})
+            return 0
+        from rich.table import Table
+
+        table = Table(title=f"usage since {_when(start.isoformat())}, {width} buckets")
+        for col in ("credential", "key", "role", "bucket", "requests", "tokens", "note"):
+            table.add_column(col)
+        for k in keys:
+            role = k.role + (f" (replaced {_when(k.replaced_at.isoformat())})"
+                             if k.replaced_at else "")
+            if not k.buckets:
+                table.add_row(_esc(k.credential), _esc(k.key_id), role, "-", "0", "-", "")
+            for b in k.buckets:
+                after = k.replaced_at is not None and b.start >= k.replaced_at
+                table.add_row(_esc(k.credential), _esc(k.key_id), role,
+                              _when(b.start.isoformat()), str(b.requests),
+                              str(b.tokens) if b.tokens is not None else "-",
+                              "[bold red]after replacement: not its agent[/]" if after else "")
+        _print_table(table)
+        misused = [k for k in keys if k.used_after_replacement()]
+        if misused:
+            _warn([f"{k.credential}: key {k.key_id} made {k.used_after_replacement()} "
+                   f"request(s) after it was replaced: someone else holds it"
+                   for k in misused])
+        return 0
+
+    _guard(body)
+
+
 @main.group()
 def audit() -> None:
     """The audit trail: check its hash chain, export it as JSON lines."""
@@ -707,7 +774,7 @@ def audit_verify(config_path: str | None, as_json: bool) -> None:
     _guard(body)
 
 
-def _parse_since(text: str) -> datetime:
+def _parse_since(text: str, option: str = "--since") -> datetime:
     """An ISO time (naive means UTC) or a duration meaning that long ago (``7d``)."""
     from rotator.durations import parse_duration
 
@@ -718,7 +785,7 @@ def _parse_since(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        _fail(f"--since: {text!r} is neither an ISO time (2026-11-01T00:00:00Z) nor a "
+        _fail(f"{option}: {text!r} is neither an ISO time (2026-11-01T00:00:00Z) nor a "
               "duration meaning that long ago (7d, 12h)")
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
