@@ -216,14 +216,17 @@ def run(config_path: str | None) -> None:
 
     from rotator.config import resolve_config_path
     from rotator.log import setup_logging
-    from rotator.scheduling import Daemon
+    from rotator.scheduling import open_daemon
 
     policies = _load(config_path)
     if logging.getLogger().level > logging.INFO:
         setup_logging(logging.INFO)
 
     def body() -> int:
-        daemon = Daemon(resolve_config_path(config_path), policies)
+        daemon = open_daemon(resolve_config_path(config_path), policies,
+                             lambda: "stop" in early)
+        if daemon is None:
+            return 0
         daemon.install_signal_handlers()
         if "stop" in early:
             daemon.stop(early["stop"])

@@ -48,6 +48,9 @@ MIN_WAKEUP_SECONDS = 0.25
 """Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
 at again this soon, not in a tight loop."""
 TICK_COALESCE_SECONDS = 0.02
+STORE_WAIT_AT_START = 120.0
+"""How long ``rotator run`` waits for a database state store it cannot reach at start (a
+PostgreSQL restart or failover, a replica started before its database) before it gives up."""
 
 
 class Daemon:
@@ -369,3 +372,39 @@ class Daemon:
         self._warn_orphans(force=True)
         self.tick()
         return True
+
+
+_AWAY = ("connection refused", "could not connect", "timeout expired", "timed out",
+         "the database system is starting up", "the database system is shutting down",
+         "the database system is in recovery mode", "server closed the connection",
+         "no route to host", "network is unreachable", "temporary failure in name resolution")
+"""How a database that is away (not wrong) answers a connection: only these are waited for;
+a missing database, a refused password or a bad URL fail at once."""
+
+
+def open_daemon(config_path: Path, policies: Policies, stop_asked: Callable[[], bool], *,
+                wait: float = STORE_WAIT_AT_START) -> Daemon | None:
+    """A ``Daemon``, once its database state store answers: a replica started while
+    PostgreSQL restarts waits for it (backing off to 10 s, up to ``wait`` seconds) instead of
+    exiting into a restart loop. A store that is wrong rather than away (a bad URL, a refused
+    password, a missing SQLite directory) fails at once. None if a stop was asked meanwhile."""
+    from rotator.state.store import StateStore
+    from rotator.state.urls import backend
+
+    deadline, delay = time.monotonic() + wait, 1.0
+    while True:
+        try:
+            return Daemon(config_path, policies)
+        except PermanentError as exc:
+            away = (backend(policies.settings.state_url) != "sqlite"
+                    and exc.__cause__ is not None and StateStore.is_unreachable(exc.__cause__)
+                    and any(m in str(exc).lower() for m in _AWAY))
+            if not away or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s; waiting for it (next try in %.0f s)", exc, delay)
+        for _ in range(int(delay * 10)):
+            if stop_asked():
+                return None
+            time.sleep(0.1)
+        delay = min(delay * 2, 10.0)
+

@@ -449,3 +449,41 @@ def test_lease_expiry_is_measured_in_ttl(tmp_path):
     finally:
         leases.close()
         store.close()
+
+
+@pytest.mark.slow
+def test_a_replica_started_while_postgres_is_down_waits_for_it(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    """A replica an orchestrator starts during a PostgreSQL restart waits for the database
+    (saying so) and then runs, instead of exiting into a restart loop; a wrong database (one
+    that does not exist) still fails at once."""
+    cluster = PostgresCluster().start()
+    try:
+        monkeypatch.setenv("PGPASSWORD", cluster.password.reveal())
+        remember_issued([cluster.password.reveal()])
+        url = postgres_state_url(cluster)
+        fleet = make_fleet(tmp_path, openbao, fake_openai, n=1, settings={"state_url": url})
+        assert fleet.cli("db", "upgrade").returncode == 0
+        down = threading.Thread(target=cluster.restart, kwargs={"downtime": 5})
+        down.start()
+        time.sleep(1)
+        daemon = fleet.start_daemon()
+        try:
+            err = next((tmp_path / "out").glob("*-run.stderr"))
+            wait_for(lambda: "waiting for it" in err.read_text(), timeout=15,
+                     what="the replica saying it waits for the store")
+            assert daemon.poll() is None, "the replica exited while the database was down"
+            down.join()
+            wait_for(lambda: "rotator ready" in err.read_text(), timeout=30,
+                     what="the replica running once the database is back")
+        finally:
+            stop_daemon(daemon)
+        (tmp_path / "wrong").mkdir()
+        wrong = make_fleet(tmp_path / "wrong", openbao, fake_openai, n=1,
+                           settings={"state_url": url.rsplit("/", 1)[0] + "/no_such_db"})
+        started = time.monotonic()
+        result = wrong.cli("run", timeout=60)
+        assert result.returncode == 2 and "cannot open the state store" in result.stderr
+        assert time.monotonic() - started < 20, "a database that does not exist is not waited for"
+    finally:
+        cluster.stop()
