@@ -153,6 +153,10 @@ class RotatorSettings(_Model):
     """Lease on a credential's rotation lock; a crashed holder's lock expires after this."""
     retry_deadline: Duration = timedelta(minutes=2)
     """How long transient errors are retried within one step before it fails."""
+    store_wait_at_start: Duration = timedelta(minutes=2)
+    """How long ``rotator run`` waits for a PostgreSQL state store that is away when it
+    starts (a restart, a failover); ``0s`` fails at once and leaves restarts to systemd or
+    Kubernetes."""
 
     @field_validator("state_url")
     @classmethod

@@ -48,9 +48,7 @@ MIN_WAKEUP_SECONDS = 0.25
 """Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
 at again this soon, not in a tight loop."""
 TICK_COALESCE_SECONDS = 0.02
-STORE_WAIT_AT_START = 120.0
-"""How long ``rotator run`` waits for a database state store it cannot reach at start (a
-PostgreSQL restart or failover, a replica started before its database) before it gives up."""
+
 
 
 class Daemon:
@@ -382,15 +380,16 @@ _AWAY = ("connection refused", "could not connect", "timeout expired", "timed ou
 a missing database, a refused password or a bad URL fail at once."""
 
 
-def open_daemon(config_path: Path, policies: Policies, stop_asked: Callable[[], bool], *,
-                wait: float = STORE_WAIT_AT_START) -> Daemon | None:
+def open_daemon(config_path: Path, policies: Policies, stop_asked: Callable[[], bool]
+                ) -> Daemon | None:
     """A ``Daemon``, once its database state store answers: a replica started while
-    PostgreSQL restarts waits for it (backing off to 10 s, up to ``wait`` seconds) instead of
+    PostgreSQL restarts waits for it (backing off to 10 s, up to ``store_wait_at_start``) instead of
     exiting into a restart loop. A store that is wrong rather than away (a bad URL, a refused
     password, a missing SQLite directory) fails at once. None if a stop was asked meanwhile."""
     from rotator.state.store import StateStore
     from rotator.state.urls import backend
 
+    wait = policies.settings.store_wait_at_start.total_seconds()
     deadline, delay = time.monotonic() + wait, 1.0
     while True:
         try:

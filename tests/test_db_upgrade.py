@@ -190,12 +190,15 @@ def test_an_unreachable_store_is_one_line_and_never_shows_a_password(tmp_path, o
     shown with the password hidden."""
     secret = "pw-that-must-not-show-1234"
     url = "postgresql+psycopg://rotator@127.0.0.1:1/rotator"
-    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1, settings={"state_url": url})
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1,
+                       settings={"state_url": url, "store_wait_at_start": "3s"})
     for args in (("run",), ("db", "upgrade"), ("db", "current"), ("status",)):
         result = fleet.cli(*args, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         assert f"cannot open the state store {url}" in result.stderr
         assert "Traceback" not in result.stderr
+        if args == ("run",):  # away, not wrong: the daemon waited for it first
+            assert "waiting for it" in result.stderr
     fleet.config.write_text(fleet.config.read_text().replace("rotator@", f"rotator:{secret}@"))
     refused = fleet.cli("db", "upgrade")
     assert refused.returncode == 2 and "a password never goes in the policy file" \
