@@ -121,12 +121,9 @@ class Daemon:
     def run(self) -> None:
         """Block until ``stop``; then wait for the steps in flight and return."""
         settings = self.policies.settings
-        self.health.check_clock(at_start=True)
-        self.engine.sync_credentials()
-        self.runtime.warm_up(self.policies.credentials)
-        self.preflight()
-        self._warn_orphans(force=True)
-        self.metrics.prime(self.policies)
+        if not self._while_store_away(self._start_up):
+            self._shutdown()
+            return
         try:
             bound = self.metrics.serve(settings.metrics_address)
         except OSError as exc:
@@ -138,7 +135,9 @@ class Daemon:
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
                  len(self.policies.credentials), safe_url(settings.state_url),
                  settings.max_concurrent_rotations)
-        self._resume_interrupted()
+        if not self._while_store_away(self._resume_interrupted):
+            self._shutdown()
+            return
         self._scheduler.add_job(self._request_tick, "interval", id="tick",
                                 seconds=settings.poll_interval.total_seconds(),
                                 next_run_time=datetime.now(UTC), coalesce=True, max_instances=1)
@@ -162,6 +161,35 @@ class Daemon:
                     self.tick()
         finally:
             self._shutdown()
+
+    def _start_up(self) -> None:
+        self.health.check_clock(at_start=True)
+        self.engine.sync_credentials()
+        self.runtime.warm_up(self.policies.credentials)
+        self.preflight()
+        self._warn_orphans(force=True)
+        self.metrics.prime(self.policies)
+
+    def _while_store_away(self, step: Callable[[], None]) -> bool:
+        """Run ``step`` (part of starting up), again while the state store is unreachable (a
+        PostgreSQL restart right as this replica starts), for up to ``store_wait_at_start``;
+        any other error, or a store away longer, ends the daemon as before. False: a stop was
+        asked while waiting."""
+        wait = self.policies.settings.store_wait_at_start.total_seconds()
+        deadline, delay = time.monotonic() + wait, 1.0
+        while True:
+            try:
+                step()
+                return True
+            except Exception as exc:
+                if (not self.store.is_unreachable(exc) or self.stopping.is_set()
+                        or time.monotonic() + delay > deadline):
+                    raise
+                log.warning("state store unreachable while starting (%s); retrying in %.0f s",
+                            self.store.describe_error(exc), delay)
+            if self.stopping.wait(delay):
+                return False
+            delay = min(delay * 2, 10.0)
 
     def stop(self, why: str = "stop requested") -> None:
         if not self.stopping.is_set():

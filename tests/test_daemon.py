@@ -294,3 +294,47 @@ def _try(fn):
         return fn()
     except OSError:
         return None
+
+
+def test_a_store_lost_while_starting_up_is_waited_for(tmp_path, openbao, fake_openai):
+    """The store answers when the daemon opens it, then drops (PostgreSQL restarting right
+    then): starting up waits and retries instead of ending the daemon; an error that is not
+    the store being away still ends it."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from rotator.config import load_policies
+    from rotator.scheduling import Daemon
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=1)
+    daemon = Daemon(fleet.config, load_policies(fleet.config))
+    real, calls = daemon.engine.sync_credentials, []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("SELECT", {}, Exception("connection refused"))
+        real()
+
+    daemon.engine.sync_credentials = flaky  # type: ignore[method-assign]
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_for(lambda: daemon.metrics_url is not None, timeout=30,
+                 what="the daemon serving after the store came back")
+        assert len(calls) == 3
+    finally:
+        daemon.stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+
+    broken = Daemon(fleet.config, load_policies(fleet.config))
+
+    def bug() -> None:
+        raise ValueError("not the store")
+
+    broken.engine.sync_credentials = bug  # type: ignore[method-assign]
+    with pytest.raises(ValueError):
+        broken.run()
+    broken._shutdown()

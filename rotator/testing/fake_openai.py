@@ -572,7 +572,15 @@ class FakeOpenAIServer(JsonApiFake):
         sa = self._service_accounts.get(sa_id)
         if sa is None or sa.project_id != project_id:
             raise KeyError(f"no service account {sa_id} in project {project_id}")
-        value = value or service_account_key_value()
+        # Keys share their first characters (sk-svcacct-), so a listing's redaction leaves only
+        # the last 4 to tell them apart: draw again rather than mint a key that looks like
+        # another live key of the project, which would make ``identify`` refuse to guess at
+        # random in tests (a test that wants look-alikes passes ``value``).
+        while value is None:
+            drawn = service_account_key_value()
+            if not any(redact(k.value) == redact(drawn) for k in self._keys.values()
+                       if k.project_id == project_id and not k.deleted):
+                value = drawn
         if value in self._by_value:
             raise ValueError("that key value is already in use")
         now = int(time.time())
