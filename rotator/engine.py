@@ -789,8 +789,8 @@ class Engine:
         one key several agents shared before ``rotator import`` gave each a credential. It
         dies with the revocation of the last of them, so no agent loses a key it still reads.
 
-        Costs nothing once every credential has rotated: only a credential rotator has not yet
-        rotated (no ``current_key_id``) can hold an adopted key, and only those are read."""
+        Two filtered queries, and vault reads only for credentials rotator has not rotated yet
+        (no ``current_key_id``): only those can hold an adopted key."""
         siblings = {c.name: c for c in self.policies.credentials
                     if c.provider == cred.provider and c.name != cred.name}
         if not siblings:
@@ -798,11 +798,10 @@ class Engine:
         # Siblings whose own revocation of this key comes after this one (by due time, then
         # row id: one order every replica sees) will kill it; the last in that order does.
         # Two revocations due together cannot each leave the key to the other.
-        later = sorted({r.credential for r in self.store.pending_revocations()
-                        if r.credential in siblings and r.key_id == rev.key_id
+        later = sorted({r.credential for r in self.store.pending_revocations(key_id=rev.key_id)
+                        if r.credential in siblings
                         and (r.not_before, r.id) > (rev.not_before, rev.id)})
-        unrotated = [s.name for s in self.store.credentials()
-                     if s.name in siblings and s.current_key_id is None]
+        unrotated = sorted(self.store.never_rotated() & siblings.keys())
         if not unrotated:
             return later
         old = None

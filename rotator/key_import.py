@@ -26,7 +26,7 @@ from typing import Any
 from rotator.config import CredentialConfig, Policies
 from rotator.errors import NotFound, RotatorError
 from rotator.runtime import Runtime
-from rotator.scan import _ENV_FILE, Found, Inventory, fingerprint
+from rotator.scan import Found, Inventory, fingerprint, is_env_file
 
 __all__ = ["ImportRow", "apply_plan", "plan_import", "strip_env"]
 
@@ -182,7 +182,7 @@ def strip_env(inventory: Inventory, rows: list[ImportRow],
             path = inventory.paths.get(place.path)
             if path is None:
                 continue
-            if not _ENV_FILE.search(place.path):
+            if not is_env_file(place.path):
                 by_hand.append(f"{place.where}: {cred.field} of {cred.agent} (now in the vault:"
                                " remove it from this file)")
                 continue

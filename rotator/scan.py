@@ -22,7 +22,7 @@ from typing import Any
 from rotator.errors import PermanentError
 from rotator.interfaces import Secret
 
-__all__ = ["Found", "Inventory", "scan"]
+__all__ = ["Found", "Inventory", "fingerprint", "is_env_file", "scan"]
 
 SKIP_DIRS = frozenset({".git", ".venv", "venv", "node_modules", "__pycache__", ".tox",
                        ".mypy_cache", ".ruff_cache"})
@@ -182,6 +182,11 @@ def _found(rule: str, value: str, rel: Path, lines: list[str], line: int, column
 
 
 _ENV_FILE = re.compile(r"(^|/)(\.env(\..*)?|.*\.env)$")
+
+
+def is_env_file(path: str) -> bool:
+    """``.env``, ``.env.*`` or ``*.env``: where a line is ``NAME=value`` and nothing else."""
+    return _ENV_FILE.search(path) is not None
 _ENV_LINE = re.compile(r"""^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*["']?([^"'\s#]+)""")
 _SECRET_NAME = re.compile(r"(API_?KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?)$", re.I)
 
@@ -194,7 +199,7 @@ def _entropy(value: str) -> float:
 def _env_secrets(rel: Path, lines: list[str], known: set[int]) -> Iterator[tuple[str, int]]:
     """Keys of services no scanner rule knows, in `.env` files: a variable named like a key
     (``ACME_API_KEY``) holding a long, random-looking value. (value, line)"""
-    if not _ENV_FILE.search(rel.as_posix()):
+    if not is_env_file(rel.as_posix()):
         return
     for number, text in enumerate(lines, start=1):
         match = _ENV_LINE.match(text)

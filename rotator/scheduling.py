@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -42,13 +42,15 @@ from rotator.state.urls import safe_url
 __all__ = ["Daemon"]
 
 log = logging.getLogger("rotator.daemon")
+T = TypeVar("T")
 RELOAD_CHECK_SECONDS = 2.0
 ORPHAN_WARNING_SECONDS = 3600.0
 MIN_WAKEUP_SECONDS = 0.25
 """Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
 at again this soon, not in a tight loop."""
 TICK_COALESCE_SECONDS = 0.02
-
+STORE_RETRY_MAX_SECONDS = 10.0
+"""Longest pause between tries while the state store is away at start."""
 
 
 class Daemon:
@@ -172,24 +174,19 @@ class Daemon:
 
     def _while_store_away(self, step: Callable[[], None]) -> bool:
         """Run ``step`` (part of starting up), again while the state store is unreachable (a
-        PostgreSQL restart right as this replica starts), for up to ``store_wait_at_start``;
-        any other error, or a store away longer, ends the daemon as before. False: a stop was
+        PostgreSQL restart right as this replica starts); any other error, or a store away
+        longer than ``store_wait_at_start``, ends the daemon as before. False: a stop was
         asked while waiting."""
-        wait = self.policies.settings.store_wait_at_start.total_seconds()
-        deadline, delay = time.monotonic() + wait, 1.0
-        while True:
-            try:
-                step()
-                return True
-            except Exception as exc:
-                if (not self.store.is_unreachable(exc) or self.stopping.is_set()
-                        or time.monotonic() + delay > deadline):
-                    raise
-                log.warning("state store unreachable while starting (%s); retrying in %.0f s",
-                            self.store.describe_error(exc), delay)
-            if self.stopping.wait(delay):
-                return False
-            delay = min(delay * 2, 10.0)
+        def away(exc: Exception) -> str | None:
+            if not self.store.is_unreachable(exc):
+                return None
+            return f"state store unreachable while starting ({self.store.describe_error(exc)})"
+
+        def attempt() -> bool:
+            step()
+            return True
+
+        return _retry_while_store_away(attempt, away, self.policies, self.stopping.wait) is True
 
     def stop(self, why: str = "stop requested") -> None:
         if not self.stopping.is_set():
@@ -411,27 +408,45 @@ a missing database, a refused password or a bad URL fail at once."""
 def open_daemon(config_path: Path, policies: Policies, stop_asked: Callable[[], bool]
                 ) -> Daemon | None:
     """A ``Daemon``, once its database state store answers: a replica started while
-    PostgreSQL restarts waits for it (backing off to 10 s, up to ``store_wait_at_start``) instead of
-    exiting into a restart loop. A store that is wrong rather than away (a bad URL, a refused
-    password, a missing SQLite directory) fails at once. None if a stop was asked meanwhile."""
+    PostgreSQL restarts waits for it instead of exiting into a restart loop. A store that is
+    wrong rather than away (a bad URL, a refused password, a missing database, SQLite) fails
+    at once. None if a stop was asked meanwhile."""
     from rotator.state.store import StateStore
     from rotator.state.urls import backend
 
-    wait = policies.settings.store_wait_at_start.total_seconds()
-    deadline, delay = time.monotonic() + wait, 1.0
+    def away(exc: Exception) -> str | None:
+        if (isinstance(exc, PermanentError) and backend(policies.settings.state_url) != "sqlite"
+                and exc.__cause__ is not None and StateStore.is_unreachable(exc.__cause__)
+                and any(m in str(exc).lower() for m in _AWAY)):
+            return str(exc)
+        return None
+
+    def pause(seconds: float) -> bool:
+        for _ in range(int(seconds * 10)):
+            if stop_asked():
+                return True
+            time.sleep(0.1)
+        return stop_asked()
+
+    return _retry_while_store_away(lambda: Daemon(config_path, policies), away, policies, pause)
+
+
+def _retry_while_store_away(attempt: Callable[[], T], away: Callable[[Exception], str | None],
+                            policies: Policies, pause: Callable[[float], bool]) -> T | None:
+    """``attempt()``, tried again while ``away`` says its error is the state store being
+    unreachable (it returns what to log), backing off from 1 s to 10 s for up to
+    ``store_wait_at_start``; any other error, or a longer absence, is raised. ``pause(s)``
+    waits and says whether a stop was asked: then None."""
+    deadline = time.monotonic() + policies.settings.store_wait_at_start.total_seconds()
+    delay = 1.0
     while True:
         try:
-            return Daemon(config_path, policies)
-        except PermanentError as exc:
-            away = (backend(policies.settings.state_url) != "sqlite"
-                    and exc.__cause__ is not None and StateStore.is_unreachable(exc.__cause__)
-                    and any(m in str(exc).lower() for m in _AWAY))
-            if not away or time.monotonic() + delay > deadline:
+            return attempt()
+        except Exception as exc:
+            why = away(exc)
+            if why is None or time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s; waiting for it (next try in %.0f s)", exc, delay)
-        for _ in range(int(delay * 10)):
-            if stop_asked():
-                return None
-            time.sleep(0.1)
-        delay = min(delay * 2, 10.0)
-
+            log.warning("%s; waiting for it (next try in %.0f s)", why, delay)
+        if pause(delay):
+            return None
+        delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)

@@ -340,6 +340,13 @@ class StateStore:
         with self._reading() as s:
             return list(s.scalars(select(CredentialState).order_by(CredentialState.name)))
 
+    def never_rotated(self) -> set[str]:
+        """Credentials rotator has not given a key of its own yet (no ``current_key_id``):
+        only these can still hold a key they were given before rotator (an imported one)."""
+        with self._reading() as s:
+            return set(s.scalars(select(CredentialState.name).where(
+                CredentialState.current_key_id.is_(None))))
+
     def due_facts(self) -> dict[str, DueFacts]:
         """What the due gate needs of every credential, cheaply (a scrape of ``/metrics`` asks
         for all of them): name -> last rotation, first seen, next due time, failures."""
@@ -554,7 +561,8 @@ class StateStore:
                 Revocation.rotation_id == rotation_id).order_by(Revocation.id)))
 
     def pending_revocations(
-        self, *, due_by: datetime | None = None, credential: str | None = None
+        self, *, due_by: datetime | None = None, credential: str | None = None,
+        key_id: str | None = None,
     ) -> list[Revocation]:
         with self._reading() as s:
             q = select(Revocation).where(Revocation.status == "pending")
@@ -562,6 +570,8 @@ class StateStore:
                 q = q.where(Revocation.not_before <= due_by)
             if credential is not None:
                 q = q.where(Revocation.credential == credential)
+            if key_id is not None:
+                q = q.where(Revocation.key_id == key_id)
             return list(s.scalars(q.order_by(Revocation.not_before)))
 
     def expedite_revocations(self, credential: str, now: datetime) -> int:

@@ -326,7 +326,8 @@ class FakeOpenAIServer(JsonApiFake):
             )
         raise _invalid_key(token)
 
-    def _list_models(self, authorization: str | None, **_: Any) -> Any:
+    def _using_key(self, authorization: str | None) -> tuple[_Key, float]:
+        """The live key a model call is made with (401 otherwise), marked used now."""
         token = bearer(authorization)
         if token is None:
             raise _ApiError(401, "You didn't provide an API key.")
@@ -335,6 +336,10 @@ class FakeOpenAIServer(JsonApiFake):
         if key is None or not key.usable(now):
             raise _invalid_key(token)
         key.last_used_at = int(now)
+        return key, now
+
+    def _list_models(self, authorization: str | None, **_: Any) -> Any:
+        self._using_key(authorization)
         return {
             "object": "list",
             "data": [
@@ -346,14 +351,7 @@ class FakeOpenAIServer(JsonApiFake):
     def _chat_completion(self, authorization: str | None, body: dict[str, Any],
                          **_: Any) -> Any:
         """A completion (its text is fixed): what the Usage API counts, per key."""
-        token = bearer(authorization)
-        if token is None:
-            raise _ApiError(401, "You didn't provide an API key.")
-        key = self._lookup_value(token)
-        now = time.time()
-        if key is None or not key.usable(now):
-            raise _invalid_key(token)
-        key.last_used_at = int(now)
+        key, now = self._using_key(authorization)
         model = body.get("model") or "gpt-4o-mini"
         prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages") or []
                      if isinstance(m, dict))
