@@ -27,7 +27,7 @@ __all__ = ["KINDS", "AuditLog", "VerifyResult", "event_hash"]
 
 log = logging.getLogger("rotator.audit")
 
-KINDS = frozenset({"step", "rotation", "manual", "reload", "failure"})
+KINDS = frozenset({"step", "rotation", "manual", "reload", "failure", "misuse"})
 _BATCH = 1000
 _KEY_STEPS = frozenset({"create", "revoke", "revoke_first", "store", "rollback"})
 """Steps whose audit event names the key ids involved."""

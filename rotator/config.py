@@ -61,6 +61,7 @@ __all__ = [
     "Duration",
     "HealthCheck",
     "Hook",
+    "MisuseRules",
     "NotifyConfig",
     "Policies",
     "Problem",
@@ -133,6 +134,69 @@ class _Model(BaseModel):
 # -- the models ------------------------------------------------------------------------------
 
 
+MisuseAction = Literal["alert", "revoke", "off"]
+"""What a misuse rule does when it fires: ``alert`` (log, audit event, notification, metric),
+``revoke`` (an emergency rotation of the credential with the rule and figures as its reason),
+``off`` (the rule is not checked: turns a default from ``[rotator.misuse]`` off)."""
+
+
+class SpikeRule(_Model):
+    """Use above ``factor`` times the trailing daily average: the last 24 hours' requests (or
+    tokens) against the mean day of the ``baseline_days`` before them, for the credential's keys
+    together (the agent's habit carries across its rotations). Days below ``min_requests`` never
+    fire, so a key used twice instead of once does not page anyone."""
+
+    factor: float = Field(default=3.0, gt=1, le=1000)
+    baseline_days: int = Field(default=7, ge=1, le=30)
+    min_requests: int = Field(default=100, ge=0)
+    action: MisuseAction = "alert"
+
+
+class OutsideRule(_Model):
+    """Any use in a bucket that starts outside ``window`` (the agent's working hours)."""
+
+    window: WindowField
+    action: MisuseAction = "alert"
+
+
+class OldKeyRule(_Model):
+    """Any use of a key after rotator replaced it and the agent was seen on the new key (or
+    after it was revoked): whoever makes those calls is not the agent."""
+
+    action: MisuseAction = "alert"
+
+
+class DailyCapRule(_Model):
+    """A hard ceiling per UTC day on the credential's requests, tokens or cost (any given)."""
+
+    requests: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
+    cost: float | None = Field(default=None, gt=0)
+    action: MisuseAction = "alert"
+
+    @model_validator(mode="after")
+    def _a_figure(self) -> DailyCapRule:
+        if self.requests is None and self.tokens is None and self.cost is None:
+            raise ValueError("a daily_cap needs requests, tokens or cost (or remove it)")
+        return self
+
+
+class MisuseRules(_Model):
+    """``[rotator.misuse]`` (defaults) and ``[credentials.misuse]``: the anomaly rules checked
+    against each poll of the provider's usage records (see :mod:`rotator.monitor`)."""
+
+    spike: SpikeRule | None = SpikeRule()
+    outside: OutsideRule | None = None
+    old_key: OldKeyRule | None = OldKeyRule()
+    daily_cap: DailyCapRule | None = None
+
+    def active(self) -> dict[str, SpikeRule | OutsideRule | OldKeyRule | DailyCapRule]:
+        """Rule name -> rule, for the rules set and not ``off``."""
+        rules = {"spike": self.spike, "outside": self.outside, "old_key": self.old_key,
+                 "daily_cap": self.daily_cap}
+        return {n: r for n, r in rules.items() if r is not None and r.action != "off"}
+
+
 class RotatorSettings(_Model):
     """``[rotator]``: the daemon's own settings; every key is optional."""
 
@@ -157,6 +221,13 @@ class RotatorSettings(_Model):
     """How long ``rotator run`` waits for a PostgreSQL state store that is away when it
     starts (a restart, a failover); ``0s`` fails at once and leaves restarts to systemd or
     Kubernetes."""
+    usage_poll_interval: Duration = timedelta(minutes=5)
+    """How often the daemon asks each provider that reports per-key usage for it (one call
+    per provider for all its keys); ``0s`` turns usage monitoring off."""
+    usage_retention: Duration = timedelta(days=35)
+    """How long per-key usage buckets are kept in the state store."""
+    misuse: MisuseRules = MisuseRules()
+    """Default anomaly rules of every credential whose provider reports usage."""
 
     @field_validator("state_url")
     @classmethod
@@ -311,6 +382,13 @@ class CredentialConfig(_Model):
     params: PluginSettings = PluginSettings()
     health_check: HealthCheck = HealthCheck()
     on_rotate: Hook | None = None
+    misuse: MisuseRules | None = None
+    """The anomaly rules (``[rotator.misuse]`` merged with this credential's own); None when
+    its provider reports no usage."""
+    revoke_when: Literal["grace", "quiet"] = "grace"
+    """``quiet``: revoke the old key once the provider's usage shows it unused for
+    ``quiet_for`` after the switch, ``grace`` being the upper bound."""
+    quiet_for: Duration = timedelta(minutes=10)
     line: int = 0
 
     @field_validator("name")
@@ -361,7 +439,7 @@ class CredentialConfig(_Model):
                             window=self.window, jitter=jitter, manual_only=self.manual_only)
 
 
-NOTIFY_EVENTS = ("failure", "rollback", "emergency", "success")
+NOTIFY_EVENTS = ("failure", "rollback", "emergency", "success", "misuse")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECRET_WEBHOOK_HOSTS = re.compile(
     r"(?i)^https?://(?:[^/@]*@)?(?:hooks\.slack\.com|(?:[a-z0-9-]+\.)*discord(?:app)?\.com|"
@@ -398,8 +476,8 @@ class NotifyConfig(_Model):
 
     type: Literal["webhook", "slack"]
     url: SecretOrText
-    events: list[Literal["failure", "rollback", "emergency", "success"]] = Field(
-        default_factory=lambda: ["failure", "rollback", "emergency"])
+    events: list[Literal["failure", "rollback", "emergency", "success", "misuse"]] = Field(
+        default_factory=lambda: ["failure", "rollback", "emergency", "misuse"])
     credentials: list[str] | None = None
     """Glob patterns (``research-agent/*``) of the credentials to report on; all if unset."""
     headers: dict[str, SecretOrText] = Field(default_factory=dict)
@@ -1207,10 +1285,63 @@ class _Checker:
             if not manual and data.get("interval") is None and data.get("schedule") is None:
                 data["interval"] = settings.default_interval
             data.setdefault("grace", settings.default_grace)
+            self._usage_settings(data, path, cls, provider)
             cred = self.validate(CredentialConfig, data, path)
             if cred is not None:
                 out.append(cred)
         return out
+
+    def _usage_settings(self, data: dict[str, Any], path: KeyPath, cls: type | None,
+                        provider: Any) -> None:
+        """Merge ``[rotator.misuse]`` into the credential's own rules, rule by rule and key by
+        key, where its provider reports usage. Rules or ``revoke_when = "quiet"`` written for a
+        credential whose provider cannot report usage are errors: they would never fire."""
+        from rotator.interfaces import UsageReport
+
+        reports = cls is not None and issubclass(cls, UsageReport)
+        own = data.get("misuse")
+        if cls is not None and not reports:
+            type_name = getattr(cls, "type_name", "?")
+            if own is not None:
+                self.add((*path, "misuse"), (
+                    f'provider "{provider}" (type {type_name}) cannot report usage per key, so '
+                    "these rules could never fire: remove misuse here (providers that can: "
+                    f"{', '.join(_usage_provider_types()) or 'none installed'})"))
+            if data.get("revoke_when") == "quiet":
+                self.add((*path, "revoke_when"), (
+                    f'provider "{provider}" (type {type_name}) cannot report usage per key, so '
+                    'rotator cannot see the old key go quiet: use revoke_when = "grace"'))
+            data.pop("misuse", None)
+            return
+        if cls is None:
+            data.pop("misuse", None)
+            return
+        defaults = self._table("rotator").get("misuse", {})
+        if not isinstance(defaults, dict) or not self.validate_quietly(MisuseRules, defaults):
+            defaults = {}  # its own problems are said at [rotator.misuse]
+        if own is not None and not isinstance(own, dict):
+            self.add((*path, "misuse"), "misuse must be a table of rules (spike, outside, "
+                                        "old_key, daily_cap)")
+            own = {}
+        merged = dict(defaults)
+        for rule, body in (own or {}).items():
+            base = defaults.get(rule)
+            merged[rule] = ({**base, **body} if isinstance(base, dict) and isinstance(body, dict)
+                            else body)
+        rules = self.validate(MisuseRules, merged, (*path, "misuse"))
+        data["misuse"] = rules if rules is not None else MisuseRules()
+        if data.get("revoke_when") == "quiet":
+            quiet = data.get("quiet_for", "10m")
+            grace = data.get("grace")
+            try:
+                quiet_td = _duration(quiet)
+                grace_td = _duration(grace)
+            except ValueError:
+                return  # said by the model's own validation
+            if quiet_td <= timedelta(0) or quiet_td >= grace_td:
+                self.add((*path, "quiet_for"), (
+                    f"quiet_for must be longer than 0s and shorter than grace ({grace}): grace "
+                    "is the upper bound on waiting for the old key to go quiet"))
 
     def _check_params(self, cls: type[Provider], settings: PluginSettings,
                       params: PluginSettings, path: KeyPath) -> None:
@@ -1271,6 +1402,18 @@ class _Checker:
         unique = list(dict.fromkeys(problems))
         unique.sort(key=lambda p: (p.line is None, p.line or 0, p.key))
         return unique
+
+
+def _usage_provider_types() -> list[str]:
+    """Installed provider types that report usage per key."""
+    from rotator.interfaces import UsageReport
+
+    names = []
+    for name in plugins.provider_types():
+        with contextlib.suppress(Exception):
+            if issubclass(plugins.provider_class(name), UsageReport):
+                names.append(name)
+    return names
 
 
 def _refs_in(node: Any, path: KeyPath) -> Iterator[tuple[KeyPath, dict[str, Any]]]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["CallObserver", "Listener", "PluginCall", "RotationFinished", "StepFinished",
-           "TransactionalListener"]
+__all__ = ["CallObserver", "Listener", "MisuseDetected", "PluginCall", "RotationFinished",
+           "StepFinished", "TransactionalListener"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,26 @@ class RotationFinished:
     requested_by: str | None = None
     manual_revoke: str | None = None
     """Set when the old key could not be identified and must be revoked by hand."""
+
+
+@dataclass(frozen=True)
+class MisuseDetected:
+    """A misuse rule fired on a credential's usage (see :mod:`rotator.monitor`), once."""
+
+    anomaly_id: int
+    credential: str
+    agent: str
+    provider: str
+    key_id: str | None
+    """The key whose use fired the rule (None: the credential's keys together)."""
+    rule: str
+    """``spike``, ``outside``, ``old_key``, ``daily_cap`` or ``straggler``."""
+    action: str
+    """``alert`` or ``revoke``."""
+    message: str
+    """What was seen, with the figures: never a secret."""
+    figures: dict[str, Any]
+    at: datetime
 
 
 @dataclass(frozen=True)

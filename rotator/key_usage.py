@@ -39,6 +39,11 @@ class KeyHistory:
     replaced_at: datetime | None = None
     """When a rotation replaced it: any use after this is not the agent's."""
     revoked_at: datetime | None = None
+    replaced_by: str | None = None
+    """The key that replaced it."""
+    proven_at: datetime | None = None
+    """When the health check proved the agent had loaded the replacement (an http check
+    expecting ``{key_id}``): from then on, this key's use is not the agent's."""
     buckets: list[UsageBucket] = field(default_factory=list)
 
     @property
@@ -71,6 +76,9 @@ class KeyHistory:
 def key_histories(store: StateStore, cred: CredentialConfig) -> dict[str, KeyHistory]:
     """key id -> its history, from the credential's rotations (oldest first) and state."""
     keys: dict[str, KeyHistory] = {}
+    check = cred.health_check
+    proves_key = check.type == "http" and any(
+        "{key_id}" in v for v in (check.expect_json or {}).values())
 
     def key(key_id: str) -> KeyHistory:
         return keys.setdefault(key_id, KeyHistory(cred.name, cred.agent, cred.provider, key_id))
@@ -78,12 +86,18 @@ def key_histories(store: StateStore, cred: CredentialConfig) -> dict[str, KeyHis
     for rot in reversed(store.rotations(cred.name, limit=10_000)):
         # A rotation switched keys once its store step succeeded (it may be in its grace
         # period still); one rolled back put the old key back.
-        switched = next((s.finished_at for s in store.steps(rot.id)
+        steps = store.steps(rot.id)
+        switched = next((s.finished_at for s in steps
                          if s.step == "store" and s.status == "succeeded"), None)
         if switched is None or rot.outcome == "rolled_back":
             continue
         if rot.old_key_id:
             key(rot.old_key_id).replaced_at = switched
+            key(rot.old_key_id).replaced_by = rot.new_key_id
+            if proves_key:
+                key(rot.old_key_id).proven_at = next(
+                    (s.finished_at for s in steps
+                     if s.step == "health" and s.status == "succeeded"), None)
             for rev in store.revocations(rot.id):
                 if rev.key_id == rot.old_key_id and rev.status == "done":
                     key(rot.old_key_id).revoked_at = rev.done_at

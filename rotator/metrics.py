@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rotator import __version__
-from rotator.events import PluginCall, RotationFinished, StepFinished
+from rotator.events import MisuseDetected, PluginCall, RotationFinished, StepFinished
 from rotator.probes import ProbeResult
 
 if TYPE_CHECKING:
-    from rotator.config import Policies
+    from rotator.config import CredentialConfig, Policies
     from rotator.policy import Decision
     from rotator.state.store import DueFacts, StateStore
 
@@ -260,6 +260,21 @@ class Metrics:
         self.notifications = Counter(
             "rotator_notifications_total", "Webhook notifications by outcome (sent, failed, "
             "dropped).", ["notifier", "outcome"], registry=self.registry)
+        self.key_requests = Counter(
+            "rotator_key_requests_total", "Requests made with the credential's keys, from the "
+            "provider's usage records (counted as rotator polls them).",
+            ["credential", "agent", "provider"], registry=self.registry)
+        self.key_tokens = Counter(
+            "rotator_key_tokens_total", "Tokens used with the credential's keys, from the "
+            "provider's usage records.", ["credential", "agent", "provider"],
+            registry=self.registry)
+        self.misuse = Counter(
+            "rotator_misuse_anomalies_total", "Misuse rules that fired (each once), by rule "
+            "and action.", ["credential", "agent", "provider", "rule", "action"],
+            registry=self.registry)
+        self.usage_polls = Counter(
+            "rotator_usage_polls_total", "Polls of a provider's usage records by outcome "
+            "(ok, rate_limited, error).", ["provider", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(store))
         self.per_credential = _PerCredential(store, policies, due)
         self._server: ThreadingHTTPServer | None = None
@@ -274,9 +289,29 @@ class Metrics:
         """Create every credential's counters at 0, so a first failure is an increase that
         ``increase()``/``rate()`` and the alert rules can see."""
         self.per_credential.prime(policies)
+        self.prime_usage(policies.credentials)
         for name in policies.notify:
             for outcome in ("sent", "failed", "dropped"):
                 self.notifications.labels(name, outcome)
+
+    def prime_usage(self, credentials: Iterable[CredentialConfig]) -> None:
+        """Per-key usage and misuse counters at 0 for each monitored credential."""
+        for cred in credentials:
+            if cred.misuse is None:
+                continue
+            self.key_requests.labels(cred.name, cred.agent, cred.provider)
+            self.key_tokens.labels(cred.name, cred.agent, cred.provider)
+            for rule, body in cred.misuse.active().items():
+                self.misuse.labels(cred.name, cred.agent, cred.provider, rule, body.action)
+
+    def on_usage(self, credential: str, agent: str, provider: str, requests: int,
+                 tokens: int) -> None:
+        self.key_requests.labels(credential, agent, provider).inc(requests)
+        self.key_tokens.labels(credential, agent, provider).inc(tokens)
+
+    def on_misuse(self, event: MisuseDetected) -> None:
+        self.misuse.labels(event.credential, event.agent, event.provider, event.rule,
+                           event.action).inc()
 
     def on_notification(self, notifier: str, outcome: str) -> None:
         self.notifications.labels(notifier, outcome).inc()

@@ -42,7 +42,7 @@ import httpx
 
 from rotator import __version__, redaction
 from rotator.errors import RotatorError, TransientError
-from rotator.events import RotationFinished, StepFinished
+from rotator.events import MisuseDetected, RotationFinished, StepFinished
 from rotator.plugin_support import retry_after
 
 __all__ = [
@@ -110,9 +110,13 @@ class Notification:
 # -- what is worth telling ---------------------------------------------------------------------
 
 
-def classify(event: StepFinished | RotationFinished) -> tuple[str, frozenset[str]] | None:
+def classify(event: StepFinished | RotationFinished | MisuseDetected
+             ) -> tuple[str, frozenset[str]] | None:
     """The notification kind of an engine event and the ``events`` categories it belongs to,
     or None when it is not worth a notification."""
+    if isinstance(event, MisuseDetected):
+        return "misuse_detected", frozenset({"misuse"} | (
+            {"emergency"} if event.action == "revoke" else set()))
     if isinstance(event, RotationFinished):
         kind = {"failed": "rotation_failed", "rolled_back": "rotation_rolled_back",
                 "success": "rotation_succeeded"}.get(event.outcome)
@@ -140,6 +144,28 @@ def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def misuse_payload(event: MisuseDetected, categories: frozenset[str], host: str
+                   ) -> dict[str, Any]:
+    """The generic JSON document of a misuse alert: the rotation fields are null, ``rule``,
+    ``action`` and ``figures`` say what fired (documented in docs/notifications.md)."""
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "id": f"misuse:{event.anomaly_id}", "event": "misuse_detected",
+        "categories": sorted(categories), "summary": "", "credential": event.credential,
+        "agent": event.agent, "provider": event.provider, "rotation_id": None,
+        "outcome": None, "step": None, "emergency": event.action == "revoke", "trigger": None,
+        "revoke_mode": None, "requested_by": None, "reason": None, "error": None,
+        "action_needed": None, "old_key_id": None, "new_key_id": None,
+        "duration_seconds": 0.0, "at": _iso(event.at),
+        "rotator": {"host": host, "version": __version__},
+        "rule": event.rule, "action": event.action, "key_id": event.key_id,
+        "figures": event.figures,
+    }
+    verb = ("rotating it now and revoking the key" if event.action == "revoke"
+            else "look at `rotator usage " + event.credential + "`")
+    doc["summary"] = f"Misuse of {event.credential} ({event.rule}): {event.message}; {verb}"
+    return doc
 
 
 def generic_payload(event: StepFinished | RotationFinished, kind: str,
@@ -203,7 +229,7 @@ def _headline(doc: Mapping[str, Any]) -> str:
 
 _SLACK_EMOJI = {"rotation_failed": ":x:", "rotation_rolled_back": ":leftwards_arrow_with_hook:",
                 "rotation_succeeded": ":white_check_mark:", "revocation_failed": ":warning:",
-                "cleanup_failed": ":warning:"}
+                "cleanup_failed": ":warning:", "misuse_detected": ":rotating_light:"}
 
 
 _MODES = {"first": "old key revoked first", "immediately": "no grace period"}
@@ -544,7 +570,7 @@ class Notifier:
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seen_lock = threading.Lock()
 
-    def __call__(self, event: StepFinished | RotationFinished) -> None:
+    def __call__(self, event: StepFinished | RotationFinished | MisuseDetected) -> None:
         if not self._senders:
             return
         try:
@@ -552,7 +578,8 @@ class Notifier:
         except Exception:  # an observer must never break a rotation
             log.exception("could not queue a notification")
 
-    def notify(self, event: StepFinished | RotationFinished) -> Notification | None:
+    def notify(self, event: StepFinished | RotationFinished | MisuseDetected
+               ) -> Notification | None:
         """Queue ``event`` on every target that wants it; the notification, or None."""
         found = classify(event)
         if found is None:
@@ -562,7 +589,9 @@ class Notifier:
                    if categories.intersection(s.target.events) and s.target.wants(event.credential)]
         if not wanting or (isinstance(event, StepFinished) and self._repeat(event, kind)):
             return None
-        document = generic_payload(event, kind, categories, self.host)
+        document = (misuse_payload(event, categories, self.host)
+                    if isinstance(event, MisuseDetected)
+                    else generic_payload(event, kind, categories, self.host))
         note = Notification(document["id"], kind, categories, event.credential, document)
         for sender in wanting:
             sender.put(note)

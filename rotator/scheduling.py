@@ -34,6 +34,7 @@ from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import PermanentError
 from rotator.log import log_event
 from rotator.metrics import Metrics
+from rotator.monitor.poller import UsageMonitor
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
 from rotator.runtime import Runtime
 from rotator.state.daemon_lock import DaemonLock
@@ -49,6 +50,8 @@ MIN_WAKEUP_SECONDS = 0.25
 """Due work that could not be claimed (all taken, or claimed by others an instant ago) is looked
 at again this soon, not in a tight loop."""
 TICK_COALESCE_SECONDS = 0.02
+USAGE_CHECK_SECONDS = 15.0
+"""How often the daemon looks for a provider whose usage poll is due."""
 STORE_RETRY_MAX_SECONDS = 10.0
 """Longest pause between tries while the state store is away at start."""
 
@@ -98,6 +101,12 @@ class Daemon:
         self._store_down_since: float | None = None  # monotonic time the store was lost
         self.metrics.live = self.health.liveness
         self.metrics.ready = self.health.readiness
+        self.monitor = UsageMonitor(
+            self.app, clock, run_action=self._run_misuse_action,
+            listeners=[self.metrics.on_misuse], on_usage=self.metrics.on_usage,
+            on_poll=lambda provider, outcome: self.metrics.usage_polls.labels(
+                provider, outcome).inc(),
+            wake=self._request_tick)
 
     @property
     def policies(self) -> Policies:
@@ -145,6 +154,12 @@ class Daemon:
                                 next_run_time=datetime.now(UTC), coalesce=True, max_instances=1)
         self._scheduler.add_job(self._check_reload, "interval", id="reload",
                                 seconds=RELOAD_CHECK_SECONDS, coalesce=True, max_instances=1)
+        usage_every = settings.usage_poll_interval.total_seconds()
+        if usage_every > 0:
+            self._scheduler.add_job(self._poll_usage, "interval", id="usage",
+                                    seconds=max(1.0, min(usage_every, USAGE_CHECK_SECONDS)),
+                                    next_run_time=datetime.now(UTC), coalesce=True,
+                                    max_instances=1)
         watchdog_seconds = systemd.watchdog_interval()
         if watchdog_seconds is not None:
             self._scheduler.add_job(self.health.watchdog, "interval", id="watchdog",
@@ -265,6 +280,25 @@ class Daemon:
                 log.error("state store unavailable: %s; nothing starts until it is back "
                           "(rotations in flight stop at their next step and resume then)",
                           self.store.describe_error(exc))
+
+    def _poll_usage(self) -> None:
+        """Poll the providers whose usage poll is due (each under its lease: one replica)."""
+        if self.stopping.is_set() or not self.health.schema_ok():
+            return
+        try:
+            self.monitor.poll_due()
+        except Exception as exc:
+            if self.store.is_unreachable(exc):
+                log.warning("usage poll skipped: state store unavailable (%s)",
+                            self.store.describe_error(exc))
+            else:
+                log.exception("usage poll failed; trying again at the next one")
+
+    def _run_misuse_action(self, name: str, work: Callable[[], Any]) -> None:
+        """A misuse rule's ``revoke`` on the worker pool. Not through ``_submit``: a rotation
+        of the same credential in flight must not swallow it; it waits for the lease."""
+        if not self.stopping.is_set():
+            self._workers.submit(self._guard, name, work)
 
     def _request_tick(self) -> None:
         """Ask the daemon's loop for a tick (from APScheduler's jobs and finished workers)."""

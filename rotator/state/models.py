@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -177,3 +188,60 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
+
+
+class KeyUsage(Base):
+    """One bucket of one key's use, as the provider's usage records reported it (counts only).
+
+    Buckets are written again on every poll that covers them (the provider's figures for a
+    recent bucket grow while it fills), so a row holds the latest figures, never a sum."""
+
+    __tablename__ = "key_usage"
+    __table_args__ = (Index("ix_key_usage_credential", "credential", "start"),)
+
+    provider: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    """Bucket width in seconds (60, 3600 or 86400)."""
+    start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(200))
+    requests: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cost: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class UsagePoll(Base):
+    """Where the usage poll of one provider stands, shared by every replica."""
+
+    __tablename__ = "usage_polls"
+
+    provider: Mapped[str] = mapped_column(String(200), primary_key=True)
+    polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When the last poll that succeeded ran."""
+    next_poll_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    """Consecutive failed polls (rate limited, provider away): the backoff grows with them."""
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Anomaly(Base):
+    """A misuse rule that fired, once per ``(credential, rule, subject)``: the subject names
+    what it fired on (a key, a day, a bucket), so a replica or the next poll never fires it
+    again, and the action is taken exactly once."""
+
+    __tablename__ = "anomalies"
+    __table_args__ = (UniqueConstraint("credential", "rule", "subject",
+                                       name="uq_anomalies_subject"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    credential: Mapped[str] = mapped_column(String(200), index=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(200))
+    key_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rule: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(250))
+    action: Mapped[str] = mapped_column(String(16))
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    message: Mapped[str] = mapped_column(Text)
+    rotation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The emergency rotation a ``revoke`` action started."""

@@ -27,14 +27,17 @@ from rotator.protocol import PHASES, OldKeyRevocation
 from rotator.state import schema
 from rotator.state.audit_hash import hash_parts
 from rotator.state.models import (
+    Anomaly,
     AuditEvent,
     AuditHead,
     CredentialState,
+    KeyUsage,
     Lock,
     Revocation,
     Rotation,
     RotationEpoch,
     RotationStep,
+    UsagePoll,
     UTCDateTime,
 )
 from rotator.state.urls import backend, safe_url, scrub_url_password
@@ -79,6 +82,9 @@ _LOCKS = Lock.__table__
 _EPOCHS = RotationEpoch.__table__
 _AUDIT = AuditEvent.__table__
 _HEAD = AuditHead.__table__
+_USAGE = KeyUsage.__table__
+_POLLS = UsagePoll.__table__
+_ANOMALIES = Anomaly.__table__
 
 
 def _schedule_revocation(conn: Connection, rotation_id: str, credential: str,
@@ -698,6 +704,94 @@ class StateStore:
         """A one-line description of a database error, safe to log or serve."""
         first = str(exc).split("\n")[0] if str(exc) else type(exc).__name__
         return scrub_url_password(first, self.url)[:300]
+
+    # -- usage monitoring ----------------------------------------------------------------------
+
+    def save_usage(self, provider: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write usage buckets (``key_id, credential, start, width, requests, tokens, cost``)
+        of ``provider``, replacing the figures of buckets already held: a provider's count for
+        a recent bucket grows until the bucket is over."""
+        if not rows:
+            return
+        table = _USAGE
+        with self._tx() as conn:
+            stmt = _dialect_insert(conn)(table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[table.c.provider, table.c.key_id, table.c.width, table.c.start],
+                set_={"requests": stmt.excluded.requests, "tokens": stmt.excluded.tokens,
+                      "cost": stmt.excluded.cost, "credential": stmt.excluded.credential})
+            conn.execute(stmt, [{"provider": provider, **row} for row in rows])
+
+    def usage(self, *, credentials: Sequence[str] | None = None, since: datetime,
+              width: int | None = None, key_ids: Sequence[str] | None = None,
+              provider: str | None = None) -> list[KeyUsage]:
+        """Buckets starting at ``since`` or later, oldest first."""
+        with self._reading() as s:
+            q = select(KeyUsage).where(KeyUsage.start >= since)
+            if credentials is not None:
+                q = q.where(KeyUsage.credential.in_(list(credentials)))
+            if width is not None:
+                q = q.where(KeyUsage.width == width)
+            if key_ids is not None:
+                q = q.where(KeyUsage.key_id.in_(list(key_ids)))
+            if provider is not None:
+                q = q.where(KeyUsage.provider == provider)
+            return list(s.scalars(q.order_by(KeyUsage.start)))
+
+    def prune_usage(self, before: datetime) -> int:
+        """Drop buckets that start before ``before`` (the retention)."""
+        with self._tx() as conn:
+            result = conn.execute(_USAGE.delete().where(_USAGE.c.start < before))
+            return int(result.rowcount or 0)
+
+    def count_usage_rows(self) -> int:
+        with self._reading() as s:
+            return int(s.scalar(select(func.count()).select_from(KeyUsage)) or 0)
+
+    def usage_poll(self, provider: str) -> UsagePoll | None:
+        with self._reading() as s:
+            return s.get(UsagePoll, provider)
+
+    def set_usage_poll(self, provider: str, **fields: Any) -> None:
+        """Create or update where ``provider``'s poll stands."""
+        table = _POLLS
+        values = {"next_poll_at": fields.get("next_poll_at"), "failures": 0, **fields}
+        with self._tx() as conn:
+            stmt = _dialect_insert(conn)(table).values(provider=provider, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.provider],
+                                                    set_=fields))
+
+    def record_anomaly(self, **fields: Any) -> int | None:
+        """Insert an anomaly; its id, or None if this ``(credential, rule, subject)`` fired
+        already (here or on another replica): the caller then takes no action."""
+        table = _ANOMALIES
+        with self._tx() as conn:
+            stmt = _dialect_insert(conn)(table).values(**fields)
+            stmt = stmt.on_conflict_do_nothing(
+                index_elements=[table.c.credential, table.c.rule, table.c.subject])
+            return conn.execute(stmt.returning(table.c.id)).scalar()
+
+    def update_anomaly(self, anomaly_id: int, **fields: Any) -> None:
+        with self._tx() as conn:
+            conn.execute(update(_ANOMALIES).where(_ANOMALIES.c.id == anomaly_id)
+                         .values(**fields))
+
+    def anomalies(self, *, credential: str | None = None,
+                  since: datetime | None = None) -> list[Anomaly]:
+        with self._reading() as s:
+            q = select(Anomaly)
+            if credential is not None:
+                q = q.where(Anomaly.credential == credential)
+            if since is not None:
+                q = q.where(Anomaly.detected_at >= since)
+            return list(s.scalars(q.order_by(Anomaly.id)))
+
+    def reschedule_revocation(self, revocation_id: int, not_before: datetime) -> None:
+        """Move a pending revocation's due time (``revoke_when = "quiet"``: sooner)."""
+        with self._tx() as conn:
+            conn.execute(update(_REVOCATIONS).where(_REVOCATIONS.c.id == revocation_id,
+                                                    _REVOCATIONS.c.status == "pending")
+                         .values(not_before=not_before))
 
     # -- audit trail ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import re
 import secrets
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -194,6 +195,9 @@ class FakeOpenAIServer(JsonApiFake):
     ) -> None:
         super().__init__(host, port)
         self.admin_key = admin_key or "sk-admin-" + secrets.token_urlsafe(32)
+        self.clock: Callable[[], float] = time.time
+        """Unix time as the fake sees it: model calls are counted then and keys expire by it
+        (a test shares one clock with the daemon to move both forward)."""
         self._projects: dict[str, _Project] = {}
         self._service_accounts: dict[str, _ServiceAccount] = {}
         self._keys: dict[str, _Key] = {}  # insertion order is listing order
@@ -252,7 +256,7 @@ class FakeOpenAIServer(JsonApiFake):
         """Whether ``GET /v1/models`` would accept ``value`` right now."""
         with self._lock:
             key = self._lookup_value(value)
-            return key is not None and key.usable(time.time())
+            return key is not None and key.usable(self.clock())
 
     def live_keys(self, project_id: str | None = None) -> list[dict[str, Any]]:
         """Non-deleted keys (never their values), in creation order."""
@@ -316,7 +320,7 @@ class FakeOpenAIServer(JsonApiFake):
         if hmac.compare_digest(token.encode(), self.admin_key.encode()):
             return
         key = self._lookup_value(token)
-        if key is not None and key.usable(time.time()):
+        if key is not None and key.usable(self.clock()):
             raise _ApiError(
                 403,
                 "You have insufficient permissions for this operation. Missing scopes: "
@@ -332,7 +336,7 @@ class FakeOpenAIServer(JsonApiFake):
         if token is None:
             raise _ApiError(401, "You didn't provide an API key.")
         key = self._lookup_value(token)
-        now = time.time()
+        now = self.clock()
         if key is None or not key.usable(now):
             raise _invalid_key(token)
         key.last_used_at = int(now)
@@ -393,7 +397,7 @@ class FakeOpenAIServer(JsonApiFake):
                             param="bucket_width")
         width, default_limit, max_limit = _BUCKETS[width_name]
         start = number("start_time")
-        end = number("end_time", int(time.time()) + 1)
+        end = number("end_time", int(self.clock()) + 1)
         limit = number("limit", default_limit)
         if not 1 <= limit <= max_limit:
             raise _ApiError(400, f"Invalid 'limit': must be between 1 and {max_limit} for "
@@ -581,7 +585,7 @@ class FakeOpenAIServer(JsonApiFake):
                 value = drawn
         if value in self._by_value:
             raise ValueError("that key value is already in use")
-        now = int(time.time())
+        now = int(self.clock())
         key = _Key(
             id=_random_id("key_", 16),
             name=name,
