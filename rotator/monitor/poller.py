@@ -83,6 +83,7 @@ class UsageMonitor:
         self.on_usage, self.on_poll, self.wake = on_usage, on_poll, wake
         self.started = clock()
         self._pruned: datetime | None = None
+        self._adopted: dict[str, tuple[str | None, str | None]] = {}
 
     # -- which providers -----------------------------------------------------------------------
 
@@ -157,6 +158,10 @@ class UsageMonitor:
         for cred in creds:
             keys = {k: h for k, h in key_histories(store, cred).items()
                     if h.replaced_at is None or now - h.replaced_at < keep}
+            if not keys:
+                adopted = self._adopted_key(cred)
+                if adopted is not None:
+                    keys[adopted] = KeyHistory(cred.name, cred.agent, cred.provider, adopted)
             histories[cred.name] = keys
             owner.update({k: cred for k in keys})
         result.keys = len(owner)
@@ -186,6 +191,31 @@ class UsageMonitor:
         self._check(name, creds, histories, now, result)
         self._quiet(creds, histories, now, result)
         return self._done(name, now, result, fine=bool(fine_keys))
+
+    def _adopted_key(self, cred: CredentialConfig) -> str | None:
+        """The id of the key a never-rotated credential holds (imported, or adopted from a
+        ``.env`` file): from the vault's metadata or the provider's ``identify``, once per
+        vault version, so it is watched before its first rotation."""
+        runtime = self.app.runtime
+        try:
+            provider = runtime.provider(cred.provider)
+            info = runtime.info(cred)
+            current = runtime.vault(cred.vault).read(cred.path, cred.field,
+                                                      provider.companion_fields(info))
+            if current.secret is None:
+                return None
+            cached = self._adopted.get(cred.name)
+            if cached is not None and cached[0] == current.version:
+                return cached[1]
+            key_id = current.metadata.get("key_id") or None
+            if key_id is None and provider.capabilities.identify:
+                key_id = provider.identify(info, current.secret, dict(current.companions))
+        except RotatorError as exc:
+            log.info("%s: cannot tell which key it holds yet (%s); its usage is watched "
+                     "from its first rotation", cred.name, exc)
+            return None
+        self._adopted[cred.name] = (current.version, key_id)
+        return key_id
 
     def _fine_keys(self, histories: dict[str, dict[str, KeyHistory]], now: datetime
                    ) -> tuple[set[str], datetime]:
@@ -326,10 +356,9 @@ class UsageMonitor:
                histories: dict[str, dict[str, KeyHistory]], now: datetime,
                result: PollResult) -> None:
         """Make the revocation of an old key due now once it has gone unused for
-        ``quiet_for`` since the switch; name a straggler still using it as the grace bound
-        nears (it is revoked then, as with a fixed grace)."""
+        ``quiet_for`` since the switch; name a straggler still using it ``quiet_for`` after
+        the switch, once (it is revoked at the grace bound, as with a fixed grace)."""
         store = self.app.store
-        interval = min(self.app.policies.settings.usage_poll_interval, FINE_POLL)
         for cred in creds:
             if cred.revoke_when != "quiet":
                 continue
@@ -350,17 +379,21 @@ class UsageMonitor:
                              rev.not_before.isoformat(timespec="seconds"))
                     if self.wake is not None:
                         self.wake()
-                elif last is not None and rev.not_before - now <= 2 * interval:
+                elif now - history.replaced_at >= cred.quiet_for:
                     switched = switched_at(history, minute)
-                    message = (f"{cred.agent} still used old key {rev.key_id} of {cred.name} "
-                               f"(last use before {last.isoformat(timespec='minutes')}); "
+                    message = (f"{cred.agent} still uses old key {rev.key_id} of {cred.name} "
+                               f"(last use before {last.isoformat(timespec='minutes')}, "
+                               "the switch was at "
+                               f"{history.replaced_at.isoformat(timespec='minutes')}); "
                                "the grace period ends at "
                                f"{rev.not_before.isoformat(timespec='minutes')} and revokes it"
                                + ("" if switched is None else
                                   f" (its new key has been in use since "
                                   f"{switched.isoformat(timespec='minutes')})"))
-                    self._fire(cred, Finding("straggler", f"straggler:{rev.key_id}",
-                                             rev.key_id, "alert", message,
-                                             {"last_use_before": last.isoformat(),
-                                              "grace_ends": rev.not_before.isoformat()}), now)
+                    finding = Finding("straggler", f"straggler:{rev.key_id}", rev.key_id,
+                                      "alert", message,
+                                      {"last_use_before": last.isoformat(),
+                                       "grace_ends": rev.not_before.isoformat()})
+                    if self._fire(cred, finding, now):
+                        result.findings.append(finding)
 
