@@ -14,6 +14,8 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,73 @@ def _ready(port: int) -> bool:
     except OSError:
         time.sleep(0.2)
         return False
+
+
+@contextmanager
+def _prometheus(tmp_path: Path, metrics_port: int) -> Iterator[int]:
+    """A real Prometheus with rotator's alert rules, scraping ``metrics_port`` every second."""
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {RULES}\n"
+        "scrape_configs:\n  - job_name: rotator\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+    log = (tmp_path / "prometheus.log").open("w")
+    prom = subprocess.Popen(
+        [debian_tool("prometheus"), f"--config.file={config}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=log)
+    try:
+        wait_for(lambda: _ready(port), what="prometheus ready")
+        yield port
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(15)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_the_misuse_alert_fires_on_a_spike_and_the_usage_panels_have_data(tmp_path, openbao,
+                                                                         fake_openai):
+    metrics_port = free_port()
+    fleet = make_fleet(tmp_path, openbao, fake_openai,
+                       settings={"metrics_address": f"127.0.0.1:{metrics_port}",
+                                 "usage_poll_interval": "1s"})
+    cred = fleet.credentials[0]
+    key = fleet.legacy_keys[cred["name"]]
+    now = time.time()
+    for day in range(1, 8):  # a week of habit: 100 calls a day
+        fake_openai.record_usage(key, now - day * 86400, requests=100, input_tokens=900)
+    with _prometheus(tmp_path, metrics_port) as port:
+        daemon = fleet.start_daemon()
+        try:
+            counted = f'rotator_misuse_anomalies_total{{credential="{cred["name"]}"}} == 0'
+            wait_for(lambda: _api(port, "query", query=counted)["result"], timeout=60,
+                     what="a scrape of the misuse counters at 0")
+            fake_openai.record_usage(key, time.time() - 30, requests=400, input_tokens=3600)
+
+            def firing() -> list[dict[str, Any]]:
+                return [a for a in _api(port, "alerts")["alerts"]
+                        if a["labels"]["alertname"] == "RotatorMisuseDetected"
+                        and a["state"] == "firing"]
+
+            wait_for(firing, timeout=60, what="RotatorMisuseDetected to fire")
+            [alert] = firing()
+            assert alert["labels"]["credential"] == cred["name"]
+            assert alert["labels"]["rule"] == "spike" and alert["labels"]["action"] == "alert"
+            assert alert["labels"]["severity"] == "critical"
+            usage_panels = [(title, expr) for title, expr in _queries()
+                            if "rotator_key_" in expr or "rotator_misuse" in expr
+                            or "rotator_usage_polls" in expr]
+            assert len(usage_panels) == 4
+            for title, expr in usage_panels:
+                result = _api(port, "query", query=expr)["result"]
+                assert result, f"{title}: no data"
+                if "rotator_key_requests_total" in expr or "rotator_misuse" in expr:
+                    assert max(float(r["value"][1]) for r in result) > 0, f"{title}: {result}"
+        finally:
+            stop_daemon(daemon)
