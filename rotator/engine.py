@@ -18,6 +18,7 @@ a clean-up touches only its own and earlier owners' keys. See docs/replicas.md, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -431,6 +432,8 @@ class Engine:
                 rotating: bool,
                 grace: GraceWait | None, now: datetime) -> policy.Decision:
         spec = cred.schedule_spec(self.policies.settings.jitter)
+        if grace is not None and cred.revoke_when == "quiet" and not grace.failed_attempts:
+            grace = dataclasses.replace(grace, quiet_for=cred.quiet_for)
         retry_at = state.next_due_at if state is not None and state.failures else None
         return policy.decide(spec, state.last_rotated_at if state else None,
                              (state.first_seen_at if state else None) or now, now,

@@ -439,6 +439,10 @@ def _check_in_grace(f: _Facts) -> Decision | None:
         if g.failed_attempts:
             what = (f"revoking old key {g.key_id} (rotation {g.rotation_id}) failed "
                     f"{g.failed_attempts} time(s), next try {_show(g.until)}")
+        elif g.quiet_for is not None:
+            what = (f"old key {g.key_id} (rotation {g.rotation_id}) is revoked once the "
+                    f"provider's usage shows it unused for {format_duration(g.quiet_for)}, at "
+                    f"the latest at {_show(g.until)}")
         else:
             what = (f"old key {g.key_id} (rotation {g.rotation_id}) is in its grace until "
                     f"{_show(g.until)}")
@@ -500,6 +504,8 @@ class GraceWait:
     key_id: str
     rotation_id: str
     failed_attempts: int = 0
+    quiet_for: timedelta | None = None
+    """Set for ``revoke_when = "quiet"``: revoked sooner, once unused this long."""
 
 
 def _outside_window(decision: Decision, window: Window, now: datetime) -> Decision:

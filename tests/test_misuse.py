@@ -196,6 +196,9 @@ def test_revoke_when_quiet_revokes_early_and_names_a_straggler(tmp_path, openbao
         assert not fake_openai.is_valid(olds[fast["name"]]), "quiet: revoked before the grace"
         assert clock.now() < grace_ends - timedelta(minutes=25)
         assert fake_openai.is_valid(olds[slow["name"]]), "a straggler is not cut off blind"
+        reason = app.engine.due_decision(slow["name"])
+        assert reason.reason == "in_grace" and "unused for 2m, at the latest" in \
+            reason.message, reason.message
         [pending] = app.store.pending_revocations(credential=slow["name"])
         assert abs((pending.not_before - grace_ends).total_seconds()) < 5
         [straggler] = [f for f in findings if f.rule == "straggler"]

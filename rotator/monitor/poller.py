@@ -22,6 +22,7 @@ from typing import Any
 
 from rotator.app import App
 from rotator.config import CredentialConfig
+from rotator.durations import format_duration
 from rotator.engine import RotationRequest, RotationResult
 from rotator.errors import RotatorError, TransientError
 from rotator.events import MisuseDetected
@@ -374,7 +375,8 @@ class UsageMonitor:
                     store.reschedule_revocation(rev.id, now)
                     result.revoked_early.append(rev.key_id)
                     log.info("%s: old key %s unused for %s since %s: revoking it now, before "
-                             "its grace ends at %s", cred.name, rev.key_id, cred.quiet_for,
+                             "its grace ends at %s", cred.name, rev.key_id,
+                             format_duration(cred.quiet_for),
                              quiet_since.isoformat(timespec="seconds"),
                              rev.not_before.isoformat(timespec="seconds"))
                     if self.wake is not None:
