@@ -31,6 +31,7 @@ from rotator.errors import (
 from rotator.interfaces import (
     Capabilities,
     CredentialInfo,
+    KeyExpiry,
     KeyProbe,
     NewKey,
     PluginSettings,
@@ -105,7 +106,7 @@ class OpenAIParams(PluginSettings):
         return value
 
 
-class OpenAIProvider(Provider, KeyProbe, UsageReport):
+class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyExpiry):
     """Rotates the API keys of one service account per credential, in one OpenAI project.
 
     Thread-safe: one cached admin client serves every thread; a 401 on an admin call drops it so
@@ -120,6 +121,8 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport):
     )
     list_page_size: ClassVar[int] = 100
     """Keys asked for per list request (OpenAI's maximum)."""
+    max_key_ttl: ClassVar[timedelta | None] = timedelta(seconds=31_536_000)
+    """``expires_in_seconds`` is at most a year."""
 
     def __init__(self, name: str, settings: PluginSettings, resolve_secret: SecretResolver) -> None:
         super().__init__(name, settings, resolve_secret)
@@ -139,6 +142,15 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport):
         A timeout here may still have created the key: the engine finds it by name with
         :meth:`find_by_rotation` and revokes it.
         """
+        return self._create(credential, rotation_id, None)
+
+    def create_expiring(self, credential: CredentialInfo, rotation_id: str,
+                        ttl: timedelta) -> NewKey:
+        """``create`` with ``expires_in_seconds``: OpenAI refuses the key after ``ttl``."""
+        return self._create(credential, rotation_id, ttl)
+
+    def _create(self, credential: CredentialInfo, rotation_id: str,
+                ttl: timedelta | None) -> NewKey:
         sa_id = _params(credential).service_account_id
         client = self._admin_client()
         with self._boundary(
@@ -148,7 +160,8 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport):
             "check params.service_account_id and project_id",
         ):
             created = client.admin.organization.projects.service_accounts.api_keys.create(
-                sa_id, project_id=self.config.project_id, name=key_name_for(rotation_id)
+                sa_id, project_id=self.config.project_id, name=key_name_for(rotation_id),
+                **({} if ttl is None else {"expires_in_seconds": int(ttl.total_seconds())}),
             )
         if not created.value:
             raise PermanentError(

@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from rotator import plugins
-from rotator.durations import parse_duration
+from rotator.durations import format_duration, parse_duration
 from rotator.errors import ConfigError, PluginError
 from rotator.interfaces import PluginSettings, Provider
 from rotator.policy import ScheduleSpec, Window, validate_cron
@@ -389,6 +389,9 @@ class CredentialConfig(_Model):
     """``quiet``: revoke the old key once the provider's usage shows it unused for
     ``quiet_for`` after the switch, ``grace`` being the upper bound."""
     quiet_for: Duration = timedelta(minutes=10)
+    key_ttl: Duration | None = None
+    """Every key rotator creates expires this long after its creation, at the provider; at
+    least the interval plus grace, so a rotation on time always replaces it first."""
     line: int = 0
 
     @field_validator("name")
@@ -1286,6 +1289,7 @@ class _Checker:
                 data["interval"] = settings.default_interval
             data.setdefault("grace", settings.default_grace)
             self._usage_settings(data, path, cls, provider)
+            self._key_ttl(data, path, cls, provider)
             cred = self.validate(CredentialConfig, data, path)
             if cred is not None:
                 out.append(cred)
@@ -1342,6 +1346,46 @@ class _Checker:
                 self.add((*path, "quiet_for"), (
                     f"quiet_for must be longer than 0s and shorter than grace ({grace}): grace "
                     "is the upper bound on waiting for the old key to go quiet"))
+
+    def _key_ttl(self, data: dict[str, Any], path: KeyPath, cls: type | None,
+                 provider: Any) -> None:
+        """``key_ttl`` needs a provider that can expire keys, creation, and room for the
+        longest gap between rotations plus grace: a key must never expire before its
+        successor replaced it."""
+        from rotator.interfaces import KeyExpiry
+        from rotator.policy import longest_gap
+
+        ttl_raw = data.get("key_ttl")
+        if ttl_raw is None:
+            return
+        where = (*path, "key_ttl")
+        try:
+            ttl, grace = _duration(ttl_raw), _duration(data.get("grace"))
+        except ValueError:
+            return  # said by the model's own validation
+        if cls is not None and not issubclass(cls, KeyExpiry):
+            self.add(where, f'provider "{provider}" (type {getattr(cls, "type_name", "?")}) '
+                            "cannot create keys that expire: remove key_ttl")
+            return
+        if data.get("manual_only") is True:
+            self.add(where, "manual_only credentials never get a key from rotator: remove "
+                            "key_ttl")
+            return
+        limit = getattr(cls, "max_key_ttl", None)
+        if limit is not None and ttl > limit:
+            self.add(where, f"the provider accepts an expiry of at most "
+                            f"{format_duration(limit)}: lower key_ttl (and the interval)")
+        try:
+            gap = (_duration(data["interval"]) if data.get("interval") is not None
+                   else longest_gap(data["schedule"]) if data.get("schedule") else None)
+        except (ValueError, KeyError, TypeError):
+            return
+        if gap is not None and ttl < gap + grace:
+            self.add(where, (
+                f"key_ttl {format_duration(ttl)} is shorter than the time between rotations "
+                f"plus grace ({format_duration(gap + grace)}): a key would expire before "
+                "its successor replaced it; make key_ttl longer (with a margin for a failed "
+                "rotation to be retried)"))
 
     def _check_params(self, cls: type[Provider], settings: PluginSettings,
                       params: PluginSettings, path: KeyPath) -> None:

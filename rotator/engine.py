@@ -58,7 +58,7 @@ from rotator.events import (
     TransactionalListener,
 )
 from rotator.generation import Generation
-from rotator.interfaces import NewKey, Provider, Vault
+from rotator.interfaces import KeyExpiry, NewKey, Provider, Vault
 from rotator.outages import OutageLog
 from rotator.policy import GraceWait
 from rotator.protocol import PROTOCOL, OldKeyRevocation, Produced
@@ -576,7 +576,10 @@ class Engine:
             crashpoint("created:create")
             return Produced({"new_key_id": key.key_id})
         tries: list[int] = []
-        key = self._retry(provider.create, info, tag, tries=tries)
+        if cred.key_ttl is not None and isinstance(provider, KeyExpiry):
+            key = self._retry(provider.create_expiring, info, tag, cred.key_ttl, tries=tries)
+        else:
+            key = self._retry(provider.create, info, tag, tries=tries)
         if tries[0] > 1:
             # A timed-out attempt may have created a key after all: keep only this one. Only
             # this owner's keys carry ``tag``: a newer owner's are never touched.

@@ -23,6 +23,7 @@ from rotator.secret_ref import SecretRef
 __all__ = [
     "Capabilities",
     "CredentialInfo",
+    "KeyExpiry",
     "KeyProbe",
     "NewKey",
     "PluginSettings",
@@ -358,6 +359,21 @@ class UsageReport(ABC):
         of ``key_ids`` (a provider-wide question: one call serves every credential), only
         those with use. Raises ``TransientError`` (rate limited: the poller backs off) or
         ``PermanentError`` (the admin key may not read usage), like every provider call."""
+
+
+class KeyExpiry(ABC):
+    """Optional for a provider: create keys that the service itself expires (``key_ttl`` in
+    the policy), so a key that escapes rotation (a daemon that died, a copy in a log) dies on
+    its own. Discovered by type: ``isinstance(provider, KeyExpiry)``; ``rotator check``
+    refuses ``key_ttl`` for a provider without it."""
+
+    max_key_ttl: ClassVar[timedelta | None] = None
+    """The longest expiry the service accepts (None: no limit)."""
+
+    @abstractmethod
+    def create_expiring(self, credential: CredentialInfo, rotation_id: str,
+                        ttl: timedelta) -> NewKey:
+        """``create``, with the key set to expire ``ttl`` from now at the service."""
 
 
 class KeyProbe(ABC):

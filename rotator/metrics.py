@@ -156,7 +156,7 @@ class _PerCredential:
         except Exception:  # a scrape must answer even when the store hiccups
             log.exception("could not read the state store for /metrics")
             return "\n".join(out) + "\n"
-        last_lines, next_lines, age_lines, reason_lines = [], [], [], []
+        last_lines, next_lines, age_lines, reason_lines, expiry_lines = [], [], [], [], []
         for cred in policies.credentials:
             labels = self._agent_labels(cred.name, cred.agent, cred.provider)
             decision = decisions.get(cred.name)
@@ -171,6 +171,11 @@ class _PerCredential:
             if nxt is not None:
                 next_lines.append(f"rotator_credential_next_rotation_timestamp_seconds"
                                   f"{{{labels}}} {_number(nxt.timestamp())}")
+            if last is not None and cred.key_ttl is not None:
+                # The key was created moments before the rotation finished: an expiry this
+                # late at the latest (the rotation's own duration earlier, in truth).
+                expiry_lines.append(f"rotator_credential_key_expiry_timestamp_seconds"
+                                    f"{{{labels}}} {_number((last + cred.key_ttl).timestamp())}")
             if cred.interval is not None:
                 age_lines.append(f"rotator_credential_max_age_seconds{{{labels}}} "
                                  f"{_number(cred.interval.total_seconds())}")
@@ -181,6 +186,9 @@ class _PerCredential:
              "When the credential is next due to rotate (Unix time).", next_lines),
             ("rotator_credential_max_age_seconds", "gauge",
              "The policy's interval: the oldest the key should get.", age_lines),
+            ("rotator_credential_key_expiry_timestamp_seconds", "gauge",
+             "When the credential's current key expires at the provider (key_ttl; Unix "
+             "time): a rotation must replace it before then.", expiry_lines),
             ("rotator_credential_due_reason", "gauge",
              "1 for the due gate's reason code now: why the credential is or is not due "
              "(in_grace, retry_backoff, outside_window, not_due, ...).", reason_lines),

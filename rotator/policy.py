@@ -294,6 +294,18 @@ def next_cron(expr: str, after: datetime) -> datetime:
     return _utc(fire)
 
 
+def longest_gap(expr: str, fires: int = 400) -> timedelta:
+    """The longest time between two fires of ``expr`` over its next ``fires`` fires from a
+    fixed reference (a year of daily fires): what a key must outlive under that schedule."""
+    at = next_cron(expr, _CRON_REFERENCE)
+    longest = timedelta(0)
+    for _ in range(fires):
+        nxt = next_cron(expr, at)
+        longest = max(longest, nxt - at)
+        at = nxt
+    return longest
+
+
 # -- jitter ----------------------------------------------------------------------------------
 
 

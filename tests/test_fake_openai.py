@@ -238,6 +238,7 @@ def test_seed_key_and_live_keys_never_show_values(world: World) -> None:
         "service_account_id": sa,
         "project_id": project,
         "created_at": row["created_at"],
+        "expires_at": None,
     }
     with pytest.raises(ValueError):
         fake.seed_key(project, sa, value=value)

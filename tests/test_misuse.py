@@ -227,3 +227,25 @@ def test_a_rate_limited_poll_backs_off_and_touches_nothing(tmp_path, openbao, fa
         assert state.next_poll_at >= datetime.now(UTC) + timedelta(seconds=25)
         assert monitor.poll_due() == [], "not before Retry-After"
         assert app.store.rotations() == []
+
+
+def test_key_ttl_makes_every_new_key_expire_at_the_provider(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, interval="30d", grace="1h",
+                       **_policy(key_ttl="35d"))
+    cred = fleet.credentials[0]
+    clock = Clock()
+    with monitoring(fleet, clock) as (app, _monitor, metrics):
+        started = time.time()
+        assert app.engine.rotate(RotationRequest(cred["name"], trigger="manual")).ok
+        new = app.store.credential(cred["name"]).current_key_id
+        [key] = [k for k in fleet.live_keys(cred) if k["id"] == new]
+        assert started + 35 * DAY - 5 <= key["expires_at"] <= time.time() + 35 * DAY + 1
+        page = metrics.render().decode()
+        [line] = [ln for ln in page.splitlines()
+                  if ln.startswith("rotator_credential_key_expiry_timestamp_seconds{")]
+        assert f'credential="{cred["name"]}"' in line
+        assert abs(float(line.rsplit(" ", 1)[1]) - key["expires_at"]) < 60
+        value = fleet.vault_value(cred)
+        assert fake_openai.is_valid(value)
+        clock.advance(35 * DAY + 60)  # the daemon died and nothing rotated it: it dies anyway
+        assert not fake_openai.is_valid(value)

@@ -714,7 +714,7 @@ def test_notify_section_loads_with_defaults() -> None:
         retries = 0
         """))
     oncall, siem = policies.notify["oncall"], policies.notify["siem"]
-    assert oncall.events == ["failure", "rollback", "emergency"]
+    assert oncall.events == ["failure", "rollback", "emergency", "misuse"]
     assert (oncall.retries, oncall.timeout.total_seconds(), oncall.headers) == (3, 10.0, {})
     assert str(oncall.url) == "vault main:rotator/slack#url"
     assert siem.events == ["failure", "success"]
@@ -753,7 +753,7 @@ def test_notify_problems_have_lines_keys_and_hints() -> None:
         (line("url = { envv"), "notify.siem.url.envv", 'unknown key "envv" (did you mean '
                                                         '"env"?)'),
         (line("events = [\"failure\", \"rolback\"]"), "notify.siem.events[1]",
-         "Input should be 'failure', 'rollback', 'emergency' or 'success'"),
+         "Input should be 'failure', 'rollback', 'emergency', 'success' or 'misuse'"),
         (line("credentials"), "notify.siem.credentials[0]",
          'no credential named "billing-agent/openai" in [credentials] (did you mean '
          '"research-agent/openai"? known: research-agent/openai); a glob like '

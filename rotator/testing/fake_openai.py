@@ -268,6 +268,7 @@ class FakeOpenAIServer(JsonApiFake):
                     "service_account_id": k.service_account_id,
                     "project_id": k.project_id,
                     "created_at": k.created_at,
+                    "expires_at": k.expires_at,
                 }
                 for k in self._keys.values()
                 if not k.deleted and (project_id is None or k.project_id == project_id)
@@ -474,10 +475,11 @@ class FakeOpenAIServer(JsonApiFake):
         if not isinstance(name, str):
             raise _ApiError(400, "Invalid type for 'name': expected a string.", param="name")
         expires_in = body.get("expires_in_seconds")
-        if expires_in is not None and (not isinstance(expires_in, int) or expires_in <= 0):
+        if expires_in is not None and (not isinstance(expires_in, int)
+                                       or not 1 <= expires_in <= 31_536_000):
             raise _ApiError(
                 400,
-                "Invalid 'expires_in_seconds': expected a positive integer.",
+                "Invalid 'expires_in_seconds': expected an integer from 1 to 31536000.",
                 param="expires_in_seconds",
             )
         scopes = body.get("scopes") or []
