@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from providers.http.sending import HttpSession, status_error
+from providers.http.sending import HttpSession, QueryParams, status_error
 from rotator.errors import (
     CredentialRejected,
     PermanentError,
@@ -42,6 +43,8 @@ from rotator.interfaces import (
     Secret,
     SecretRef,
     SecretResolver,
+    UsageBucket,
+    UsageReport,
 )
 from rotator.plugin_support import FOUND_KEY, accepted, params_as, remote_message
 
@@ -108,7 +111,7 @@ def _prefixed(value: str | None, prefix: str, what: str, example: str) -> str | 
     return value
 
 
-class AnthropicProvider(Provider, KeyProbe):
+class AnthropicProvider(Provider, KeyProbe, UsageReport):
     """Revokes (sets ``inactive``) Anthropic API keys; cannot create them.
 
     Thread-safe: one ``httpx.Client`` serves every thread; the admin key is resolved on first
@@ -219,6 +222,53 @@ class AnthropicProvider(Provider, KeyProbe):
             return None
         return str(fits[0]["id"])
 
+    usage_widths: ClassVar[tuple[timedelta, ...]] = (
+        timedelta(minutes=1), timedelta(hours=1), timedelta(days=1))
+    usage_key_batch: ClassVar[int] = 100
+    """Key ids asked for per usage request (they travel in the query string)."""
+
+    def usage(self, key_ids: Sequence[str], start: datetime, end: datetime,
+              width: timedelta) -> list[UsageBucket]:
+        """Messages usage grouped by ``api_key_id`` (``GET /v1/organizations/usage_report/
+        messages``), every page followed. The report counts tokens, not requests, so each
+        bucket's ``requests`` is None and ``tokens`` is input (uncached, cache reads and
+        writes) plus output."""
+        names = {timedelta(minutes=1): ("1m", 1440), timedelta(hours=1): ("1h", 168),
+                 timedelta(days=1): ("1d", 31)}
+        if width not in names:
+            raise PermanentError(f"{self.name}: Anthropic reports usage in 1m, 1h or 1d buckets")
+        name, limit = names[width]
+        action = "reading the organization's usage report"
+        # The report returns buckets that *end* before ending_at: round up, so the bucket
+        # still filling (the one misuse shows in first) is included.
+        seconds = int(width.total_seconds())
+        end = datetime.fromtimestamp(-(-int(end.timestamp()) // seconds) * seconds, UTC)
+        out: list[UsageBucket] = []
+        for i in range(0, len(key_ids), self.usage_key_batch):
+            query: list[tuple[str, str]] = [
+                ("starting_at", _rfc3339(start)), ("ending_at", _rfc3339(end)),
+                ("bucket_width", name), ("limit", str(limit)), ("group_by[]", "api_key_id"),
+                *(("api_key_ids[]", k) for k in key_ids[i:i + self.usage_key_batch])]
+            page: str | None = None
+            while True:
+                response = self._request(
+                    "GET", "/v1/organizations/usage_report/messages", action,
+                    params=query + ([("page", page)] if page else []))
+                if not response.is_success:
+                    raise self._error(response, action, admin=True)
+                answer = _json(response, self.name, action)
+                for bucket in answer.get("data") or []:
+                    begins = datetime.fromisoformat(
+                        str(bucket["starting_at"]).replace("Z", "+00:00"))
+                    for r in bucket.get("results") or []:
+                        tokens = _tokens(r)
+                        if r.get("api_key_id") and tokens:
+                            out.append(UsageBucket(r["api_key_id"], begins, width, None, tokens))
+                page = answer.get("next_page") if answer.get("has_more") else None
+                if not page:
+                    break
+        return out
+
     def check_access(self) -> None:
         """Read one key of the organization: what revocation needs of the admin key."""
         self._first_page("listing API keys")
@@ -232,7 +282,7 @@ class AnthropicProvider(Provider, KeyProbe):
     # -- helpers -------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, action: str, *, key: Secret | None = None,
-                 params: Mapping[str, str] | None = None, json: Any = None) -> httpx.Response:
+                 params: QueryParams | None = None, json: Any = None) -> httpx.Response:
         """Send with ``key``, or with the admin key (dropped from the cache if refused)."""
         credential = self._session.secrets() if key is None else key
         headers = {"x-api-key": credential.reveal(),
@@ -292,6 +342,19 @@ class AnthropicProvider(Provider, KeyProbe):
                 "Admin API key (sk-ant-admin01-...)") if admin else None
         return status_error(response, who=self.name, action=action, admin_hint=hint,
                             detail=f"({detail})" if detail else "")
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tokens(result: Mapping[str, Any]) -> int:
+    """Input (uncached, cache reads, cache writes of either lifetime) plus output tokens."""
+    cache = result.get("cache_creation") or {}
+    parts = (result.get("uncached_input_tokens"), result.get("cache_read_input_tokens"),
+             result.get("output_tokens"), cache.get("ephemeral_1h_input_tokens"),
+             cache.get("ephemeral_5m_input_tokens"))
+    return sum(int(p) for p in parts if isinstance(p, int))
 
 
 def _params(credential: CredentialInfo) -> AnthropicParams:

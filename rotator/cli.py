@@ -723,7 +723,8 @@ def usage(config_path: str | None, as_json: bool, names: tuple[str, ...], agent:
             for b in k.buckets:
                 after = k.replaced_at is not None and b.start >= k.replaced_at
                 table.add_row(_esc(k.credential), _esc(k.key_id), role,
-                              _when(b.start.isoformat()), str(b.requests),
+                              _when(b.start.isoformat()),
+                              str(b.requests) if b.requests is not None else "-",
                               str(b.tokens) if b.tokens is not None else "-",
                               "[bold red]after replacement: not its agent[/]" if after else "")
         _print_table(table)

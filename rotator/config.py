@@ -143,12 +143,15 @@ MisuseAction = Literal["alert", "revoke", "off"]
 class SpikeRule(_Model):
     """Use above ``factor`` times the trailing daily average: the last 24 hours' requests (or
     tokens) against the mean day of the ``baseline_days`` before them, for the credential's keys
-    together (the agent's habit carries across its rotations). Days below ``min_requests`` never
-    fire, so a key used twice instead of once does not page anyone."""
+    together (the agent's habit carries across its rotations). Days below ``min_requests`` (or
+    ``min_tokens`` where the provider counts only tokens) never fire, so a key used twice
+    instead of once does not page anyone."""
 
     factor: float = Field(default=3.0, gt=1, le=1000)
     baseline_days: int = Field(default=7, ge=1, le=30)
     min_requests: int = Field(default=100, ge=0)
+    min_tokens: int = Field(default=100_000, ge=0)
+    """The floor where the provider counts only tokens (Anthropic)."""
     action: MisuseAction = "alert"
 
 
@@ -1310,7 +1313,7 @@ class _Checker:
                 self.add((*path, "misuse"), (
                     f'provider "{provider}" (type {type_name}) cannot report usage per key, so '
                     "these rules could never fire: remove misuse here (providers that can: "
-                    f"{', '.join(_usage_provider_types()) or 'none installed'})"))
+                    f"{', '.join(usage_provider_types()) or 'none installed'})"))
             if data.get("revoke_when") == "quiet":
                 self.add((*path, "revoke_when"), (
                     f'provider "{provider}" (type {type_name}) cannot report usage per key, so '
@@ -1448,7 +1451,7 @@ class _Checker:
         return unique
 
 
-def _usage_provider_types() -> list[str]:
+def usage_provider_types() -> list[str]:
     """Installed provider types that report usage per key."""
     from rotator.interfaces import UsageReport
 

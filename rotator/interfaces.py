@@ -337,7 +337,8 @@ class UsageBucket:
     start: datetime
     """Start of the bucket, aware UTC; the bucket is ``[start, start + width)``."""
     width: timedelta
-    requests: int
+    requests: int | None
+    """Calls made (None where the service counts only tokens, as Anthropic's report does)."""
     tokens: int | None = None
     """Input plus output tokens, where the provider counts them."""
     cost: float | None = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from rotator.config import CredentialConfig
+from rotator.config import CredentialConfig, usage_provider_types
 from rotator.errors import PermanentError
 from rotator.interfaces import UsageBucket, UsageReport
 from rotator.runtime import Runtime
@@ -53,10 +53,14 @@ class KeyHistory:
         return "old" if self.replaced_at is not None else "current"
 
     def used_after_replacement(self) -> int:
-        """Requests in buckets that begin after the key was replaced."""
+        """Requests (tokens, where only those are counted) in buckets that begin after the
+        key was replaced."""
         if self.replaced_at is None:
             return 0
-        return sum(b.requests for b in self.buckets if b.start >= self.replaced_at)
+        after = [b for b in self.buckets if b.start >= self.replaced_at]
+        if any(b.requests is not None for b in after):
+            return sum(b.requests or 0 for b in after)
+        return sum(b.tokens or 0 for b in after)  # a service that counts only tokens
 
     def as_json(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -65,7 +69,7 @@ class KeyHistory:
         return {"credential": self.credential, "agent": self.agent, "provider": self.provider,
                 "key_id": self.key_id, "role": self.role, "created_at": iso(self.created_at),
                 "replaced_at": iso(self.replaced_at), "revoked_at": iso(self.revoked_at),
-                "requests": sum(b.requests for b in self.buckets),
+                "requests": sum(b.requests or 0 for b in self.buckets),
                 "tokens": sum(b.tokens or 0 for b in self.buckets),
                 "requests_after_replacement": self.used_after_replacement(),
                 "buckets": [{"start": iso(b.start), "seconds": int(b.width.total_seconds()),
@@ -120,7 +124,8 @@ def usage_of(runtime: Runtime, store: StateStore, creds: list[CredentialConfig],
         if not isinstance(provider, UsageReport):
             raise PermanentError(
                 f"provider {cred.provider!r} ({type(provider).type_name}) of {cred.name} cannot "
-                "report usage per key; `rotator usage` works for providers that can (openai)")
+                "report usage per key; `rotator usage` works for providers that can ("
+                + ", ".join(usage_provider_types()) + ")")
         for history in key_histories(store, cred).values():
             if key_id is None or history.key_id == key_id:
                 by_provider.setdefault(cred.provider, []).append(history)

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from rotator.app import App
 from rotator.config import load_policies
@@ -47,11 +49,13 @@ class Clock:
 
 
 @contextmanager
-def monitoring(fleet: Fleet, clock: Clock | None = None) -> Iterator[tuple[App, UsageMonitor,
-                                                                            Metrics]]:
+def monitoring(fleet: Fleet | Path, clock: Clock | None = None
+               ) -> Iterator[tuple[App, UsageMonitor, Metrics]]:
+    """The app and usage monitor of a policy file, with ``clock`` shared with the fake."""
     clock = clock or Clock()
-    fleet.fake.clock = clock.unix
-    policies = load_policies(fleet.config)
+    if isinstance(fleet, Fleet):
+        fleet.fake.clock = clock.unix
+    policies = load_policies(fleet.config if isinstance(fleet, Fleet) else fleet)
     app = App(policies, actor="test", clock=clock.now)
     app.engine.sync_credentials()
     metrics = Metrics(app.store, lambda: app.policies)
@@ -249,3 +253,41 @@ def test_key_ttl_makes_every_new_key_expire_at_the_provider(tmp_path, openbao, f
         assert fake_openai.is_valid(value)
         clock.advance(35 * DAY + 60)  # the daemon died and nothing rotated it: it dies anyway
         assert not fake_openai.is_valid(value)
+
+
+@pytest.mark.usefixtures("http_provider_types")
+def test_anthropic_token_spike_revokes_the_key_first(tmp_path, openbao, fake_anthropic,
+                                                     monkeypatch):
+    """Anthropic's report counts tokens only and its keys cannot be created by API: the spike
+    rule judges tokens, and its revoke action kills the key at once (revoke-first)."""
+    key_id, value = fake_anthropic.seed_key("research-agent")
+    path = f"t{tmp_path.name[-12:]}/research-agent/anthropic"
+    openbao.client().secrets.kv.v2.create_or_update_secret(
+        path=path, secret={"ANTHROPIC_API_KEY": value}, mount_point="secret")
+    config = tmp_path / "rotation-policies.toml"
+    config.write_text(tomli_w.dumps({
+        "rotator": {"state_url": f"sqlite:///{tmp_path / 'state.db'}",
+                    "usage_poll_interval": "1s"},
+        "vaults": {"main": {"type": "vault", "url": openbao.url, "token_env": "VAULT_TOKEN"}},
+        "providers": {"anthropic": {"type": "anthropic", "base_url": fake_anthropic.url,
+                                    "admin_key": {"env": "ANTHROPIC_ADMIN_KEY"}}},
+        "credentials": [{"name": "research-agent/anthropic", "agent": "research-agent",
+                         "provider": "anthropic", "vault": "main", "path": path,
+                         "field": "ANTHROPIC_API_KEY", "manual_only": True,
+                         "misuse": {"spike": {"action": "revoke"}}}]}))
+    monkeypatch.setenv("ANTHROPIC_ADMIN_KEY", fake_anthropic.admin_key)
+    now = time.time()
+    for day in range(1, 8):
+        fake_anthropic.record_usage(key_id, now - day * DAY, input_tokens=200_000)
+    with monitoring(config) as (app, monitor, metrics):
+        assert monitor.poll("anthropic").findings == []
+        fake_anthropic.record_usage(key_id, now - 120, input_tokens=900_000)
+        [finding] = monitor.poll("anthropic").findings
+        assert finding.rule == "spike" and finding.key_id == key_id
+        assert "tokens in the last 24h" in finding.message
+        [rotation] = app.store.rotations("research-agent/anthropic", limit=1)
+        assert rotation.revoke_mode == "first" and rotation.outcome == "success"
+        labels = {"credential": "research-agent/anthropic", "agent": "research-agent",
+                  "provider": "anthropic"}
+        assert _sample(metrics, "rotator_key_tokens_total", **labels) >= 900_000
+    assert not fake_anthropic.is_valid(value), "the abused key is dead"

@@ -344,3 +344,54 @@ def test_revoke_first_kills_the_key_in_the_vault(tmp_path: Path, openbao: Any,
     assert fake_anthropic.is_valid(bystander), "nothing else was touched"
     assert value not in result.message
 
+
+
+# -- per-key usage (misuse monitoring) -----------------------------------------------------------
+
+
+def test_usage_report_counts_tokens_per_key_over_every_page(
+        fake_anthropic: FakeAnthropicAdmin, provider: AnthropicProvider) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    import httpx
+
+    mine, value = fake_anthropic.seed_key("research-agent")
+    other, _ = fake_anthropic.seed_key("other-agent")
+    now = time.time()
+    fake_anthropic.record_usage(mine, now - 5 * 3600, input_tokens=300, output_tokens=30)
+    fake_anthropic.record_usage(other, now - 5 * 3600, input_tokens=999)
+    answer = httpx.post(f"{fake_anthropic.url}/v1/messages", timeout=10,
+                        headers={"x-api-key": value, "anthropic-version": "2023-06-01"},
+                        json={"model": "claude-sonnet-4-5", "max_tokens": 10,
+                              "messages": [{"role": "user", "content": "hello there"}]})
+    assert answer.status_code == 200, answer.text
+    provider.usage_key_batch = 1  # one request per key: batches are followed too
+    hour = timedelta(hours=1)
+    start = datetime.fromtimestamp(now, UTC) - 6 * hour
+    buckets = provider.usage([mine], start, datetime.fromtimestamp(now, UTC) + hour, hour)
+    assert {b.key_id for b in buckets} == {mine}, "only the key asked for"
+    assert all(b.requests is None for b in buckets), "the report counts no requests"
+    assert sorted(b.tokens for b in buckets) == [2 + 5, 330]
+    fake_anthropic.set_status(mine, "inactive")
+    refused = httpx.post(f"{fake_anthropic.url}/v1/messages", timeout=10,
+                         headers={"x-api-key": value, "anthropic-version": "2023-06-01"},
+                         json={"model": "claude-sonnet-4-5", "messages": []})
+    assert refused.status_code == 401, "a revoked key is refused"
+    with pytest.raises(PermanentError, match="1m, 1h or 1d"):
+        provider.usage([mine], start, start + hour, timedelta(minutes=5))
+
+
+def test_usage_report_pages_are_followed(fake_anthropic: FakeAnthropicAdmin,
+                                         provider: AnthropicProvider) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    key_id, _ = fake_anthropic.seed_key("research-agent")
+    now = time.time()
+    for day in range(1, 40):  # more 1d buckets than one page holds (31)
+        fake_anthropic.record_usage(key_id, now - day * 86400, input_tokens=day)
+    day = timedelta(days=1)
+    buckets = provider.usage([key_id], datetime.fromtimestamp(now, UTC) - 41 * day,
+                             datetime.fromtimestamp(now, UTC), day)
+    assert sorted(b.tokens for b in buckets) == [d + 10 for d in range(1, 40)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -22,7 +22,10 @@ from rotator.plugin_support import classify_status, retry_after, status_where
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["HttpSession", "retry_after", "send", "status_error"]
+__all__ = ["HttpSession", "QueryParams", "retry_after", "send", "status_error"]
+
+QueryParams = Mapping[str, str] | Sequence[tuple[str, str]]
+"""A query string: a mapping, or pairs where a name repeats (``api_key_ids[]=a&...=b``)."""
 
 T = TypeVar("T")
 
@@ -35,7 +38,7 @@ def _origin(url: str) -> str:
 
 
 def send(client: httpx.Client, method: str, url: str, *, who: str, action: str,
-         headers: Mapping[str, str], params: Mapping[str, str] | None = None,
+         headers: Mapping[str, str], params: QueryParams | None = None,
          json: Any = None) -> httpx.Response:
     """One request, with transport failures translated into :mod:`rotator.errors`.
 
@@ -110,7 +113,7 @@ class HttpSession(Generic[T]):
         return cached
 
     def request(self, method: str, url: str, *, action: str, admin: bool,
-                headers: Mapping[str, str], params: Mapping[str, str] | None = None,
+                headers: Mapping[str, str], params: QueryParams | None = None,
                 json: Any = None) -> httpx.Response:
         """:func:`send` with this session's client; an ``admin`` request refused with 401/403
         drops the secrets."""

@@ -28,7 +28,7 @@ from rotator.errors import RotatorError, TransientError
 from rotator.events import MisuseDetected
 from rotator.interfaces import UsageBucket, UsageReport
 from rotator.key_usage import KeyHistory, key_histories
-from rotator.monitor.rules import DAY, Finding, evaluate, switched_at
+from rotator.monitor.rules import DAY, Finding, evaluate, switched_at, used
 from rotator.state.models import KeyUsage
 
 __all__ = ["PollResult", "UsageMonitor"]
@@ -257,7 +257,7 @@ class UsageMonitor:
             if width == 3600 and b.start + b.width > self.started:
                 old = before.get((b.key_id, width, b.start))
                 t = grew.setdefault(cred.name, [0, 0])
-                t[0] += max(0, b.requests - (old.requests if old else 0))
+                t[0] += max(0, (b.requests or 0) - ((old.requests or 0) if old else 0))
                 t[1] += max(0, (b.tokens or 0) - ((old.tokens or 0) if old else 0))
         store.save_usage(name, rows)
         if self.on_usage is not None:
@@ -368,8 +368,8 @@ class UsageMonitor:
                 history = histories[cred.name].get(rev.key_id)
                 if history is None or history.replaced_at is None or rev.not_before <= now:
                     continue
-                used = [r for r in minute if r.key_id == rev.key_id and r.requests > 0]
-                last = max((r.start + MINUTE for r in used), default=None)
+                used_in = [r for r in minute if r.key_id == rev.key_id and used(r)]
+                last = max((r.start + MINUTE for r in used_in), default=None)
                 quiet_since = max(history.replaced_at, last or history.replaced_at)
                 if now - quiet_since >= cred.quiet_for:
                     store.reschedule_revocation(rev.id, now)

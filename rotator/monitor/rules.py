@@ -17,7 +17,7 @@ from rotator.config import CredentialConfig, DailyCapRule, OutsideRule, SpikeRul
 from rotator.key_usage import KeyHistory
 from rotator.state.models import KeyUsage
 
-__all__ = ["Finding", "evaluate", "switched_at"]
+__all__ = ["Finding", "evaluate", "switched_at", "used"]
 
 DAY = timedelta(days=1)
 
@@ -36,6 +36,16 @@ def _iso(value: datetime) -> str:
     return value.isoformat(timespec="minutes").replace("+00:00", "Z")
 
 
+def used(row: KeyUsage) -> bool:
+    """Whether the bucket shows any use (requests, or tokens where no requests are counted)."""
+    return (row.requests or 0) > 0 or (row.tokens or 0) > 0
+
+
+def _use(row: KeyUsage) -> str:
+    return (f"{row.requests} request(s)" if row.requests is not None
+            else f"{row.tokens or 0} token(s)")
+
+
 def _ends(row: KeyUsage) -> datetime:
     return row.start + timedelta(seconds=row.width)
 
@@ -49,7 +59,7 @@ def switched_at(history: KeyHistory, rows: Iterable[KeyUsage]) -> datetime | Non
         # The bucket of the first use may begin before the switch (the agent's last calls on
         # the old key and first on the new share it): count from its end.
         first = min((_ends(r) for r in rows if r.key_id == history.replaced_by
-                     and r.requests > 0 and _ends(r) > history.replaced_at), default=None)
+                     and used(r) and _ends(r) > history.replaced_at), default=None)
         if first is not None:
             times.append(first)
     return min(times, default=None)
@@ -85,7 +95,7 @@ def _spike(cred: CredentialConfig, rule: SpikeRule, hourly: list[KeyUsage],
     most ``baseline_days``), for the credential's keys together."""
     recent_from, base_from = now - DAY, now - DAY - rule.baseline_days * DAY
     recent = [r for r in hourly if r.start >= recent_from]
-    base = [r for r in hourly if base_from <= r.start < recent_from and r.requests > 0]
+    base = [r for r in hourly if base_from <= r.start < recent_from and used(r)]
     if not base:
         return []  # no habit known yet: only a cap can judge a new agent
     first = min(r.start for r in base)
@@ -96,14 +106,17 @@ def _spike(cred: CredentialConfig, rule: SpikeRule, hourly: list[KeyUsage],
         per_day = sum(getattr(r, what) or 0 for r in base) / days
         figures[f"{what}_last_24h"] = now_total
         figures[f"{what}_daily_average"] = round(per_day, 1)
-    requests = figures["requests_last_24h"]
-    if requests < rule.min_requests:
+    counts_requests = any(r.requests is not None for r in recent + base)
+    if counts_requests and figures["requests_last_24h"] < rule.min_requests:
+        return []
+    if not counts_requests and figures["tokens_last_24h"] < rule.min_tokens:
         return []
     for what in ("requests", "tokens"):
         average = figures[f"{what}_daily_average"]
         total = figures[f"{what}_last_24h"]
         if average > 0 and total > rule.factor * average:
-            busiest = max(recent, key=lambda r: r.requests).key_id if recent else None
+            busiest = max(recent, key=lambda r: (r.requests or 0, r.tokens or 0)).key_id \
+                if recent else None
             message = (f"{total} {what} in the last 24h, {total / average:.1f}x the daily "
                        f"average of {average:g} over {days} day(s) (limit {rule.factor:g}x)")
             return [Finding("spike", f"spike:{_iso(now)}", busiest, rule.action, message,
@@ -116,14 +129,15 @@ def _outside(cred: CredentialConfig, rule: OutsideRule, hourly: list[KeyUsage],
     """Use in an hour that starts outside the window: once per key and day."""
     found: dict[str, Finding] = {}
     for row in hourly:
-        if row.start < now - DAY or row.requests <= 0 or rule.window.contains(row.start):
+        if row.start < now - DAY or not used(row) or rule.window.contains(row.start):
             continue
         subject = f"{row.key_id}:{row.start.date().isoformat()}"
         if subject not in found:
-            message = (f"{row.requests} request(s) in the hour from {_iso(row.start)}, outside "
+            message = (f"{_use(row)} in the hour from {_iso(row.start)}, outside "
                        f"{cred.agent}'s window {rule.window}")
             found[subject] = Finding("outside", subject, row.key_id, rule.action, message,
-                                     {"requests": row.requests, "bucket": _iso(row.start),
+                                     {"requests": row.requests, "tokens": row.tokens,
+                                      "bucket": _iso(row.start),
                                       "window": str(rule.window)})
     return list(found.values())
 
@@ -143,16 +157,20 @@ def _old_key(cred: CredentialConfig, action: str, keys: Mapping[str, KeyHistory]
         since = switched_at(history, finest(history.replaced_by))
         if since is None:
             continue
-        after = [r for r in finest(history.key_id) if r.start >= since and r.requests > 0]
+        after = [r for r in finest(history.key_id) if r.start >= since and used(r)]
         if not after:
             continue
-        requests = sum(r.requests for r in after)
+        requests = sum(r.requests or 0 for r in after)
+        tokens = sum(r.tokens or 0 for r in after)
         last = max(_ends(r) for r in after)
-        message = (f"old key {history.key_id} made {requests} request(s) after {cred.agent} "
+        what = (f"{requests} request(s)" if any(r.requests is not None for r in after)
+                else f"{tokens} token(s)")
+        message = (f"old key {history.key_id} made {what} after {cred.agent} "
                    f"switched to key {history.replaced_by or '?'} at {_iso(since)} (last use "
                    f"before {_iso(last)}): someone other than {cred.agent} holds it")
         found.append(Finding("old_key", history.key_id, history.key_id, action, message,
-                             {"requests": requests, "switched_at": _iso(since),
+                             {"requests": requests, "tokens": tokens,
+                              "switched_at": _iso(since),
                               "last_use_before": _iso(last)}))
     return found
 
@@ -161,7 +179,7 @@ def _daily_cap(cred: CredentialConfig, rule: DailyCapRule, hourly: list[KeyUsage
                now: datetime) -> list[Finding]:
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     today = [r for r in hourly if r.start >= midnight]
-    totals = {"requests": sum(r.requests for r in today),
+    totals = {"requests": sum(r.requests or 0 for r in today),
               "tokens": sum(r.tokens or 0 for r in today),
               "cost": round(sum(r.cost or 0.0 for r in today), 4)}
     for what in ("requests", "tokens", "cost"):

@@ -205,7 +205,7 @@ class KeyUsage(Base):
     """Bucket width in seconds (60, 3600 or 86400)."""
     start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
     credential: Mapped[str] = mapped_column(String(200))
-    requests: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cost: Mapped[float | None] = mapped_column(Float, nullable=True)
 

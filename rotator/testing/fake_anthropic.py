@@ -21,12 +21,15 @@ be updated (400), as in the console. Key values leave only through :meth:`seed_k
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import string
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from rotator.testing.fake_server import (
     ApiError,
@@ -40,6 +43,18 @@ __all__ = ["FakeAnthropicAdmin", "hint"]
 
 _BASE58 = "".join(c for c in string.ascii_letters + string.digits if c not in "0OIl")
 _STATUSES = ("active", "inactive", "archived")
+_BUCKETS = {"1m": (60, 60, 1440), "1h": (3600, 24, 168), "1d": (86400, 7, 31)}
+"""bucket_width -> (seconds, default limit, maximum limit), as documented."""
+
+
+@dataclass(frozen=True)
+class _Use:
+    at: float
+    key_id: str
+    workspace_id: str | None
+    model: str
+    input_tokens: int
+    output_tokens: int
 _MODELS = (("claude-sonnet-4-5", "Claude Sonnet 4.5"), ("claude-haiku-4-5", "Claude Haiku 4.5"))
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
@@ -89,6 +104,8 @@ class FakeAnthropicAdmin(JsonApiFake):
         ("GET", re.compile(r"/v1/organizations/api_keys"), "_list"),
         ("GET", re.compile(r"/v1/organizations/api_keys/(?P<key_id>[^/]+)"), "_get"),
         ("POST", re.compile(r"/v1/organizations/api_keys/(?P<key_id>[^/]+)"), "_update"),
+        ("POST", re.compile(r"/v1/messages"), "_messages"),
+        ("GET", re.compile(r"/v1/organizations/usage_report/messages"), "_usage_report"),
     ]
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -97,6 +114,7 @@ class FakeAnthropicAdmin(JsonApiFake):
         self.user_id = _anthropic_id("user")
         self._keys: dict[str, _Key] = {}  # insertion order is listing order
         self._workspaces: dict[str, str] = {}
+        self._uses: list[_Use] = []
 
     def error_body(self, status: int, message: str) -> Any:
         return {"type": "error",
@@ -131,6 +149,15 @@ class FakeAnthropicAdmin(JsonApiFake):
                        status, now + expires_in if expires_in is not None else None)
             self._keys[key.id] = key
         return key.id, key.value
+
+    def record_usage(self, key_id: str, at: float, input_tokens: int = 100,
+                     output_tokens: int = 10, model: str = "claude-sonnet-4-5") -> None:
+        """Tokens used with ``key_id`` at ``at`` (Unix seconds), as if its holder had called
+        the Messages API then: synthetic history for baselines."""
+        with self._lock:
+            key = self._keys[key_id]
+            self._uses.append(_Use(at, key.id, key.workspace_id, model, input_tokens,
+                                   output_tokens))
 
     def set_status(self, key_id: str, status: str) -> None:
         """Change a key's status as the console would (``active``/``inactive``/``archived``)."""
@@ -244,6 +271,105 @@ class FakeAnthropicAdmin(JsonApiFake):
     def _get(self, request: Request, key_id: str) -> tuple[int, Any]:
         self._admin(request)
         return 200, self._object(self._key(key_id))
+
+    def _messages(self, request: Request) -> tuple[int, Any]:
+        """``POST /v1/messages`` (a fixed answer): what the usage report counts, per key."""
+        self._versioned(request)
+        key = self._usable(request.headers.get("x-api-key", ""))
+        if key is None:
+            raise self._fail(401, "invalid x-api-key")
+        body = request.json()
+        model = body.get("model") or _MODELS[0][0]
+        prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages") or []
+                     if isinstance(m, dict))
+        use = _Use(time.time(), key.id, key.workspace_id, str(model), max(1, prompt // 4), 5)
+        self._uses.append(use)
+        return 200, {"id": _anthropic_id("msg"), "type": "message", "role": "assistant",
+                     "model": use.model, "content": [{"type": "text", "text": "ok"}],
+                     "stop_reason": "end_turn", "stop_sequence": None,
+                     "usage": {"input_tokens": use.input_tokens,
+                               "output_tokens": use.output_tokens}}
+
+    def _usage_report(self, request: Request) -> tuple[int, Any]:
+        """``GET /v1/organizations/usage_report/messages``: buckets of ``bucket_width`` that
+        start on or after ``starting_at`` and end before ``ending_at``, ``limit`` a page and
+        ``page`` the cursor; grouped by ``group_by[]``, filtered by ``api_key_ids[]``,
+        ``workspace_ids[]`` and ``models[]``. Token counts only: the report has no request
+        count."""
+        self._admin(request)
+        every = parse_qs(urlsplit(request.target).query)
+
+        def many(name: str) -> list[str]:
+            return every.get(f"{name}[]", []) + every.get(name, [])
+
+        def when(name: str) -> float | None:
+            text = request.query.get(name)
+            if text is None:
+                return None
+            try:
+                return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                raise self._fail(400, f"{name}: Input should be a valid datetime") from None
+
+        width_name = request.query.get("bucket_width", "1d")
+        if width_name not in _BUCKETS:
+            raise self._fail(400, "bucket_width: Input should be '1d', '1h' or '1m'")
+        width, default_limit, max_limit = _BUCKETS[width_name]
+        start = when("starting_at")
+        if start is None:
+            raise self._fail(400, "starting_at: Field required")
+        end = when("ending_at")
+        try:
+            limit = int(request.query.get("limit", default_limit))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= max_limit:
+            raise self._fail(400, f"limit: Input should be between 1 and {max_limit} for "
+                                  f"bucket_width {width_name}")
+        groups = many("group_by")
+        allowed = {"api_key_id", "workspace_id", "model", "service_tier", "context_window"}
+        if set(groups) - allowed:
+            raise self._fail(400, "group_by: Input should be one of " + ", ".join(allowed))
+        keys, workspaces, models = set(many("api_key_ids")), set(many("workspace_ids")), \
+            set(many("models"))
+        first = int(start) - int(start) % width
+        last = int(end) if end is not None else int(time.time()) + width
+        starts = [b for b in range(first, last, width) if end is None or b + width <= end]
+        offset = 0
+        if request.query.get("page"):
+            try:
+                offset = int(base64.b64decode(request.query["page"]).decode())
+            except ValueError:
+                raise self._fail(400, "page: invalid page token") from None
+        page = starts[offset:offset + limit]
+        uses = [u for u in self._uses if (not keys or u.key_id in keys)
+                and (not workspaces or u.workspace_id in workspaces)
+                and (not models or u.model in models)]
+        data = []
+        for bucket in page:
+            totals: dict[tuple[Any, ...], list[int]] = {}
+            for u in uses:
+                if bucket <= u.at < bucket + width:
+                    group = (u.key_id if "api_key_id" in groups else None,
+                             u.workspace_id if "workspace_id" in groups else None,
+                             u.model if "model" in groups else None)
+                    t = totals.setdefault(group, [0, 0])
+                    t[0] += u.input_tokens
+                    t[1] += u.output_tokens
+            data.append({"starting_at": rfc3339(bucket), "ending_at": rfc3339(bucket + width),
+                         "results": [{
+                             "uncached_input_tokens": t[0],
+                             "cache_creation": {"ephemeral_1h_input_tokens": 0,
+                                                "ephemeral_5m_input_tokens": 0},
+                             "cache_read_input_tokens": 0, "output_tokens": t[1],
+                             "server_tool_use": {"web_search_requests": 0},
+                             "api_key_id": g[0], "workspace_id": g[1], "model": g[2],
+                             "service_tier": None, "context_window": None}
+                             for g, t in totals.items()]})
+        more = offset + limit < len(starts)
+        return 200, {"data": data, "has_more": more,
+                     "next_page": base64.b64encode(str(offset + limit).encode()).decode()
+                     if more else None}
 
     def _update(self, request: Request, key_id: str) -> tuple[int, Any]:
         self._admin(request)

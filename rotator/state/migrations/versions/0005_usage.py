@@ -27,7 +27,7 @@ def upgrade() -> None:
         sa.Column("width", sa.Integer(), primary_key=True, autoincrement=False),
         sa.Column("start", UTCDateTime(), primary_key=True),
         sa.Column("credential", sa.String(200), nullable=False),
-        sa.Column("requests", sa.BigInteger(), nullable=False),
+        sa.Column("requests", sa.BigInteger(), nullable=True),
         sa.Column("tokens", sa.BigInteger(), nullable=True),
         sa.Column("cost", sa.Float(), nullable=True),
     )
