@@ -29,10 +29,11 @@ from rotator.errors import (
     TransientError,
 )
 from rotator.interfaces import (
+    Budget,
     Capabilities,
     CredentialInfo,
-    KeyExpiry,
     KeyProbe,
+    KeyTerms,
     NewKey,
     PluginSettings,
     Provider,
@@ -106,7 +107,7 @@ class OpenAIParams(PluginSettings):
         return value
 
 
-class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyExpiry):
+class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyTerms):
     """Rotates the API keys of one service account per credential, in one OpenAI project.
 
     Thread-safe: one cached admin client serves every thread; a 401 on an admin call drops it so
@@ -144,9 +145,10 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyExpiry):
         """
         return self._create(credential, rotation_id, None)
 
-    def create_expiring(self, credential: CredentialInfo, rotation_id: str,
-                        ttl: timedelta) -> NewKey:
-        """``create`` with ``expires_in_seconds``: OpenAI refuses the key after ``ttl``."""
+    def create_with_terms(self, credential: CredentialInfo, rotation_id: str, *,
+                          ttl: timedelta | None, budget: Budget | None) -> NewKey:
+        """``create`` with ``expires_in_seconds``: OpenAI refuses the key after ``ttl`` (no
+        budgets: ``budget_periods`` is empty, so ``rotator check`` never lets one through)."""
         return self._create(credential, rotation_id, ttl)
 
     def _create(self, credential: CredentialInfo, rotation_id: str,

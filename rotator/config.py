@@ -44,8 +44,8 @@ from pydantic import (
 from rotator import plugins
 from rotator.durations import format_duration, parse_duration
 from rotator.errors import ConfigError, PluginError
-from rotator.interfaces import PluginSettings, Provider
-from rotator.policy import ScheduleSpec, Window, validate_cron
+from rotator.interfaces import BUDGET_PERIODS, Budget, PluginSettings, Provider
+from rotator.policy import ScheduleSpec, Window, longest_gap, validate_cron
 from rotator.secret_ref import (
     CONTROL_CHARS,
     SECRETS_NEVER_HERE,
@@ -182,6 +182,17 @@ class DailyCapRule(_Model):
         if self.requests is None and self.tokens is None and self.cost is None:
             raise ValueError("a daily_cap needs requests, tokens or cost (or remove it)")
         return self
+
+
+class BudgetConfig(_Model):
+    """``budget = { usd = 20, per = "day" }``: what each new key may spend at the provider
+    (``per`` day, week or month, resetting at midnight UTC; without it, the key's whole life)."""
+
+    usd: float = Field(gt=0, le=1_000_000)
+    per: Literal["day", "week", "month"] | None = None
+
+    def budget(self) -> Budget:
+        return Budget(self.usd, self.per)
 
 
 class MisuseRules(_Model):
@@ -392,6 +403,8 @@ class CredentialConfig(_Model):
     """``quiet``: revoke the old key once the provider's usage shows it unused for
     ``quiet_for`` after the switch, ``grace`` being the upper bound."""
     quiet_for: Duration = timedelta(minutes=10)
+    budget: BudgetConfig | None = None
+    """A spending limit every key rotator creates carries at the provider."""
     key_ttl: Duration | None = None
     """Every key rotator creates expires this long after its creation, at the provider; at
     least the interval plus grace, so a rotation on time always replaces it first."""
@@ -1292,7 +1305,7 @@ class _Checker:
                 data["interval"] = settings.default_interval
             data.setdefault("grace", settings.default_grace)
             self._usage_settings(data, path, cls, provider)
-            self._key_ttl(data, path, cls, provider)
+            self._key_terms(data, path, cls, provider)
             cred = self.validate(CredentialConfig, data, path)
             if cred is not None:
                 out.append(cred)
@@ -1350,14 +1363,36 @@ class _Checker:
                     f"quiet_for must be longer than 0s and shorter than grace ({grace}): grace "
                     "is the upper bound on waiting for the old key to go quiet"))
 
-    def _key_ttl(self, data: dict[str, Any], path: KeyPath, cls: type | None,
-                 provider: Any) -> None:
-        """``key_ttl`` needs a provider that can expire keys, creation, and room for the
-        longest gap between rotations plus grace: a key must never expire before its
-        successor replaced it."""
-        from rotator.interfaces import KeyExpiry
-        from rotator.policy import longest_gap
+    def _key_terms(self, data: dict[str, Any], path: KeyPath, cls: type | None,
+                   provider: Any) -> None:
+        """``key_ttl`` and ``budget`` need a provider that puts them on its keys (and creates
+        keys); ``key_ttl`` needs room for the longest gap between rotations plus grace: a key
+        must never expire before its successor replaced it."""
+        from rotator.interfaces import KeyTerms
 
+        for key in ("key_ttl", "budget"):
+            if data.get(key) is None:
+                continue
+            type_name = getattr(cls, "type_name", "?")
+            what = "keys that expire" if key == "key_ttl" else "keys with a spending limit"
+            if cls is not None and (not issubclass(cls, KeyTerms) or (
+                    key == "key_ttl" and not cls.expires) or (
+                    key == "budget" and not cls.budget_periods)):
+                self.add((*path, key), f'provider "{provider}" (type {type_name}) cannot '
+                                       f"create {what}: remove {key}")
+                data.pop(key)
+            elif data.get("manual_only") is True:
+                self.add((*path, key), f"manual_only credentials never get a key from "
+                                       f"rotator: remove {key}")
+                data.pop(key)
+        budget = data.get("budget")
+        if isinstance(budget, dict) and cls is not None and issubclass(cls, KeyTerms):
+            per = budget.get("per")
+            if per in (None, *BUDGET_PERIODS) and per not in cls.budget_periods:
+                shown = ", ".join(p or "a lifetime limit" for p in cls.budget_periods)
+                self.add((*path, "budget", "per"), (
+                    f'provider "{provider}" cannot reset a budget per {per or "lifetime"}; '
+                    f"it can: {shown}"))
         ttl_raw = data.get("key_ttl")
         if ttl_raw is None:
             return
@@ -1366,14 +1401,6 @@ class _Checker:
             ttl, grace = _duration(ttl_raw), _duration(data.get("grace"))
         except ValueError:
             return  # said by the model's own validation
-        if cls is not None and not issubclass(cls, KeyExpiry):
-            self.add(where, f'provider "{provider}" (type {getattr(cls, "type_name", "?")}) '
-                            "cannot create keys that expire: remove key_ttl")
-            return
-        if data.get("manual_only") is True:
-            self.add(where, "manual_only credentials never get a key from rotator: remove "
-                            "key_ttl")
-            return
         limit = getattr(cls, "max_key_ttl", None)
         if limit is not None and ttl > limit:
             self.add(where, f"the provider accepts an expiry of at most "

@@ -58,7 +58,7 @@ from rotator.events import (
     TransactionalListener,
 )
 from rotator.generation import Generation
-from rotator.interfaces import KeyExpiry, NewKey, Provider, Vault
+from rotator.interfaces import KeyTerms, NewKey, Provider, Vault
 from rotator.outages import OutageLog
 from rotator.policy import GraceWait
 from rotator.protocol import PROTOCOL, OldKeyRevocation, Produced
@@ -87,8 +87,8 @@ VERIFY_ATTEMPTS = 6
 """A new key can take a moment to propagate at the provider: verify tries this many times."""
 SLEEP_SLICE = 1.0
 """A backoff sleep wakes at least this often (seconds) to check the lease is still held."""
-MUTATIONS = frozenset({"create", "revoke", "apply", "stage", "promote", "restore",
-                       "discard_staged"})
+MUTATIONS = frozenset({"create", "create_with_terms", "revoke", "apply", "stage", "promote",
+                       "restore", "discard_staged"})
 """Plugin methods that change something: the fence asks the store before each is sent."""
 
 
@@ -576,8 +576,11 @@ class Engine:
             crashpoint("created:create")
             return Produced({"new_key_id": key.key_id})
         tries: list[int] = []
-        if cred.key_ttl is not None and isinstance(provider, KeyExpiry):
-            key = self._retry(provider.create_expiring, info, tag, cred.key_ttl, tries=tries)
+        if (cred.key_ttl is not None or cred.budget is not None) \
+                and isinstance(provider, KeyTerms):
+            key = self._retry(provider.create_with_terms, info, tag, tries=tries,
+                              ttl=cred.key_ttl,
+                              budget=cred.budget.budget() if cred.budget else None)
         else:
             key = self._retry(provider.create, info, tag, tries=tries)
         if tries[0] > 1:
@@ -1040,7 +1043,8 @@ class Engine:
         deadline = stop_after_delay(self.policies.settings.retry_deadline.total_seconds())
         return deadline | (lambda _state: self.stop_event.is_set())
 
-    def _retry(self, fn: Callable[..., T], *args: Any, tries: list[int] | None = None) -> T:
+    def _retry(self, fn: Callable[..., T], *args: Any, tries: list[int] | None = None,
+               **kwargs: Any) -> T:
         """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline.
         Every attempt is fenced (see ``_guarded``) and every backoff sleep ends early when the
         lease is lost. ``tries``, if given, gets the number of attempts made appended."""
@@ -1055,7 +1059,7 @@ class Engine:
             before_sleep=_log_retry_quietly if plugin else _log_retry,
         )
         try:
-            return retrying(self._guarded(fn), *args)
+            return retrying(self._guarded(fn), *args, **kwargs)
         finally:
             if tries is not None:
                 tries.append(retrying.statistics.get("attempt_number", 1))

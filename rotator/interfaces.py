@@ -21,10 +21,12 @@ from rotator import redaction
 from rotator.secret_ref import SecretRef
 
 __all__ = [
+    "BUDGET_PERIODS",
+    "Budget",
     "Capabilities",
     "CredentialInfo",
-    "KeyExpiry",
     "KeyProbe",
+    "KeyTerms",
     "NewKey",
     "PluginSettings",
     "Provider",
@@ -362,19 +364,39 @@ class UsageReport(ABC):
         ``PermanentError`` (the admin key may not read usage), like every provider call."""
 
 
-class KeyExpiry(ABC):
-    """Optional for a provider: create keys that the service itself expires (``key_ttl`` in
-    the policy), so a key that escapes rotation (a daemon that died, a copy in a log) dies on
-    its own. Discovered by type: ``isinstance(provider, KeyExpiry)``; ``rotator check``
-    refuses ``key_ttl`` for a provider without it."""
+BUDGET_PERIODS = ("day", "week", "month")
 
+
+@dataclass(frozen=True)
+class Budget:
+    """A spending limit a key carries at the service (``budget`` in the policy)."""
+
+    usd: float
+    per: str | None = None
+    """``day``, ``week`` or ``month`` (the limit resets then, at midnight UTC), or None: for
+    the key's whole life."""
+
+
+class KeyTerms(ABC):
+    """Optional for a provider: create keys with terms the service itself enforces: an expiry
+    (``key_ttl``), so a key that escapes rotation (a daemon that died, a copy in a log) dies on
+    its own, and a spending limit (``budget``), so a looping agent stops at its own limit
+    instead of draining the account. Discovered by type: ``isinstance(provider, KeyTerms)``;
+    ``rotator check`` refuses terms a provider cannot carry."""
+
+    expires: ClassVar[bool] = True
+    """Whether keys can be given an expiry."""
     max_key_ttl: ClassVar[timedelta | None] = None
     """The longest expiry the service accepts (None: no limit)."""
+    budget_periods: ClassVar[tuple[str | None, ...]] = ()
+    """The budget periods it can enforce (``day``/``week``/``month``, None for a lifetime
+    limit); empty: no budgets."""
 
     @abstractmethod
-    def create_expiring(self, credential: CredentialInfo, rotation_id: str,
-                        ttl: timedelta) -> NewKey:
-        """``create``, with the key set to expire ``ttl`` from now at the service."""
+    def create_with_terms(self, credential: CredentialInfo, rotation_id: str, *,
+                          ttl: timedelta | None, budget: Budget | None) -> NewKey:
+        """``create``, the key expiring ``ttl`` from now and limited to ``budget`` (either
+        may be None) at the service."""
 
 
 class KeyProbe(ABC):
