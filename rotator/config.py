@@ -1350,6 +1350,16 @@ class _Checker:
                             else body)
         rules = self.validate(MisuseRules, merged, (*path, "misuse"))
         data["misuse"] = rules if rules is not None else MisuseRules()
+        widths = getattr(cls, "usage_widths", ())
+        if isinstance(own, dict) and own.get("outside") is not None \
+                and min(widths, default=timedelta(0)) > timedelta(hours=1):
+            self.add((*path, "misuse", "outside"), (
+                f'provider "{provider}" reports usage per day only, so use outside a window '
+                "cannot be seen: remove outside (a daily_cap or spike still work)"))
+        if data.get("revoke_when") == "quiet" and timedelta(minutes=1) not in widths:
+            self.add((*path, "revoke_when"), (
+                f'provider "{provider}" reports no usage per minute, so rotator cannot see '
+                'the old key go quiet: use revoke_when = "grace"'))
         if data.get("revoke_when") == "quiet":
             quiet = data.get("quiet_for", "10m")
             grace = data.get("grace")

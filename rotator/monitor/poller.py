@@ -169,17 +169,22 @@ class UsageMonitor:
         if not owner:
             return self._done(name, now, result, fine=False)
         state = store.usage_poll(name)
-        backfill = _floor(now - keep, HOUR)
+        # Hourly buckets where the service has them (a day's where it keeps only days).
+        coarse = HOUR if HOUR in provider.usage_widths else min(
+            (w for w in provider.usage_widths if w > HOUR), default=HOUR)
+        backfill = _floor(now - keep, coarse)
         known = {r.key_id for r in store.usage(key_ids=list(owner), since=backfill,
-                                               width=3600, provider=name)}
-        since = _floor(state.polled_at - HOUR, HOUR) if state and state.polled_at else backfill
+                                               width=int(coarse.total_seconds()),
+                                               provider=name)}
+        since = (_floor(state.polled_at - coarse, coarse) if state and state.polled_at
+                 else backfill)
         groups = [(sorted(known), max(since, backfill)),
                   (sorted(set(owner) - known), backfill)]
         end = now + MINUTE  # the current bucket, however far it has filled
         hourly: list[UsageBucket] = []
         for key_ids, start in groups:
             if key_ids:
-                hourly += provider.usage(key_ids, start, end, HOUR)
+                hourly += provider.usage(key_ids, start, end, coarse)
                 result.calls += 1
         fine_keys, fine_since = self._fine_keys(histories, now)
         minute: list[UsageBucket] = []
@@ -252,9 +257,9 @@ class UsageMonitor:
             rows.append({"key_id": b.key_id, "credential": cred.name, "start": b.start,
                          "width": width, "requests": b.requests, "tokens": b.tokens,
                          "cost": b.cost})
-            # Counted from hourly buckets only (minute ones cover the same calls), and only
-            # those this process saw fill, so a restart's backfill is no burst of traffic.
-            if width == 3600 and b.start + b.width > self.started:
+            # Counted from hourly (or daily) buckets only (minute ones cover the same calls),
+            # and only those this process saw fill, so a restart's backfill is no burst.
+            if width >= 3600 and b.start + b.width > self.started:
                 old = before.get((b.key_id, width, b.start))
                 t = grew.setdefault(cred.name, [0, 0])
                 t[0] += max(0, (b.requests or 0) - ((old.requests or 0) if old else 0))
@@ -282,7 +287,7 @@ class UsageMonitor:
     def _rows(self, cred: CredentialConfig, now: datetime, keep: timedelta
               ) -> tuple[list[KeyUsage], list[KeyUsage]]:
         rows = self.app.store.usage(credentials=[cred.name], since=now - keep)
-        return ([r for r in rows if r.width == 3600], [r for r in rows if r.width == 60])
+        return ([r for r in rows if r.width >= 3600], [r for r in rows if r.width == 60])
 
     def _check(self, name: str, creds: list[CredentialConfig],
                histories: dict[str, dict[str, KeyHistory]], now: datetime,

@@ -126,10 +126,12 @@ def _spike(cred: CredentialConfig, rule: SpikeRule, hourly: list[KeyUsage],
 
 def _outside(cred: CredentialConfig, rule: OutsideRule, hourly: list[KeyUsage],
              now: datetime) -> list[Finding]:
-    """Use in an hour that starts outside the window: once per key and day."""
+    """Use in an hour that starts outside the window: once per key and day (a service that
+    reports whole days cannot tell, and ``rotator check`` says so)."""
     found: dict[str, Finding] = {}
     for row in hourly:
-        if row.start < now - DAY or not used(row) or rule.window.contains(row.start):
+        if (row.width > 3600 or row.start < now - DAY or not used(row)
+                or rule.window.contains(row.start)):
             continue
         subject = f"{row.key_id}:{row.start.date().isoformat()}"
         if subject not in found:

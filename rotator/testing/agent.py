@@ -55,13 +55,15 @@ class SampleAgent:
 
     def __init__(self, vault_url: str, vault_token: str, path: str, field: str,
                  provider_base_url: str, mount: str = "secret", period: float = 0.2,
-                 port: int = 0) -> None:
+                 port: int = 0, probe_path: str = "/models") -> None:
         self.vault_url = vault_url
         self.path = path
         self.field = field
         self.mount = mount
         self.period = period
         self.provider_base_url = provider_base_url.rstrip("/")
+        self.probe_path = probe_path
+        """The authenticated call made with the key (``/key`` for OpenRouter)."""
         self._token = Secret(vault_token)
         self._requested_port = port
         self._lock = threading.Lock()
@@ -212,7 +214,7 @@ class SampleAgent:
         if http is None:
             return
         try:
-            response = http.get(f"{self.provider_base_url}/models",
+            response = http.get(f"{self.provider_base_url}{self.probe_path}",
                                 headers={"Authorization": f"Bearer {key.reveal()}"})
         except httpx.HTTPError as exc:
             self._record("error", key_id, f"provider call failed: {type(exc).__name__}")
