@@ -1304,7 +1304,9 @@ class _Checker:
             if not manual and data.get("interval") is None and data.get("schedule") is None:
                 data["interval"] = settings.default_interval
             data.setdefault("grace", settings.default_grace)
-            self._usage_settings(data, path, cls, provider)
+            self._usage_settings(data, path, cls, provider,
+                                 providers[provider].settings if isinstance(provider, str)
+                                 and provider in providers else None)
             self._key_terms(data, path, cls, provider)
             cred = self.validate(CredentialConfig, data, path)
             if cred is not None:
@@ -1312,13 +1314,17 @@ class _Checker:
         return out
 
     def _usage_settings(self, data: dict[str, Any], path: KeyPath, cls: type | None,
-                        provider: Any) -> None:
+                        provider: Any, provider_settings: PluginSettings | None) -> None:
         """Merge ``[rotator.misuse]`` into the credential's own rules, rule by rule and key by
         key, where its provider reports usage. Rules or ``revoke_when = "quiet"`` written for a
         credential whose provider cannot report usage are errors: they would never fire."""
         from rotator.interfaces import UsageReport
 
-        reports = cls is not None and issubclass(cls, UsageReport)
+        widths: tuple[timedelta, ...] = ()
+        if cls is not None and issubclass(cls, UsageReport):
+            widths = (cls.usage_widths_for(provider_settings) if provider_settings is not None
+                      else cls.usage_widths)
+        reports = bool(widths)
         own = data.get("misuse")
         if cls is not None and not reports:
             type_name = getattr(cls, "type_name", "?")
@@ -1350,7 +1356,6 @@ class _Checker:
                             else body)
         rules = self.validate(MisuseRules, merged, (*path, "misuse"))
         data["misuse"] = rules if rules is not None else MisuseRules()
-        widths = getattr(cls, "usage_widths", ())
         if isinstance(own, dict) and own.get("outside") is not None \
                 and min(widths, default=timedelta(0)) > timedelta(hours=1):
             self.add((*path, "misuse", "outside"), (

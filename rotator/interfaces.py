@@ -355,6 +355,13 @@ class UsageReport(ABC):
     usage_widths: ClassVar[tuple[timedelta, ...]] = (timedelta(minutes=1), timedelta(hours=1))
     """Bucket widths the service can report, finest first."""
 
+    @classmethod
+    def usage_widths_for(cls, settings: PluginSettings) -> tuple[timedelta, ...]:
+        """``usage_widths`` for a provider configured with ``settings`` (``rotator check``
+        asks before any instance exists); empty when that configuration reports no usage (an
+        ``http`` provider without a usage call)."""
+        return cls.usage_widths
+
     @abstractmethod
     def usage(self, key_ids: Sequence[str], start: datetime, end: datetime,
               width: timedelta) -> list[UsageBucket]:

@@ -121,7 +121,7 @@ def usage_of(runtime: Runtime, store: StateStore, creds: list[CredentialConfig],
     by_provider: dict[str, list[KeyHistory]] = {}
     for cred in creds:
         provider = runtime.provider(cred.provider)
-        if not isinstance(provider, UsageReport):
+        if not isinstance(provider, UsageReport) or not provider.usage_widths:
             raise PermanentError(
                 f"provider {cred.provider!r} ({type(provider).type_name}) of {cred.name} cannot "
                 "report usage per key; `rotator usage` works for providers that can ("

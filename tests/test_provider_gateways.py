@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import tomli_w
+from pydantic import ValidationError
 
 from rotator.app import App
 from rotator.config import load_policies, parse_policies
@@ -183,3 +184,46 @@ def test_check_refuses_a_budget_the_provider_cannot_carry(tmp_path) -> None:
     assert "greater than 0" in shown["credentials[1].budget.usd"]
     assert "'day', 'week' or 'month'" in shown["credentials[1].budget.per"]
     assert all(p.line for p in caught.value.problems), "every problem has its line"
+
+
+def test_the_http_provider_reads_usage_records_described_in_toml(fake_litellm) -> None:
+    """A service without a built-in provider: the LiteLLM proxy described in TOML, its spend
+    logs as the usage call (one record per call, so ``requests_path = ""``)."""
+    from providers.http.provider import HttpProvider
+    from providers.http.settings import HttpSettings
+    from rotator.interfaces import Secret
+
+    settings = HttpSettings.model_validate({
+        "base_url": fake_litellm.url,
+        "secrets": {"master": {"env": "LITELLM_MASTER_KEY"}},
+        "headers": ["Authorization: Bearer {secrets.master}"],
+        "create": {"path": "/key/generate", "body": {"key_alias": "{key_name}"},
+                   "id_path": "token_id", "secret_path": "key"},
+        "revoke": {"method": "POST", "path": "/key/delete", "body": {"keys": ["{key_id}"]}},
+        "usage": {"path": "/spend/logs",
+                  "query": {"api_key": "{key_id}", "start_date": "{start_date}",
+                            "end_date": "{end_date}"},
+                  "key_id_path": "api_key", "start_path": "startTime", "requests_path": "",
+                  "tokens_path": "total_tokens", "cost_path": "spend",
+                  "widths": ["1h", "1m", "1d"]}})
+    provider = HttpProvider("lite", settings, lambda ref: Secret(fake_litellm.master_key))
+    token, _ = fake_litellm.seed_key("agent")
+    other, _ = fake_litellm.seed_key("other")
+    now = time.time()
+    for minutes in (5, 4, 4):
+        fake_litellm.record_spend(token, now - minutes * 60, 0.01, tokens=50)
+    fake_litellm.record_spend(other, now - 60, 1.0)
+    try:
+        assert provider.usage_widths == (timedelta(minutes=1), timedelta(hours=1),
+                                         timedelta(days=1))
+        start = datetime.fromtimestamp(now, UTC) - timedelta(hours=1)
+        buckets = provider.usage([token], start, start + timedelta(hours=2),
+                                 timedelta(minutes=1))
+        assert {b.key_id for b in buckets} == {token}
+        assert sorted((b.requests, b.tokens) for b in buckets) == [(1, 50), (2, 100)]
+        assert abs(sum(b.cost for b in buckets) - 0.03) < 1e-9
+    finally:
+        provider.close()
+    with pytest.raises(ValidationError, match="requests_path, tokens_path or cost_path"):
+        HttpSettings.model_validate({**settings.model_dump(mode="json"),
+                                     "usage": {"path": "/spend/logs"}})

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import quote
 
 from providers.http.sending import HttpSession, send, status_error
-from providers.http.settings import Call, HttpParams, HttpSettings, ListCall, VerifyCall
+from providers.http.settings import (
+    USAGE_WIDTHS,
+    Call,
+    HttpParams,
+    HttpSettings,
+    ListCall,
+    VerifyCall,
+)
 from providers.http.templates import (
     MissingVar,
     json_at,
@@ -42,6 +50,8 @@ from rotator.interfaces import (
     Provider,
     Secret,
     SecretResolver,
+    UsageBucket,
+    UsageReport,
     key_name_for,
 )
 from rotator.plugin_support import params_as
@@ -77,7 +87,7 @@ def _text_at(document: Any, path: str) -> str | None:
 # -- the provider --------------------------------------------------------------------------------
 
 
-class HttpProvider(Provider):
+class HttpProvider(Provider, UsageReport):
     """Creates, verifies and revokes keys through the calls ``[providers.NAME]`` describes.
 
     ``capabilities`` is per instance: ``identify`` needs an ``[identify]`` table and
@@ -96,6 +106,7 @@ class HttpProvider(Provider):
         cfg = self.config
         self.capabilities = Capabilities(  # type: ignore[misc]
             create=True, identify=cfg.identify is not None, verify_revoked=cfg.verify is not None)
+        self.usage_widths = self.usage_widths_for(cfg)  # type: ignore[misc]
         self._session: HttpSession[dict[str, Secret]] = HttpSession(
             name, timeout=cfg.timeout,
             headers={"User-Agent": "rotator", "Accept": "application/json"},
@@ -105,6 +116,13 @@ class HttpProvider(Provider):
     @property
     def config(self) -> HttpSettings:
         return cast(HttpSettings, self.settings)
+
+    @classmethod
+    def usage_widths_for(cls, settings: PluginSettings) -> tuple[timedelta, ...]:
+        """The widths of ``[usage]`` (none without one: no usage to report)."""
+        usage = settings.usage if isinstance(settings, HttpSettings) else None
+        return () if usage is None else tuple(timedelta(seconds=USAGE_WIDTHS[w])
+                                              for w in usage.widths)
 
     @classmethod
     def check_params(cls, settings: PluginSettings, params: PluginSettings) -> list[str]:
@@ -222,6 +240,55 @@ class HttpProvider(Provider):
                      "identified", self.name, key_id, credential.name)
             return None
         return key_id
+
+    def usage(self, key_ids: Sequence[str], start: datetime, end: datetime,
+              width: timedelta) -> list[UsageBucket]:
+        """The ``[usage]`` call's records summed into buckets of ``width``: once per key when
+        the call names ``{key_id}``, else once (records of other keys are left out)."""
+        call = self.config.usage
+        if call is None or width not in self.usage_widths:
+            raise PermanentError(f"{self.name}: [providers.{self.name}.usage] does not report "
+                                 f"buckets of {int(width.total_seconds())}s")
+        names = {60: "1m", 3600: "1h", 86400: "1d"}
+        times = {"start": start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                 "end": end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                 "start_unix": str(int(start.timestamp())), "end_unix": str(int(end.timestamp())),
+                 "start_date": start.astimezone(UTC).strftime("%Y-%m-%d"),
+                 "end_date": end.astimezone(UTC).strftime("%Y-%m-%d"),
+                 "width": names[int(width.total_seconds())]}
+        wanted = set(key_ids)
+        rounds = [{"key_id": k} for k in key_ids] if call.per_key() else [{}]
+        action = "reading the service's usage records"
+        seconds = int(width.total_seconds())
+        totals: dict[tuple[str, int], list[float | None]] = {}
+        for extra in rounds:
+            values = self._values(None, admin=True, **times, **extra)
+            response = self._call(call, None, values, action, admin=True)
+            if not response.is_success:
+                raise self._status_error(response, action, admin=True)
+            try:
+                records = json_at(_json_body(response), call.items_path)
+            except LookupError:
+                records = None
+            if not isinstance(records, list):
+                raise PermanentError(f"{self.name}: {action}: the answer has no array at "
+                                     f'usage.items_path "{call.items_path}"')
+            for record in records:
+                key_id = extra.get("key_id") or _text_at(record, call.key_id_path)
+                at = _when(record, call.start_path)
+                if key_id not in wanted or at is None or not start <= at < end:
+                    continue
+                slot = int(at.timestamp()) // seconds * seconds
+                t = totals.setdefault((key_id, slot), [None, None, None])
+                for i, path in enumerate((call.requests_path, call.tokens_path,
+                                          call.cost_path)):
+                    figure = 1.0 if path == "" else _number_at(record, path)
+                    if figure is not None:
+                        t[i] = (t[i] or 0) + figure
+        return [UsageBucket(key_id, datetime.fromtimestamp(slot, UTC), width,
+                            None if t[0] is None else int(t[0]),
+                            None if t[1] is None else int(t[1]), t[2])
+                for (key_id, slot), t in sorted(totals.items())]
 
     def check_access(self) -> None:
         """Resolve every secret, and run the list call's first page if it needs no
@@ -353,6 +420,34 @@ class HttpProvider(Provider):
                 "credential needs the right to manage keys)") if admin else None
         return status_error(response, who=self.name, action=action, admin_hint=hint,
                             not_found=not_found)
+
+
+def _when(record: Any, path: str) -> datetime | None:
+    """A record's time: RFC 3339 text or Unix seconds."""
+    try:
+        value = json_at(record, path)
+    except LookupError:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return None
+
+
+def _number_at(record: Any, path: str | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        value = json_at(record, path)
+    except LookupError:
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
 
 
 def _params(credential: CredentialInfo) -> HttpParams:

@@ -36,6 +36,7 @@ __all__ = [
     "ListCall",
     "Method",
     "RevokeCall",
+    "UsageCall",
     "VerifyCall",
 ]
 
@@ -220,6 +221,59 @@ class ListCall(Call):
         return check_json_path(value, str(info.field_name), info.field_name == "items_path")
 
 
+USAGE_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
+
+
+class UsageCall(Call):
+    """``[providers.NAME.usage]``: the service's usage records, for misuse monitoring and
+    ``rotator usage``. The answer holds an array (``items_path``) of records, each naming its
+    key (``key_id_path``), when (``start_path``: RFC 3339 or Unix seconds) and what it counted
+    (``requests_path``, ``tokens_path``, ``cost_path``: any of the three); records are summed
+    into buckets of the widths asked; ``requests_path = ""`` counts each record as one request.
+    With ``{key_id}`` in the call it is made once per key, else once for all keys (it names
+    no ``{vars}``: it serves every credential of the provider). Placeholders: ``{start}``/
+    ``{end}`` (RFC 3339), ``{start_unix}``/``{end_unix}``, ``{start_date}``/``{end_date}``
+    (YYYY-MM-DD, UTC) and ``{width}``."""
+
+    context = frozenset({"key_id", "start", "end", "start_unix", "end_unix",
+                         "start_date", "end_date", "width"})
+    method: Method = "GET"
+    items_path: str = ""
+    key_id_path: str = "key_id"
+    start_path: str = "start"
+    requests_path: str | None = None
+    tokens_path: str | None = None
+    cost_path: str | None = None
+    widths: list[Literal["1m", "1h", "1d"]] = Field(default_factory=lambda: ["1h"])
+    """Bucket widths the records can fill (the finest the service's records allow)."""
+
+    @field_validator("items_path", "key_id_path", "start_path", "requests_path",
+                     "tokens_path", "cost_path")
+    @classmethod
+    def _paths(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        return check_json_path(value, str(info.field_name),
+                               info.field_name in ("items_path", "requests_path"))
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('widths names at least one of "1m", "1h", "1d"')
+        return sorted(set(value), key=USAGE_WIDTHS.__getitem__)
+
+    @model_validator(mode="after")
+    def _counts_something(self) -> UsageCall:
+        if self.requests_path is None and self.tokens_path is None and self.cost_path is None:
+            raise ValueError("usage needs requests_path, tokens_path or cost_path: what each "
+                             "record counts")
+        return self
+
+    def per_key(self) -> bool:
+        return any("key_id" in template_placeholders(t) for t in self.templates())
+
+
 class IdentifyBy(PluginSettings):
     """``[providers.NAME.identify]``: how to learn the id of a key rotator did not create.
     Either the verify answer names the key (``verify_id_path``), or the id is part of the key
@@ -267,6 +321,7 @@ class HttpSettings(PluginSettings):
     verify: VerifyCall | None = None
     list: ListCall | None = None
     identify: IdentifyBy | None = None
+    usage: UsageCall | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -316,7 +371,7 @@ class HttpSettings(PluginSettings):
         for line in self.headers:
             yield "headers", parse_header(line)[1]
         calls = {"create": self.create, "revoke": self.revoke, "verify": self.verify,
-                 "list": self.list}
+                 "list": self.list, "usage": self.usage}
         for call_name, call in calls.items():
             if call is not None:
                 for where, template in call.placed_templates():

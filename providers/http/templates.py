@@ -36,13 +36,17 @@ _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """A ``vars`` or ``secrets`` name."""
 _SCOPED = re.compile(r"(vars|secrets)\.([A-Za-z_][A-Za-z0-9_]*)")
-_FIXED = ("key", "key_id", "key_name", "rotation_id")
+_FIXED = ("key", "key_id", "key_name", "rotation_id", "start", "end", "start_unix",
+          "end_unix", "start_date", "end_date", "width")
+_USAGE = "usage"
 _WHERE_ALLOWED = {
     "key": "verify headers",
     "secrets": "the provider's headers",
-    "key_id": "revoke",
+    "key_id": "revoke and usage",
     "key_name": "create",
     "rotation_id": "create",
+    **{name: _USAGE for name in ("start", "end", "start_unix", "end_unix", "start_date",
+                                 "end_date", "width")},
 }
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _JSON_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")

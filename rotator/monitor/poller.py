@@ -114,7 +114,7 @@ class UsageMonitor:
     def poll(self, provider_name: str) -> PollResult:
         creds = self.monitored().get(provider_name, [])
         provider = self.app.runtime.provider(provider_name)
-        if not creds or not isinstance(provider, UsageReport):
+        if not creds or not isinstance(provider, UsageReport) or not provider.usage_widths:
             return PollResult(provider_name, "skipped")
         store, settings = self.app.store, self.app.policies.settings
         lease, owner = f"usage:{provider_name}", self.app.engine.owner
