@@ -293,12 +293,23 @@ class UsageMonitor:
                histories: dict[str, dict[str, KeyHistory]], now: datetime,
                result: PollResult) -> None:
         store = self.app.store
+        longest = max(c.misuse.spike.baseline_days if c.misuse and c.misuse.spike else 1
+                      for c in creds)
+        # Two reads for the whole provider, not two per credential.
+        rows: dict[str, list[KeyUsage]] = {}
+        for row in store.usage(provider=name, since=now - DAY * (longest + 1)):
+            rows.setdefault(row.credential, []).append(row)
+        recent: dict[str, set[str]] = {}
+        for anomaly in store.anomalies(since=now - DAY):
+            recent.setdefault(anomaly.credential, set()).add(anomaly.rule)
         for cred in creds:
             assert cred.misuse is not None
             baseline = cred.misuse.spike.baseline_days if cred.misuse.spike else 1
-            hourly, minute = self._rows(cred, now, DAY * (baseline + 1))
-            recent = {a.rule for a in store.anomalies(credential=cred.name, since=now - DAY)}
-            for finding in evaluate(cred, histories[cred.name], hourly, minute, now, recent):
+            own = [r for r in rows.get(cred.name, ()) if r.start >= now - DAY * (baseline + 1)]
+            hourly = [r for r in own if r.width >= 3600]
+            minute = [r for r in own if r.width == 60]
+            for finding in evaluate(cred, histories[cred.name], hourly, minute, now,
+                                    recent.get(cred.name, set())):
                 if self._fire(cred, finding, now):
                     result.findings.append(finding)
 

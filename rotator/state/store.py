@@ -725,18 +725,20 @@ class StateStore:
     def usage(self, *, credentials: Sequence[str] | None = None, since: datetime,
               width: int | None = None, key_ids: Sequence[str] | None = None,
               provider: str | None = None) -> list[KeyUsage]:
-        """Buckets starting at ``since`` or later, oldest first."""
-        with self._reading() as s:
-            q = select(KeyUsage).where(KeyUsage.start >= since)
-            if credentials is not None:
-                q = q.where(KeyUsage.credential.in_(list(credentials)))
-            if width is not None:
-                q = q.where(KeyUsage.width == width)
-            if key_ids is not None:
-                q = q.where(KeyUsage.key_id.in_(list(key_ids)))
-            if provider is not None:
-                q = q.where(KeyUsage.provider == provider)
-            return list(s.scalars(q.order_by(KeyUsage.start)))
+        """Buckets starting at ``since`` or later, oldest first: rows with the attributes of
+        :class:`KeyUsage` (read through Core: a poll reads a week of buckets of every key)."""
+        t = _USAGE
+        q = select(t).where(t.c.start >= since)
+        if credentials is not None:
+            q = q.where(t.c.credential.in_(list(credentials)))
+        if width is not None:
+            q = q.where(t.c.width == width)
+        if key_ids is not None:
+            q = q.where(t.c.key_id.in_(list(key_ids)))
+        if provider is not None:
+            q = q.where(t.c.provider == provider)
+        with self._reader.connect() as conn:
+            return list(conn.execute(q.order_by(t.c.start)))  # type: ignore[arg-type]
 
     def prune_usage(self, before: datetime) -> int:
         """Drop buckets that start before ``before`` (the retention)."""
