@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from providers.http.sending import HttpSession, QueryParams, status_error
+from providers.http.sending import (
+    HttpSession,
+    QueryParams,
+    api_base_url,
+    json_object,
+    status_error,
+)
 from rotator.errors import (
     CredentialRejected,
     PermanentError,
@@ -74,10 +80,7 @@ class AnthropicSettings(PluginSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"https?://[^/\s@?#]+(/[^\s?#]*)?$", value):
-            raise ValueError("base_url must be an http:// or https:// address without a query "
-                             "(the default is https://api.anthropic.com)")
-        return value.rstrip("/")
+        return api_base_url(value, "https://api.anthropic.com")
 
 
 class AnthropicParams(PluginSettings):
@@ -379,14 +382,7 @@ def _hint_fits(hint: Any, value: str) -> bool:
 
 
 def _json(response: httpx.Response, who: str, action: str) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise PermanentError(f"{who}: {action}: Anthropic answered HTTP {response.status_code} "
-                             "without a JSON object")
-    return body
+    return json_object(response, who, action, "Anthropic")
 
 
 def _error_body(response: httpx.Response) -> Mapping[str, Any]:

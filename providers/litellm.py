@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, field_validator
 
-from providers.http.sending import HttpSession, QueryParams, status_error
+from providers.http.sending import (
+    HttpSession,
+    QueryParams,
+    api_base_url,
+    json_object,
+    status_error,
+)
 from rotator.errors import CredentialRejected, NotFound, PermanentError, RotatorError
 from rotator.interfaces import (
     Budget,
@@ -63,10 +69,7 @@ class LiteLLMSettings(PluginSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"https?://[^/\s@?#]+(/[^\s?#]*)?$", value):
-            raise ValueError("base_url must be an http:// or https:// address without a query, "
-                             "like http://litellm:4000")
-        return value.rstrip("/")
+        return api_base_url(value, "http://litellm:4000")
 
 
 class LiteLLMParams(PluginSettings):
@@ -231,12 +234,8 @@ class LiteLLMProvider(Provider, KeyProbe, UsageReport, KeyTerms):
 
     def _request(self, method: str, path: str, action: str, *, key: Secret | None = None,
                  params: QueryParams | None = None, json: Any = None) -> httpx.Response:
-        credential = self._session.secrets() if key is None else key
-        headers = {"Authorization": f"Bearer {credential.reveal()}",
-                   "Accept": "application/json"}
-        return self._session.request(method, self.config.base_url + path, action=action,
-                                     admin=key is None, headers=headers, params=params,
-                                     json=json)
+        return self._session.bearer(method, self.config.base_url + path, action=action,
+                                    key=key, params=params, json=json)
 
     def _gone(self, token: str, action: str) -> bool:
         """Whether the proxy does not know ``token`` (asked with the master key)."""
@@ -286,14 +285,7 @@ def _hashed(value: str) -> str:
 
 
 def _json(response: httpx.Response, who: str, action: str) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        raise PermanentError(f"{who}: {action}: the proxy answered with something other than "
-                             "JSON; check base_url") from None
-    if not isinstance(body, dict):
-        raise PermanentError(f"{who}: {action}: unexpected answer from the proxy")
-    return body
+    return json_object(response, who, action, "the proxy")
 
 
 def _error_type(response: httpx.Response) -> str:

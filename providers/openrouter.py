@@ -15,7 +15,6 @@ one key fits and the key works. Nothing secret reaches a message or a log line.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -23,7 +22,13 @@ from urllib.parse import quote
 
 from pydantic import Field, field_validator
 
-from providers.http.sending import HttpSession, QueryParams, status_error
+from providers.http.sending import (
+    HttpSession,
+    QueryParams,
+    api_base_url,
+    json_object,
+    status_error,
+)
 from rotator.errors import CredentialRejected, PermanentError, RotatorError
 from rotator.interfaces import (
     Budget,
@@ -67,10 +72,7 @@ class OpenRouterSettings(PluginSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"https?://[^/\s@?#]+(/[^\s?#]*)?$", value):
-            raise ValueError("base_url must be an http:// or https:// address without a query "
-                             "(the default is https://openrouter.ai/api/v1)")
-        return value.rstrip("/")
+        return api_base_url(value, "https://openrouter.ai/api/v1")
 
 
 class OpenRouterParams(PluginSettings):
@@ -220,12 +222,8 @@ class OpenRouterProvider(Provider, KeyProbe, UsageReport, KeyTerms):
 
     def _request(self, method: str, path: str, action: str, *, key: Secret | None = None,
                  params: QueryParams | None = None, json: Any = None) -> httpx.Response:
-        credential = self._session.secrets() if key is None else key
-        headers = {"Authorization": f"Bearer {credential.reveal()}",
-                   "Accept": "application/json"}
-        return self._session.request(method, self.config.base_url + path, action=action,
-                                     admin=key is None, headers=headers, params=params,
-                                     json=json)
+        return self._session.bearer(method, self.config.base_url + path, action=action,
+                                    key=key, params=params, json=json)
 
     def _current(self, secret: Secret, action: str) -> dict[str, Any]:
         response = self._request("GET", "/key", action, key=secret)
@@ -267,14 +265,7 @@ class OpenRouterProvider(Provider, KeyProbe, UsageReport, KeyTerms):
 
 
 def _json(response: httpx.Response, who: str, action: str) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        raise PermanentError(f"{who}: {action}: OpenRouter answered with something other than "
-                             "JSON; check base_url") from None
-    if not isinstance(body, dict):
-        raise PermanentError(f"{who}: {action}: unexpected answer from OpenRouter")
-    return body
+    return json_object(response, who, action, "OpenRouter")
 
 
 def _error_message(response: httpx.Response) -> str:

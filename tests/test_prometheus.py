@@ -56,27 +56,21 @@ def test_dashboard_is_importable_json_with_a_datasource_variable():
 @pytest.mark.slow
 def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, openbao,
                                                                     fake_openai):
-    binary = debian_tool("prometheus")
-    metrics_port, prom_port, dead_port = free_port(), free_port(), free_port()
+    metrics_port, dead_port = free_port(), free_port()
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2, interval="4s", grace="0s",
                        settings={"metrics_address": f"127.0.0.1:{metrics_port}",
                                  "poll_interval": "1s"})
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {RULES}\n"
-        "scrape_configs:\n  - job_name: rotator\n    static_configs:\n"
-        + "".join(f"      - targets: ['127.0.0.1:{metrics_port}']\n"
-                  f"        labels: {{replica: {name}}}\n" for name in REPLICAS)
-        + f"      - targets: ['127.0.0.1:{dead_port}']\n        labels: {{replica: dead}}\n")
-    log = (tmp_path / "prometheus.log").open("w")
-    prom = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    targets = ("".join(f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+                       f"        labels: {{replica: {name}}}\n" for name in REPLICAS)
+               + f"      - targets: ['127.0.0.1:{dead_port}']\n        labels: {{replica: dead}}\n")
+    with _prometheus(tmp_path, targets) as prom_port:
+        _dashboard_and_failure_alert(fleet, fake_openai, prom_port)
+
+
+def _dashboard_and_failure_alert(fleet: Any, fake_openai: Any, prom_port: int) -> None:
     daemon = fleet.start_daemon()
     store = StateStore(f"sqlite:///{fleet.state_db}")
     try:
-        wait_for(lambda: _ready(prom_port), what="prometheus ready")
         wait_for(lambda: all(sum(r.outcome == "success" for r in store.rotations(c["name"]))
                              >= 2 for c in fleet.credentials), timeout=90,
                  what="two rotations of each credential")
@@ -131,12 +125,6 @@ def test_every_dashboard_query_has_data_and_the_failure_alert_fires(tmp_path, op
         assert not {name for name, _ in alerts} & {"RotatorDown"}, alerts
     finally:
         stop_daemon(daemon)
-        prom.terminate()
-        try:
-            prom.wait(15)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-        log.close()
         store.close()
 
 
@@ -158,15 +146,15 @@ def _ready(port: int) -> bool:
 
 
 @contextmanager
-def _prometheus(tmp_path: Path, metrics_port: int) -> Iterator[int]:
-    """A real Prometheus with rotator's alert rules, scraping ``metrics_port`` every second."""
+def _prometheus(tmp_path: Path, targets: str) -> Iterator[int]:
+    """A real Prometheus with rotator's alert rules, scraping ``targets`` (static_configs
+    entries) as job ``rotator`` every second; yields its port."""
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n  - {RULES}\n"
-        "scrape_configs:\n  - job_name: rotator\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+        "scrape_configs:\n  - job_name: rotator\n    static_configs:\n" + targets)
     log = (tmp_path / "prometheus.log").open("w")
     prom = subprocess.Popen(
         [debian_tool("prometheus"), f"--config.file={config}",
@@ -196,7 +184,7 @@ def test_the_misuse_alert_fires_on_a_spike_and_the_usage_panels_have_data(tmp_pa
     now = time.time()
     for day in range(1, 8):  # a week of habit: 100 calls a day
         fake_openai.record_usage(key, now - day * 86400, requests=100, input_tokens=900)
-    with _prometheus(tmp_path, metrics_port) as port:
+    with _prometheus(tmp_path, f"      - targets: ['127.0.0.1:{metrics_port}']\n") as port:
         daemon = fleet.start_daemon()
         try:
             counted = f'rotator_misuse_anomalies_total{{credential="{cred["name"]}"}} == 0'

@@ -266,14 +266,7 @@ class HttpProvider(Provider, UsageReport):
             response = self._call(call, None, values, action, admin=True)
             if not response.is_success:
                 raise self._status_error(response, action, admin=True)
-            try:
-                records = json_at(_json_body(response), call.items_path)
-            except LookupError:
-                records = None
-            if not isinstance(records, list):
-                raise PermanentError(f"{self.name}: {action}: the answer has no array at "
-                                     f'usage.items_path "{call.items_path}"')
-            for record in records:
+            for record in self._array(response, call.items_path, "usage", action):
                 key_id = extra.get("key_id") or _text_at(record, call.key_id_path)
                 at = _when(record, call.start_path)
                 if key_id not in wanted or at is None or not start <= at < end:
@@ -384,13 +377,7 @@ class HttpProvider(Provider, UsageReport):
                 raise self._status_error(
                     response, action, admin=True,
                     not_found=f"check base_url and list.path in [providers.{self.name}]")
-            try:
-                items = json_at(_json_body(response), call.items_path)
-            except LookupError:
-                items = None
-            if not isinstance(items, list):
-                raise PermanentError(f"{self.name}: {action}: the list answer has no array at "
-                                     f'list.items_path "{call.items_path}"')
+            items = self._array(response, call.items_path, "list", action)
             if page is None or not items:
                 yield items
                 return
@@ -413,6 +400,17 @@ class HttpProvider(Provider, UsageReport):
                     raise PermanentError(f"{self.name}: {action}: a listed key has nothing at "
                                          f'list.id_path "{call.id_path}"')
                 yield key_id, _text_at(item, call.name_path)
+
+    def _array(self, response: httpx.Response, path: str, call: str, action: str) -> list[Any]:
+        """The array at ``path`` of the answer to the ``call`` call, or a clear error."""
+        try:
+            items = json_at(_json_body(response), path)
+        except LookupError:
+            items = None
+        if not isinstance(items, list):
+            raise PermanentError(f"{self.name}: {action}: the {call} answer has no array at "
+                                 f'{call}.items_path "{path}"')
+        return items
 
     def _status_error(self, response: httpx.Response, action: str, *, admin: bool,
                       not_found: str | None = None) -> RotatorError:

@@ -22,7 +22,8 @@ from rotator.plugin_support import classify_status, retry_after, status_where
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["HttpSession", "QueryParams", "retry_after", "send", "status_error"]
+__all__ = ["HttpSession", "QueryParams", "api_base_url", "json_object", "retry_after", "send",
+           "status_error"]
 
 QueryParams = Mapping[str, str] | Sequence[tuple[str, str]]
 """A query string: a mapping, or pairs where a name repeats (``api_key_ids[]=a&...=b``)."""
@@ -35,6 +36,30 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_\-:.]{1,100}")
 def _origin(url: str) -> str:
     split = urlsplit(url)
     return f"{split.scheme}://{split.netloc}"
+
+
+_BASE_URL = re.compile(r"https?://[^/\s@?#]+(/[^\s?#]*)?$")
+
+
+def api_base_url(value: str, default: str) -> str:
+    """A provider's ``base_url`` setting: http(s), no user, query or fragment; without a
+    trailing slash. ``ValueError`` names ``default`` as the example."""
+    if not _BASE_URL.match(value):
+        raise ValueError("base_url must be an http:// or https:// address without a user, "
+                         f"query or fragment (the default is {default})")
+    return value.rstrip("/")
+
+
+def json_object(response: httpx.Response, who: str, action: str, service: str) -> dict[str, Any]:
+    """The answer's JSON object; ``PermanentError`` (never quoting the body) otherwise."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise PermanentError(f"{who}: {action}: {service} answered HTTP "
+                             f"{response.status_code} without a JSON object; check base_url")
+    return body
 
 
 def send(client: httpx.Client, method: str, url: str, *, who: str, action: str,
@@ -123,6 +148,16 @@ class HttpSession(Generic[T]):
             with self._lock:
                 self._secrets = None
         return response
+
+    def bearer(self, method: str, url: str, *, action: str, key: Any = None,
+               params: QueryParams | None = None, json: Any = None) -> httpx.Response:
+        """``request`` with ``Authorization: Bearer``: the admin secret (an admin request),
+        or ``key`` (a ``Secret``) when given."""
+        credential = self.secrets() if key is None else key
+        headers = {"Authorization": f"Bearer {credential.reveal()}",
+                   "Accept": "application/json"}
+        return self.request(method, url, action=action, admin=key is None, headers=headers,
+                            params=params, json=json)
 
     def close(self) -> None:
         with self._lock:
