@@ -215,6 +215,7 @@ def test_revoke_when_quiet_revokes_early_and_names_a_straggler(tmp_path, openbao
         fake_openai.record_usage(fleet.legacy_keys[slow["name"]], clock.unix(), requests=1)
         assert monitor.poll("openai-test").findings == [], "named once"
         assert app.engine.revoke_due(slow["name"]) == 0, "not before the grace bound"
+        assert fake_openai.is_valid(olds[slow["name"]])
         clock.advance(5 * 60)
         assert app.engine.revoke_due(slow["name"]) == 1, "revoked at the grace bound"
         assert not fake_openai.is_valid(olds[slow["name"]])
