@@ -568,6 +568,8 @@ class Policies(_Model):
     providers: dict[str, ProviderConfig]
     credentials: tuple[CredentialConfig, ...]
     notify: dict[str, NotifyConfig] = Field(default_factory=dict)
+    proxy: Any = None
+    """``[proxy]`` as a :class:`rotator.proxy.settings.ProxyConfig`, or None."""
 
     def credential(self, name: str) -> CredentialConfig:
         """The credential called ``name``; ``KeyError`` if the file has none."""
@@ -893,7 +895,7 @@ def _find_secrets(node: Any, path: KeyPath = (), free: bool = False,
 
 # -- validation ------------------------------------------------------------------------------
 
-_TOP_KEYS = ("rotator", "vaults", "providers", "credentials", "notify")
+_TOP_KEYS = ("rotator", "vaults", "providers", "credentials", "notify", "proxy")
 _SECRET_REF_KEYS = frozenset(SecretRef.model_fields)
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
 
@@ -1037,10 +1039,12 @@ class _Checker:
         credentials = self._credentials(settings, vault_names, provider_names, provider_classes,
                                         providers)
         notify = self._notify(vault_names)
+        proxy = self._proxy(credentials)
         if self.problems:
             return None
         return Policies(source=self.source, settings=settings, vaults=vaults,
-                        providers=providers, credentials=tuple(credentials), notify=notify)
+                        providers=providers, credentials=tuple(credentials), notify=notify,
+                        proxy=proxy)
 
     def _table(self, key: str) -> dict[str, Any]:
         value = self.doc.get(key, {})
@@ -1478,6 +1482,48 @@ class _Checker:
             if cfg is not None:
                 out[name] = cfg
         return out
+
+    def _proxy(self, credentials: list[CredentialConfig]) -> Any:
+        """``[proxy]``: its routes name credentials of this file, their prefixes do not
+        overlap, and the signing credential is a ``signing-key`` one whose grace covers the
+        longest token (a token never outlives the key that signed it)."""
+        if "proxy" not in self.doc:
+            return None
+        from rotator.proxy.settings import ProxyConfig
+
+        table = self._table("proxy")
+        config = self.validate(ProxyConfig, table, ("proxy",))
+        if config is None:
+            return None
+        by_name = {c.name: c for c in credentials}
+        names = [c["name"] for c in self.doc.get("credentials", [])
+                 if isinstance(c, dict) and isinstance(c.get("name"), str)]
+        for name, route in config.routes.items():
+            if route.credential not in names:
+                self.add(("proxy", "routes", name, "credential"),
+                         _unknown_name("credential", route.credential, names, "credentials"))
+        for name, other in config.overlaps():
+            self.add(("proxy", "routes", name, "prefix"), (
+                f'routes "{other}" ({config.prefix_of(other)}) and "{name}" '
+                f"({config.prefix_of(name)}) overlap: one prefix contains the other; give "
+                "each its own prefix"))
+        signing = by_name.get(config.signing_credential)
+        where = ("proxy", "signing_credential")
+        if config.signing_credential not in names:
+            self.add(where, _unknown_name("credential", config.signing_credential, names,
+                                          "credentials"))
+        elif signing is not None:
+            kind = self.doc.get("providers", {}).get(signing.provider, {}).get("type")
+            if kind != "signing-key":
+                self.add(where, f'credential "{signing.name}" must use a provider of type '
+                                f'"signing-key" (its provider "{signing.provider}" is {kind})')
+            elif signing.grace < config.max_token_ttl:
+                self.add(where, (
+                    f'the grace of "{signing.name}" ({format_duration(signing.grace)}) is '
+                    f"shorter than max_token_ttl ({format_duration(config.max_token_ttl)}): "
+                    "tokens it signed would stop working before they expire; make its grace "
+                    "at least max_token_ttl"))
+        return config
 
     def report(self, scrub: Sequence[str] = ()) -> list[Problem]:
         """The problems as sorted :class:`Problem`, with any secret value blanked out."""

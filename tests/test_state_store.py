@@ -261,7 +261,7 @@ def test_schema_state_is_reported_with_what_to_run(tmp_path):
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
     assert schema.status(engine).state == "behind"
-    with pytest.raises(PermanentError, match=re.escape("needs '0005': run `rotator db upgrade`")):
+    with pytest.raises(PermanentError, match=re.escape("needs '0006': run `rotator db upgrade`")):
         schema.require_head(engine, url)
     engine.dispose()
 

@@ -245,3 +245,13 @@ class Anomaly(Base):
     message: Mapped[str] = mapped_column(Text)
     rotation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """The emergency rotation a ``revoke`` action started."""
+
+
+class TokenRevocation(Base):
+    """Every proxy token of ``agent`` issued at or before ``revoked_at`` is refused."""
+
+    __tablename__ = "token_revocations"
+
+    agent: Mapped[str] = mapped_column(String(200), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)

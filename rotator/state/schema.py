@@ -31,7 +31,7 @@ __all__ = ["HEAD", "SchemaStatus", "make_engine", "open_schema", "reaching", "re
 log = logging.getLogger("rotator.state")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0005"
+HEAD = "0006"
 """The newest migration of this release; a test checks it against the migrations folder. Known
 here so that opening an up-to-date database does not import alembic (a tenth of a second)."""
 _UPGRADE_LOCK = 0x726F7461746F72

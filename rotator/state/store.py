@@ -37,6 +37,7 @@ from rotator.state.models import (
     Rotation,
     RotationEpoch,
     RotationStep,
+    TokenRevocation,
     UsagePoll,
     UTCDateTime,
 )
@@ -85,6 +86,7 @@ _HEAD = AuditHead.__table__
 _USAGE = KeyUsage.__table__
 _POLLS = UsagePoll.__table__
 _ANOMALIES = Anomaly.__table__
+_TOKEN_REVOCATIONS = TokenRevocation.__table__
 
 
 def _schedule_revocation(conn: Connection, rotation_id: str, credential: str,
@@ -794,6 +796,22 @@ class StateStore:
             conn.execute(update(_REVOCATIONS).where(_REVOCATIONS.c.id == revocation_id,
                                                     _REVOCATIONS.c.status == "pending")
                          .values(not_before=not_before))
+
+    # -- proxy tokens --------------------------------------------------------------------------
+
+    def revoke_tokens(self, agent: str, at: datetime, reason: str | None = None) -> None:
+        """Refuse every proxy token of ``agent`` issued at or before ``at``."""
+        table = _TOKEN_REVOCATIONS
+        with self._tx() as conn:
+            stmt = _dialect_insert(conn)(table).values(agent=agent, revoked_at=at, reason=reason)
+            conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.agent],
+                                                    set_={"revoked_at": at, "reason": reason}))
+
+    def token_revocations(self) -> dict[str, datetime]:
+        """Agent -> the time before which its proxy tokens are refused."""
+        with self._reader.connect() as conn:
+            return {agent: at for agent, at in conn.execute(
+                select(_TOKEN_REVOCATIONS.c.agent, _TOKEN_REVOCATIONS.c.revoked_at))}
 
     # -- audit trail ---------------------------------------------------------------------------
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from rotator.testing.fake_server import ApiError, JsonApiFake, Request, bearer, random_text
+from rotator.testing.fake_server import (
+    ApiError,
+    EventStream,
+    JsonApiFake,
+    Request,
+    bearer,
+    random_text,
+)
 
 __all__ = ["FakeOpenAIServer", "service_account_key_value"]
 
@@ -196,6 +203,8 @@ class FakeOpenAIServer(JsonApiFake):
         super().__init__(host, port)
         self.admin_key = admin_key or "sk-admin-" + secrets.token_urlsafe(32)
         self.clock: Callable[[], float] = time.time
+        self.stream_gap = 0.0
+        """Seconds between the events of a streamed completion."""
         """Unix time as the fake sees it: model calls are counted then and keys expire by it
         (a test shares one clock with the daemon to move both forward)."""
         self._projects: dict[str, _Project] = {}
@@ -362,6 +371,17 @@ class FakeOpenAIServer(JsonApiFake):
                      if isinstance(m, dict))
         use = _Use(now, key.id, key.project_id, 1, max(1, prompt // 4), 8, str(model))
         self._uses.append(use)
+        if body.get("stream") is True:  # chat.completion.chunk events, as the SDK reads them
+            ident, created = _random_id("chatcmpl-"), int(now)
+
+            def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+                return {"id": ident, "object": "chat.completion.chunk", "created": created,
+                        "model": use.model, "choices": [{"index": 0, "delta": delta,
+                                                         "finish_reason": finish}]}
+
+            return EventStream((chunk({"role": "assistant", "content": ""}, None),
+                                *(chunk({"content": word}, None) for word in ("o", "k")),
+                                chunk({}, "stop")), gap=self.stream_gap)
         return {"id": _random_id("chatcmpl-"), "object": "chat.completion",
                 "created": int(now), "model": use.model,
                 "choices": [{"index": 0, "finish_reason": "stop",

@@ -26,7 +26,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ApiError", "JsonApiFake", "Request", "Route", "bearer", "random_text", "rfc3339"]
+__all__ = ["ApiError", "EventStream", "JsonApiFake", "Request", "Route", "bearer", "random_text",
+           "rfc3339"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,16 @@ class JsonApiFake:
         return status, body, extra
 
 
+@dataclass(frozen=True)
+class EventStream:
+    """A handler's answer sent as server-sent events (``text/event-stream``, chunked): each
+    event's JSON as one ``data:`` line, ``gap`` seconds apart, then ``data: [DONE]``, the way
+    OpenAI streams a completion."""
+
+    events: tuple[Any, ...]
+    gap: float = 0.0
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: JsonApiFake
@@ -323,6 +334,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, body, extra = self.server.fake._handle(method, self.path, headers, raw)
+        if isinstance(body, EventStream):
+            self._stream(status, body, extra)
+            return
         data = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
         if body is not None:
@@ -332,3 +346,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _stream(self, status: int, stream: EventStream, extra: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+        lines = [f"data: {json.dumps(e)}\n\n".encode() for e in stream.events]
+        for i, line in enumerate([*lines, b"data: [DONE]\n\n"]):
+            if i and stream.gap:
+                time.sleep(stream.gap)
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
