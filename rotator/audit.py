@@ -27,7 +27,8 @@ __all__ = ["KINDS", "AuditLog", "VerifyResult", "event_hash"]
 
 log = logging.getLogger("rotator.audit")
 
-KINDS = frozenset({"step", "rotation", "manual", "reload", "failure", "misuse"})
+KINDS = frozenset({"step", "rotation", "manual", "reload", "failure", "misuse", "proxy",
+                   "token"})
 _BATCH = 1000
 _KEY_STEPS = frozenset({"create", "revoke", "revoke_first", "store", "rollback"})
 """Steps whose audit event names the key ids involved."""
@@ -78,6 +79,15 @@ class AuditLog:
         return self.store.append_audit(self._builder(kind, credential=credential,
                                                      rotation_id=rotation_id, actor=actor,
                                                      reason=reason, detail=detail, at=at))
+
+    def record_many(self, events: list[dict[str, Any]]) -> None:
+        """Append several events (each ``record``'s keyword arguments, ``kind`` included) in
+        one write transaction: the proxy writes one event per call, in batches."""
+        if not events:
+            return
+        with self.store._tx() as conn:
+            for fields in events:
+                append_audit_in(conn, self._builder(**fields))
 
     def record_in(self, conn: Any, kind: str, **fields: Any) -> int:
         """``record`` inside the caller's write transaction ``conn``."""

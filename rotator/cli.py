@@ -1119,6 +1119,100 @@ def revoke_found_cmd(config_path: str | None, paths: tuple[Path, ...], keys: tup
     _guard(body)
 
 
+@main.command()
+@config_option
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Override [proxy] listen (port 0 picks a free one).")
+@click.option("--metrics-address", default="127.0.0.1:9465", show_default=True,
+              metavar="HOST:PORT", help="Where the proxy serves its /metrics.")
+def proxy(config_path: str | None, listen: str | None, metrics_address: str) -> None:
+    """Run the credential proxy: agents call it with rotator tokens, it attaches the real key
+    (needs the `proxy` extra)."""
+    policies = _load(config_path)
+    if policies.proxy is None:
+        _fail("the policy file has no [proxy] section: add one with its routes (see the "
+              "README's 'Credential proxy')")
+    if logging.getLogger().level > logging.INFO:
+        from rotator.log import setup_logging
+
+        setup_logging(logging.INFO)
+
+    def body() -> int:
+        from rotator.proxy.runner import ProxyRunner
+
+        ProxyRunner(policies, listen, metrics_address).run_forever()
+        return 0
+
+    _guard(body)
+
+
+@main.group()
+def token() -> None:
+    """Short-lived scoped tokens for the credential proxy."""
+
+
+@token.command("issue")
+@config_option
+@click.option("--agent", required=True, help="The agent the token is for.")
+@click.option("--routes", required=True, metavar="R1,R2",
+              help="Routes of [proxy.routes] it may call.")
+@click.option("--ttl", default="1h", show_default=True, metavar="DURATION",
+              help="How long it lives (at most [proxy] max_token_ttl).")
+@click.option("--budget", type=int, default=None, metavar="N",
+              help="At most N requests with it.")
+@click.option("--json", "as_json", is_flag=True, help="Print {token, agent, routes, ...}.")
+def token_issue(config_path: str | None, agent: str, routes: str, ttl: str,
+                budget: int | None, as_json: bool) -> None:
+    """Issue a token (printed on stdout, and nowhere else: hand it to the agent)."""
+    from rotator.durations import parse_duration
+
+    _one_shot()
+    try:
+        life = parse_duration(ttl)
+    except ValueError as exc:
+        _fail(f"--ttl: {exc}")
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.proxy.runner import issue
+        from rotator.service import open_context
+
+        with open_context(policies) as ctx:
+            value, claims = issue(ctx, agent, [r.strip() for r in routes.split(",")
+                                                   if r.strip()], life, budget)
+        if as_json:
+            _print_json({"token": value, "agent": claims.agent, "routes": list(claims.routes),
+                         "expires_at": claims.expires_at.isoformat().replace("+00:00", "Z"),
+                         "token_id": claims.token_id, "budget": claims.budget})
+        else:
+            click.echo(value)
+        return 0
+
+    _guard(body)
+
+
+@token.command("revoke")
+@config_option
+@click.option("--agent", required=True, help="Whose tokens: all issued until now.")
+@click.option("--reason", default=None, help="Recorded in the audit trail.")
+def token_revoke(config_path: str | None, agent: str, reason: str | None) -> None:
+    """Refuse every token of an agent issued until now (the proxy sees it within a second)."""
+    _one_shot()
+    policies = _load(config_path)
+
+    def body() -> int:
+        from rotator.proxy.runner import revoke
+        from rotator.service import open_context
+
+        with open_context(policies) as ctx:
+            at = revoke(ctx, agent, reason)
+        click.echo(f"tokens of {agent} issued until {at.isoformat(timespec='seconds')} are "
+                   "refused from now on")
+        return 0
+
+    _guard(body)
+
+
 @main.command("exec", context_settings={"allow_interspersed_args": False})
 @config_option
 @click.option("--agent", required=True, help="Whose keys: every credential with this agent.")

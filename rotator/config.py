@@ -853,6 +853,9 @@ def _is_identifier(path: KeyPath, parent: Mapping[str, Any]) -> bool:
         return key in _CREDENTIAL_IDENTIFIERS
     if len(path) == 3 and path[0] == "notify" and key in ("type", "credentials"):
         return True
+    if path == ("proxy", "signing_credential") or (
+            len(path) == 4 and path[:2] == ("proxy", "routes") and key == "credential"):
+        return True  # names of [[credentials]], not secrets
     if key == "type" and (
             (len(path) == 3 and path[0] in ("vaults", "providers"))
             or (len(path) == 4 and path[0] == "credentials" and isinstance(path[1], int)

@@ -269,8 +269,10 @@ class ProxyServer:
                 upstream.release()  # the key may have just been rotated: read it again
                 continue
             break
+        import aiohttp
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
                 if k.lower() not in _HOP_BY_HOP:
                     response.headers.add(k, v)
@@ -278,6 +280,9 @@ class ProxyServer:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The agent hung up, often right after the stream's last event: nothing to send.
+            pass
         finally:
             upstream.release()
         return response

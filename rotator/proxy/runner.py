@@ -1,0 +1,158 @@
+"""Running the proxy: ``rotator proxy`` in the foreground, or a :class:`ProxyRunner` in a thread
+(tests, benchmarks), and the ``rotator token`` operations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from rotator.app import App
+from rotator.config import Policies
+from rotator.errors import PermanentError
+from rotator.proxy.recorder import CallRecorder
+from rotator.proxy.server import ProxyServer
+from rotator.proxy.tokens import Claims, SigningKeys, issue_token
+from rotator.service import Context
+
+__all__ = ["ProxyRunner", "issue", "revoke"]
+
+log = logging.getLogger("rotator.proxy")
+
+
+class ProxyRunner:
+    """The proxy on its own event loop in a thread: ``start()`` returns once it listens
+    (``port`` is the bound port; ``listen`` port 0 picks one), ``stop()`` drains and closes."""
+
+    def __init__(self, policies: Policies, listen: str | None = None,
+                 metrics_listen: str | None = None) -> None:
+        if policies.proxy is None:
+            raise PermanentError("the policy file has no [proxy] section: add one with its "
+                                 "routes (see the README's 'Credential proxy')")
+        self.policies = policies
+        self.app = App(policies, actor="proxy")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.recorder = CallRecorder(self.app.audit, self.registry)
+        self.server = ProxyServer(policies, self.app.runtime, self.app.store,
+                                  on_call=self.recorder)
+        host, _, port = (listen or policies.proxy.listen).rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.metrics_listen = metrics_listen
+        self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> ProxyRunner:
+        self._thread = threading.Thread(target=self._main, name="rotator-proxy", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise PermanentError(f"the proxy could not start on {self.host}:{self.port}: "
+                                 f"{self._error}") from self._error
+        return self
+
+    def run_forever(self) -> None:
+        """Serve in this thread until SIGTERM/SIGINT (``rotator proxy``)."""
+        import signal
+
+        self.start()
+        done = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: done.set())
+        log.info("proxy listening on http://%s:%d (%d route(s))", self.host, self.port,
+                 len(self.server.config.routes))
+        done.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(30)
+        self.recorder.close()
+        self.app.close(1.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        runner = web.AppRunner(self.server.app(), access_log=None, handle_signals=False)
+        metrics_runner: web.AppRunner | None = None
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            await site.start()
+            self.port = runner.addresses[0][1]
+            if self.metrics_listen:
+                metrics_runner = web.AppRunner(self._metrics_app(), access_log=None,
+                                               handle_signals=False)
+                await metrics_runner.setup()
+                host, _, port = self.metrics_listen.rpartition(":")
+                await web.TCPSite(metrics_runner, host.strip("[]"), int(port)).start()
+                self.metrics_port = metrics_runner.addresses[0][1]
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self._ready.set()
+        await self._stopped.wait()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+
+    def _metrics_app(self) -> Any:
+        from aiohttp import web
+
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry),
+                                content_type="text/plain", charset="utf-8")
+
+        application = web.Application()
+        application.router.add_get("/metrics", metrics)
+        return application
+
+
+def issue(app: App | Context, agent: str, routes: Sequence[str], ttl: timedelta,
+          budget: int | None = None) -> tuple[str, Claims]:
+    """A token for ``agent`` on ``routes`` (each a route of ``[proxy.routes]``), audited
+    (kind ``token``: agent, routes, expiry, token id; never the token)."""
+    proxy = app.policies.proxy
+    if proxy is None:
+        raise PermanentError("the policy file has no [proxy] section")
+    unknown = [r for r in routes if r not in proxy.routes]
+    if unknown or not routes:
+        raise PermanentError(f"--routes: no route named {', '.join(unknown) or '(none)'} in "
+                             f"[proxy.routes] (known: {', '.join(proxy.routes) or 'none'})")
+    keys = SigningKeys(app.policies, app.runtime, app.store)
+    token, claims = issue_token(keys, agent, routes, ttl, proxy.max_token_ttl, budget)
+    app.audit.record("token", actor="operator", detail={
+        "action": "issued", "agent": agent, "routes": list(routes),
+        "expires_at": claims.expires_at.isoformat(), "token_id": claims.token_id,
+        "budget": budget})
+    return token, claims
+
+
+def revoke(app: App | Context, agent: str, reason: str | None = None) -> datetime:
+    """Refuse every token of ``agent`` issued until now; audited."""
+    at = datetime.now(UTC)
+    app.store.revoke_tokens(agent, at, reason)
+    app.audit.record("token", actor="operator", reason=reason,
+                     detail={"action": "revoked", "agent": agent, "before": at.isoformat()})
+    return at

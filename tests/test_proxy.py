@@ -1,0 +1,239 @@
+"""The credential proxy (issue 15): the real OpenAI SDK as the agent, holding only a rotator
+token, calls the fake OpenAI through ``rotator proxy`` (plain and streaming) while rotator
+rotates the upstream key; every denial is the documented OpenAI-style error the SDK raises;
+tokens survive a signing-key rotation until their key retires, and forged or tampered ones
+never pass."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import jwt
+import openai
+import pytest
+
+from rotator.config import load_policies
+from rotator.engine import RotationRequest
+from rotator.proxy.runner import ProxyRunner, issue, revoke
+from tests.support import Fleet, make_fleet
+
+SIGNING = "proxy/signing-key"
+AGENT = "agent-0"
+
+
+def _with_proxy(fleet_prefix: list[str], **route: Any):
+    def extra(doc: dict[str, Any]) -> None:
+        prefix = fleet_prefix[0] = doc["credentials"][0]["path"].split("/")[0]
+        doc["providers"]["signing"] = {"type": "signing-key"}
+        doc["credentials"].append({
+            "name": SIGNING, "agent": "proxy", "provider": "signing", "vault": "main",
+            "path": f"{prefix}/proxy-signing", "field": "key", "interval": "30d",
+            "grace": "1h"})
+        base = doc["providers"]["openai-test"]["base_url"]
+        doc["proxy"] = {
+            "listen": "127.0.0.1:0", "signing_credential": SIGNING, "max_token_ttl": "1h",
+            "routes": {
+                "openai": {"upstream": base, "credential": "agent-0/openai",
+                           "paths": ["/chat/completions", "/models"], **route},
+                "other": {"upstream": base, "credential": "agent-0/openai",
+                          "paths": ["/models"]}}}
+    return extra
+
+
+@contextmanager
+def proxied(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyRunner]:
+    monkeypatch.setenv("VAULT_TOKEN", fleet.bao.root_token)
+    runner = ProxyRunner(load_policies(fleet.config)).start()
+    try:
+        runner.app.engine.sync_credentials()
+        assert runner.app.engine.rotate(RotationRequest(SIGNING, trigger="manual")).ok
+        yield runner
+    finally:
+        runner.stop()
+
+
+def _fleet(tmp_path, openbao, fake_openai, **route: Any) -> Fleet:
+    holder = [""]
+    return make_fleet(tmp_path, openbao, fake_openai, grace="0s", extra=_with_proxy(holder,
+                                                                                     **route))
+
+
+def _client(runner: ProxyRunner, token: str, route: str = "openai") -> openai.OpenAI:
+    return openai.OpenAI(api_key=token, base_url=f"{runner.url}/{route}", max_retries=0,
+                         timeout=20)
+
+
+def _chat(client: openai.OpenAI, stream: bool) -> str:
+    messages = [{"role": "user", "content": "hello"}]
+    if stream:
+        chunks = client.chat.completions.create(model="gpt-4o-mini", messages=messages,
+                                                stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return client.chat.completions.create(model="gpt-4o-mini",
+                                          messages=messages).choices[0].message.content
+
+
+def test_the_sdk_works_through_the_proxy_while_the_upstream_key_rotates(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    fleet = _fleet(tmp_path, openbao, fake_openai, rate_limit=10_000)
+    fake_openai.stream_gap = 0.01
+    seen: set[str] = set()
+    lookup = fake_openai._lookup_value
+
+    def spy(value: str) -> Any:
+        seen.add(value)
+        return lookup(value)
+
+    monkeypatch.setattr(fake_openai, "_lookup_value", spy)
+    with proxied(fleet, monkeypatch) as runner:
+        token, _claims = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+        client = _client(runner, token)
+        assert _chat(client, stream=False) == "ok"
+        assert _chat(client, stream=True) == "ok"
+        failures: list[str] = []
+        calls = [0]
+        counting = threading.Lock()
+        stop = threading.Event()
+
+        def agent() -> None:
+            while not stop.is_set():
+                with counting:
+                    calls[0] += 1
+                    stream = calls[0] % 2 == 1
+                try:
+                    assert _chat(client, stream=stream) == "ok"
+                except Exception as exc:  # every failure counts
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        workers = [threading.Thread(target=agent) for _ in range(4)]
+        for w in workers:
+            w.start()
+        keys = {fleet.vault_value(fleet.credentials[0])}
+        try:
+            for _ in range(4):  # rotate every ~2 s; grace 0s: the old key dies at once
+                time.sleep(2)
+                assert runner.app.engine.rotate(RotationRequest("agent-0/openai",
+                                                                trigger="manual")).ok
+                keys.add(fleet.vault_value(fleet.credentials[0]))
+            time.sleep(1)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(30)
+        assert failures == [], failures[:5]
+        assert calls[0] > 40
+        assert len(keys) == 5, "four rotations, each a new upstream key"
+        assert all(not fake_openai.is_valid(k) for k in list(keys)[:-1] if k != fleet.vault_value(
+            fleet.credentials[0]))
+        assert token not in seen, "the upstream never sees a proxy token"
+    events = [e for e in runner.app.store.audit_events(limit=100_000) if e["kind"] == "proxy"]
+    assert len(events) == calls[0] + 2, "every call is one audit event"
+    assert all(token not in e["detail"] for e in events)
+
+
+def _denied(exc_info: Any, status: int, code: str) -> dict[str, Any]:
+    exc = exc_info.value
+    assert exc.status_code == status, exc
+    body = exc.body
+    assert body["code"] == code and body["type"] == "rotator_proxy_denied", body
+    return body
+
+
+def test_scope_budget_rate_expiry_and_revocation_are_denied_as_documented(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    fleet = _fleet(tmp_path, openbao, fake_openai, rate_limit=2)
+    with proxied(fleet, monkeypatch) as runner:
+        token, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+        client = _client(runner, token)
+        assert _chat(client, stream=False) == "ok"
+        with pytest.raises(openai.PermissionDeniedError) as other_route:
+            _client(runner, token, "other").models.list()
+        assert "may not call route other" in _denied(other_route, 403, "out_of_scope")["message"]
+        with pytest.raises(openai.PermissionDeniedError) as other_path:
+            client.files.list()
+        _denied(other_path, 403, "out_of_scope")
+        answer = httpx.delete(f"{runner.url}/openai/models",
+                              headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "out_of_scope"
+        traversal = httpx.get(f"{runner.url}/openai/models/%2e%2e/%2e%2e/organization/projects",
+                              headers={"Authorization": f"Bearer {token}"})
+        assert traversal.status_code == 403 and traversal.json()["error"]["code"] == "bad_path"
+
+        budgeted, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10), budget=1)
+        time.sleep(1.1)  # let the rate bucket refill
+        assert _chat(_client(runner, budgeted), stream=False) == "ok"
+        with pytest.raises(openai.RateLimitError) as spent:
+            _chat(_client(runner, budgeted), stream=False)
+        _denied(spent, 429, "budget_exhausted")
+
+        time.sleep(2)
+        with pytest.raises(openai.RateLimitError) as limited:
+            for _ in range(10):  # 2 per second, bursts of 4
+                client.models.list()
+        _denied(limited, 429, "rate_limited")
+        assert int(limited.value.response.headers["Retry-After"]) >= 1
+
+        kid, key = runner.server.signing.current()
+        now = int(time.time())
+        expired = jwt.encode({"iss": "rotator", "sub": AGENT, "routes": ["openai"],
+                              "iat": now - 3600, "exp": now - 60, "jti": "x"}, key.reveal(),
+                             algorithm="HS256", headers={"kid": kid})
+        with pytest.raises(openai.AuthenticationError) as old:
+            _client(runner, expired).models.list()
+        _denied(old, 401, "token_expired")
+
+        time.sleep(1.1)
+        revoke(runner.app, AGENT, "agent compromised")
+        time.sleep(1.2)  # the proxy reads revocations every second
+        with pytest.raises(openai.AuthenticationError) as revoked:
+            client.models.list()
+        _denied(revoked, 401, "token_revoked")
+        fresh, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=5))
+        time.sleep(1.1)
+        assert _client(runner, fresh).models.list().data, "a token issued after it works"
+
+
+def test_forged_and_tampered_tokens_never_pass_and_a_rotated_signing_key_keeps_its_tokens(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    fleet = _fleet(tmp_path, openbao, fake_openai)
+    with proxied(fleet, monkeypatch) as runner:
+        token, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+        header, _payload, signature = token.split(".")
+        kid = jwt.get_unverified_header(token)["kid"]
+        now = int(time.time())
+        forged = jwt.encode({"iss": "rotator", "sub": AGENT, "routes": ["openai", "other"],
+                             "iat": now, "exp": now + 600, "jti": "f"}, "guessed-key-" * 3,
+                            algorithm="HS256", headers={"kid": kid})
+        import base64
+        import json
+
+        widened = base64.urlsafe_b64encode(json.dumps(
+            {**jwt.decode(token, options={"verify_signature": False}),
+             "routes": ["openai", "other"]}).encode()).rstrip(b"=").decode()
+        unsigned = jwt.encode({"iss": "rotator", "sub": AGENT, "routes": ["openai"],
+                               "iat": now, "exp": now + 600, "jti": "n"}, None,
+                              algorithm="none", headers={"kid": kid})
+        for bad in (forged, f"{header}.{widened}.{signature}", unsigned, "not-a-token",
+                    token[:-2] + ("AA" if not token.endswith("AA") else "BB")):
+            with pytest.raises(openai.AuthenticationError) as refused:
+                _client(runner, bad).models.list()
+            _denied(refused, 401, "invalid_token")
+
+        assert runner.app.engine.rotate(RotationRequest(SIGNING, trigger="manual")).ok
+        time.sleep(2.1)  # the proxy re-reads the signing keys every 2 s
+        assert _client(runner, token).models.list().data, "accepted while its key is in grace"
+        new_token, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+        assert jwt.get_unverified_header(new_token)["kid"] != kid, "signed with the new key"
+        runner.app.store.expedite_revocations(SIGNING, datetime.now(UTC))
+        assert runner.app.engine.revoke_due(SIGNING) == 1
+        time.sleep(2.1)
+        with pytest.raises(openai.AuthenticationError) as retired:
+            _client(runner, token).models.list()
+        _denied(retired, 401, "invalid_token")
+        assert _client(runner, new_token).models.list().data
