@@ -468,6 +468,13 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
                              and sys.stderr.isatty())
 
         with open_context(policies) as ctx:
+            if agent is not None and policies.proxy is not None:
+                # The agent may be compromised: its proxy tokens die with its keys.
+                from rotator.proxy.runner import revoke
+
+                revoke(ctx, agent, reason or "rotate-now --agent")
+                err.print(f"proxy tokens of {_esc(agent)} revoked")
+
             def on_result(result: Any) -> None:
                 report = key_report(ctx.store, ctx.runtime, by_name[result.credential], result)
                 reports.append(report)

@@ -1492,19 +1492,33 @@ class _Checker:
         longest token (a token never outlives the key that signed it)."""
         if "proxy" not in self.doc:
             return None
-        from rotator.proxy.settings import ProxyConfig
+        from rotator.proxy.settings import ProxyConfig, RouteConfig
 
         table = self._table("proxy")
-        config = self.validate(ProxyConfig, table, ("proxy",))
-        if config is None:
-            return None
-        by_name = {c.name: c for c in credentials}
+        raw_routes = table.get("routes", {})
+        if not isinstance(raw_routes, dict):
+            self.add(("proxy", "routes"), "routes is a table of [proxy.routes.NAME] sections")
+            raw_routes = {}
         names = [c["name"] for c in self.doc.get("credentials", [])
                  if isinstance(c, dict) and isinstance(c.get("name"), str)]
-        for name, route in config.routes.items():
-            if route.credential not in names:
+        routes = {}
+        for name, body in raw_routes.items():  # each on its own: one bad route hides no other
+            try:
+                _check_name(name, "route name")
+            except ValueError as exc:
+                self.add(("proxy", "routes", name), str(exc))
+            if isinstance(body, dict) and isinstance(body.get("credential"), str) \
+                    and body["credential"] not in names:
                 self.add(("proxy", "routes", name, "credential"),
-                         _unknown_name("credential", route.credential, names, "credentials"))
+                         _unknown_name("credential", body["credential"], names, "credentials"))
+            route = self.validate(RouteConfig, body, ("proxy", "routes", name))
+            if route is not None:
+                routes[name] = route
+        config = self.validate(ProxyConfig, {**table, "routes": {}}, ("proxy",))
+        if config is None:
+            return None
+        config = config.model_copy(update={"routes": routes})
+        by_name = {c.name: c for c in credentials}
         for name, other in config.overlaps():
             self.add(("proxy", "routes", name, "prefix"), (
                 f'routes "{other}" ({config.prefix_of(other)}) and "{name}" '

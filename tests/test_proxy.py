@@ -237,3 +237,57 @@ def test_forged_and_tampered_tokens_never_pass_and_a_rotated_signing_key_keeps_i
             _client(runner, token).models.list()
         _denied(retired, 401, "invalid_token")
         assert _client(runner, new_token).models.list().data
+
+
+def test_token_commands_and_rotate_now_agent_revoke_tokens(tmp_path, openbao, fake_openai):
+    fleet = _fleet(tmp_path, openbao, fake_openai)
+    assert fleet.cli("rotate-now", SIGNING, "--yes").returncode == 0
+    issued = fleet.cli("token", "issue", "--agent", AGENT, "--routes", "openai", "--ttl", "10m",
+                       "--json")
+    assert issued.returncode == 0, issued.stderr
+    import json
+
+    shown = json.loads(issued.stdout)
+    assert shown["agent"] == AGENT and shown["routes"] == ["openai"]
+    too_long = fleet.cli("token", "issue", "--agent", AGENT, "--routes", "openai", "--ttl", "2h")
+    assert too_long.returncode != 0 and "at most max_token_ttl" in too_long.stderr
+    unknown = fleet.cli("token", "issue", "--agent", AGENT, "--routes", "nope")
+    assert unknown.returncode != 0 and "no route named nope" in unknown.stderr
+    rotated = fleet.cli("rotate-now", "--agent", AGENT, "--yes")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "proxy tokens of agent-0 revoked" in rotated.stderr
+    from rotator.state.store import StateStore
+
+    store = StateStore(f"sqlite:///{fleet.state_db}")
+    try:
+        assert AGENT in store.token_revocations()
+        kinds = [json.loads(e["detail"])["action"] for e in store.audit_events()
+                 if e["kind"] == "token"]
+        assert kinds == ["issued", "revoked"]
+        assert all(shown["token"] not in e["detail"] for e in store.audit_events())
+    finally:
+        store.close()
+
+
+def test_check_refuses_bad_proxy_settings_with_file_and_line(tmp_path, openbao, fake_openai):
+    fleet = _fleet(tmp_path, openbao, fake_openai)
+    text = fleet.config.read_text()
+    broken = (text.replace('credential = "agent-0/openai"', 'credential = "agent-9/openai"', 1)
+              .replace('"openai"]', '"openai"]', 1))
+    broken += ('\n[proxy.routes.nested]\nupstream = "http://127.0.0.1:9"\n'
+               'credential = "agent-0/openai"\nprefix = "/openai/v2"\n'
+               '\n[proxy.routes.bad]\nupstream = "not a url"\ncredential = "agent-0/openai"\n')
+    broken = broken.replace('grace = "1h"', 'grace = "10m"')
+    fleet.config.write_text(broken)
+    checked = fleet.cli("check")
+    assert checked.returncode == 2
+    lines = checked.stderr.splitlines()
+
+    def said(key: str, words: str) -> None:
+        assert any(f": {key}: " in line and words in line and line.split(":")[1].isdigit()
+                   for line in lines), (key, words, checked.stderr)
+
+    said("proxy.routes.openai.credential", 'no credential named "agent-9/openai"')
+    said("proxy.routes.bad.upstream", "http:// or https://")
+    said("proxy.routes.nested.prefix", "overlap: one prefix contains the other")
+    said("proxy.signing_credential", "shorter than max_token_ttl")
