@@ -85,9 +85,7 @@ class AuditLog:
         one write transaction: the proxy writes one event per call, in batches."""
         if not events:
             return
-        with self.store._tx() as conn:
-            for fields in events:
-                append_audit_in(conn, self._builder(**fields))
+        self.store.append_audit_many([self._builder(**fields) for fields in events])
 
     def record_in(self, conn: Any, kind: str, **fields: Any) -> int:
         """``record`` inside the caller's write transaction ``conn``."""

@@ -85,7 +85,12 @@ class ProxyRunner:
         return f"http://{self.host}:{self.port}"
 
     def _main(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            import uvloop  # the faster event loop where installed (the proxy extra has it)
+        except ImportError:
+            asyncio.run(self._serve())
+        else:
+            uvloop.run(self._serve())
 
     async def _serve(self) -> None:
         from aiohttp import web

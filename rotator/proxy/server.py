@@ -30,7 +30,7 @@ from urllib.parse import unquote
 from rotator.errors import NotFound, RotatorError
 from rotator.interfaces import Secret
 from rotator.proxy.settings import ProxyConfig, RouteConfig
-from rotator.proxy.tokens import Claims, Denied, SigningKeys, verify_token
+from rotator.proxy.tokens import Claims, Denied, SigningKeys, cached_kid, verify_token
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession, web
@@ -109,6 +109,9 @@ class ProxyServer:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._revoked: dict[str, datetime] = {}
         self._revoked_at = -1e18
+        self._verified: dict[str, tuple[Claims, str]] = {}
+        """Tokens already verified (until they expire), so a call costs one dict lookup; a
+        revocation or a retired signing key is still checked on every call."""
         self._session: ClientSession | None = None
         self._routes = sorted(((self.config.prefix_of(n), n, r)
                                for n, r in self.config.routes.items()),
@@ -176,9 +179,27 @@ class ProxyServer:
             raise Denied(401, "missing_token", "no token: send your rotator token as "
                          "Authorization: Bearer (the SDK's api_key)")
         revoked = await self._revocations()
-        loop = asyncio.get_running_loop()
-        # The signing keys come from the vault (a blocking client): read them off the loop.
-        return await loop.run_in_executor(None, verify_token, self.signing, token, revoked)
+        await self._signing_keys()
+        cached = self._verified.get(token)
+        if cached is not None:
+            claims, kid = cached
+            cut = revoked.get(claims.agent)
+            if claims.expires_at.timestamp() > time.time() and (
+                    cut is None or claims.issued_at > cut) and \
+                    self.signing.accepted(kid) is not None:
+                return claims
+        claims = verify_token(self.signing, token, revoked)
+        if len(self._verified) > 100_000:
+            self._verified.clear()
+        self._verified[token] = (claims, cached_kid(token))
+        return claims
+
+    async def _signing_keys(self) -> None:
+        """Re-read the signing keys off the event loop (the vault client blocks) when due, so
+        verifying a token never waits for the vault."""
+        if self.signing.due():
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.signing.reload)
 
     async def _revocations(self) -> dict[str, datetime]:
         now = time.monotonic()

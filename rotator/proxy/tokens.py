@@ -25,7 +25,7 @@ from rotator.interfaces import Secret
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 
-__all__ = ["Claims", "Denied", "SigningKeys", "issue_token", "verify_token"]
+__all__ = ["Claims", "Denied", "SigningKeys", "cached_kid", "issue_token", "verify_token"]
 
 ISSUER = "rotator"
 ALGORITHM = "HS256"
@@ -67,6 +67,14 @@ class SigningKeys:
         self._current: tuple[str, Secret] | None = None
         self._accepted: dict[str, Secret] = {}
 
+    def due(self) -> bool:
+        """Whether the keys are older than ``refresh`` (``reload`` them)."""
+        return self.clock() - self._read_at >= self.refresh
+
+    def reload(self) -> None:
+        self._read_at = -1e18
+        self._load()
+
     def _load(self) -> None:
         if self.clock() - self._read_at < self.refresh:
             return
@@ -98,6 +106,16 @@ class SigningKeys:
     def accepted(self, kid: str) -> Secret | None:
         self._load()
         return self._accepted.get(kid)
+
+
+def cached_kid(token: str) -> str:
+    """The ``kid`` of a token already verified once (its header, decoded without checks)."""
+    import jwt
+
+    try:
+        return str(jwt.get_unverified_header(token).get("kid", ""))
+    except jwt.PyJWTError:
+        return ""
 
 
 def issue_token(keys: SigningKeys, agent: str, routes: Sequence[str], ttl: timedelta,

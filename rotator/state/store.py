@@ -214,6 +214,32 @@ def append_audit_in(conn: Connection, build: Callable[[int, str], dict[str, Any]
     return int(row["id"])
 
 
+def append_audit_many_in(conn: Connection,
+                         builds: Sequence[Callable[[int, str], dict[str, Any]]]) -> None:
+    """``append_audit_in`` for many events in the caller's transaction: on SQLite the chain is
+    extended in Python and written with one insert of every row and one head update (the
+    proxy appends an event per call); on PostgreSQL each goes through the one-statement
+    append."""
+    if not builds:
+        return
+    if conn.dialect.name == "postgresql":
+        for build in builds:
+            _append_audit_pg(conn, build)
+        return
+    head = conn.execute(select(_HEAD.c.id, _HEAD.c.hash).where(_HEAD.c.one == 1)).first()
+    if head is None:
+        raise PermanentError(_NO_HEAD)
+    rows = []
+    last_id, last_hash = head.id, head.hash
+    for build in builds:
+        row = build(last_id + 1, last_hash)
+        rows.append(row)
+        last_id, last_hash = row["id"], row["hash"]
+    conn.execute(update(_HEAD).where(_HEAD.c.one == 1).values(
+        id=last_id, hash=last_hash, prev_hash=rows[-1]["prev_hash"]))
+    conn.execute(insert(_AUDIT), rows)
+
+
 _NO_HEAD = ("the audit trail has no head row (table audit_head): the state store was altered "
             "by hand; run `rotator audit verify` and restore it from a backup")
 
@@ -826,6 +852,12 @@ class StateStore:
         """
         with self._tx() as conn:
             return append_audit_in(conn, build)
+
+    def append_audit_many(self, builds: Sequence[Callable[[int, str], dict[str, Any]]]
+                          ) -> None:
+        """``append_audit`` for many events, in one write transaction."""
+        with self._tx() as conn:
+            append_audit_many_in(conn, builds)
 
     def audit_events(self, *, after_id: int = 0, since: datetime | None = None,
                      credential: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
