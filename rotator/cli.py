@@ -1153,6 +1153,53 @@ def proxy(config_path: str | None, listen: str | None, metrics_address: str) -> 
     _guard(body)
 
 
+@main.command()
+@config_option
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio",
+              show_default=True, help="MCP over stdio, or streamable HTTP.")
+@click.option("--listen", default="127.0.0.1:8789", show_default=True, metavar="HOST:PORT",
+              help="With --transport http: where to serve (path /mcp).")
+@click.option("--token-env", default="ROTATOR_TOKEN", show_default=True, metavar="VAR",
+              help="The environment variable holding the agent's rotator token.")
+def mcp(config_path: str | None, transport: str, listen: str, token_env: str) -> None:
+    """Serve the proxy's routes as MCP tools for one agent (needs the `proxy` and `mcp`
+    extras): each tool call gets the route's credential attached, under the proxy's rules."""
+    import os
+
+    policies = _load(config_path)
+    if policies.proxy is None:
+        _fail("the policy file has no [proxy] section: its routes are the MCP tools")
+    agent_token = os.environ.get(token_env, "").strip()
+    if not agent_token:
+        _fail(f"{token_env} is not set: put the agent's token there (rotator token issue, or "
+              "rotator exec from its vault path)")
+
+    def body() -> int:
+        from rotator.app import App
+        from rotator.proxy.mcp_server import build_mcp_server
+        from rotator.proxy.recorder import CallRecorder
+        from rotator.proxy.server import ProxyServer
+
+        app = App(policies, actor="mcp")
+        from prometheus_client import CollectorRegistry
+
+        recorder = CallRecorder(app.audit, CollectorRegistry())
+        try:
+            server = ProxyServer(policies, app.runtime, app.store, on_call=recorder)
+            mcp_app = build_mcp_server(server, agent_token)
+            if transport == "stdio":
+                mcp_app.run("stdio")
+            else:
+                host, _, port = listen.rpartition(":")
+                mcp_app.run("streamable-http", host=host, port=int(port))
+        finally:
+            recorder.close()
+            app.close(1.0)
+        return 0
+
+    _guard(body)
+
+
 @main.group()
 def token() -> None:
     """Short-lived scoped tokens for the credential proxy."""

@@ -291,3 +291,45 @@ def test_check_refuses_bad_proxy_settings_with_file_and_line(tmp_path, openbao, 
     said("proxy.routes.bad.upstream", "http:// or https://")
     said("proxy.routes.nested.prefix", "overlap: one prefix contains the other")
     said("proxy.signing_credential", "shorter than max_token_ttl")
+
+
+def test_the_mcp_sdk_client_calls_the_routes_as_tools_over_stdio(tmp_path, openbao, fake_openai,
+                                                                 monkeypatch):
+    """The official MCP client launches `rotator mcp` for one agent and calls its tools: the
+    credential is attached server-side, and a denial is a tool error saying why."""
+    import asyncio
+
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    from tests.support import ROTATOR
+
+    fleet = _fleet(tmp_path, openbao, fake_openai)
+    assert fleet.cli("rotate-now", SIGNING, "--yes").returncode == 0
+    issued = fleet.cli("token", "issue", "--agent", AGENT, "--routes", "openai", "--ttl", "10m")
+    token = issued.stdout.strip()
+    params = StdioServerParameters(command=ROTATOR[0], args=[*ROTATOR[1:], "-c",
+                                                             str(fleet.config), "mcp"],
+                                   env=fleet.env(ROTATOR_TOKEN=token), cwd=str(fleet.tmp))
+
+    async def session() -> tuple[Any, Any, Any, set[str]]:
+        async with Client(params) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            chat = await client.call_tool("openai", {
+                "path": "/chat/completions", "json_body": {
+                    "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}})
+            models = await client.call_tool("openai", {"path": "/models", "method": "GET"})
+            denied = await client.call_tool("other", {"path": "/models", "method": "GET"})
+            return chat, models, denied, tools
+
+    chat, models, denied, tools = asyncio.run(session())
+    assert tools == {"openai", "other"}
+    assert not chat.is_error, chat
+    answer = chat.structured_content or {}
+    assert answer["status"] == 200
+    assert answer["json"]["choices"][0]["message"]["content"] == "ok"
+    assert not models.is_error and models.structured_content["status"] == 200
+    assert denied.is_error
+    text = " ".join(getattr(c, "text", "") for c in denied.content)
+    assert "out_of_scope" in text and "may not call route other" in text
+    assert token not in text

@@ -124,11 +124,12 @@ class ProxyServer:
 
         application = web.Application(client_max_size=64 * 1024 * 1024)
         application.router.add_route("*", "/{tail:.*}", self.handle)
-        application.on_startup.append(self._start)
-        application.on_cleanup.append(self._stop)
+        application.on_startup.append(lambda _app: self.open())
+        application.on_cleanup.append(lambda _app: self.close())
         return application
 
-    async def _start(self, _app: Any) -> None:
+    async def open(self) -> None:
+        """Open the upstream connection pool (on the event loop that will serve)."""
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout.total_seconds(),
@@ -137,7 +138,7 @@ class ProxyServer:
             timeout=timeout, auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
 
-    async def _stop(self, _app: Any) -> None:
+    async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
@@ -175,6 +176,10 @@ class ProxyServer:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else \
             request.headers.get("x-api-key", "").strip()
+        return await self.check_token(token)
+
+    async def check_token(self, token: str) -> Claims:
+        """The claims of a valid token (cached once verified); :class:`Denied` otherwise."""
         if not token:
             raise Denied(401, "missing_token", "no token: send your rotator token as "
                          "Authorization: Bearer (the SDK's api_key)")
@@ -260,20 +265,21 @@ class ProxyServer:
             self._keys[route.credential] = _Key(value.secret, time.monotonic())
             return value.secret
 
-    async def _forward(self, request: web.Request, name: str, route: RouteConfig, sub: str,
-                       claims: Claims) -> web.StreamResponse:
-        from aiohttp import web
+    async def send(self, route: RouteConfig, method: str, sub: str,
+                   query: list[tuple[str, str]], headers: Any, body: bytes) -> Any:
+        """Send a call to ``route``'s upstream with the credential's current key attached
+        (an upstream 401 re-reads the key, which a rotation may just have replaced, and sends
+        once more); the caller reads and releases the aiohttp response."""
         from yarl import URL
 
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization",
-                                                                         "x-api-key")}
+        kept = {k: v for k, v in headers
+                if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization",
+                                                                      "x-api-key")}
         assert self._session is not None
         for attempt in (1, 2):
             key = await self._key(route, fresh=attempt == 2)
-            sent = dict(headers)
-            query = list(request.rel_url.query.items())
+            sent = dict(kept)
+            params = list(query)
             kind, _, attach_name = route.attach.partition(":")
             if kind == "bearer":
                 sent["Authorization"] = f"Bearer {key.reveal()}"
@@ -281,17 +287,62 @@ class ProxyServer:
                 sent = {k: v for k, v in sent.items() if k.lower() != attach_name.lower()}
                 sent[attach_name] = key.reveal()
             else:
-                query = [(k, v) for k, v in query if k != attach_name]
-                query.append((attach_name, key.reveal()))
-            url = URL(route.upstream + sub, encoded=True).with_query(query)
-            upstream = await self._session.request(request.method, url, headers=sent,
+                params = [(k, v) for k, v in params if k != attach_name]
+                params.append((attach_name, key.reveal()))
+            url = URL(route.upstream + sub, encoded=True).with_query(params)
+            upstream = await self._session.request(method, url, headers=sent,
                                                    data=body or None, allow_redirects=False)
             if upstream.status == 401 and attempt == 1:
                 upstream.release()  # the key may have just been rotated: read it again
                 continue
-            break
-        import aiohttp
+            return upstream
+        raise AssertionError("unreachable")
 
+    async def call(self, token: str, route_name: str, method: str, path: str,
+                   query: dict[str, str] | None = None, json_body: Any = None
+                   ) -> tuple[int, bytes, str]:
+        """One call on behalf of a token holder, answered whole: the MCP server's tools use
+        it, with the proxy's checks, limits, audit and metrics. ``(status, body, content
+        type)``; :class:`Denied` when refused."""
+        import json as jsonlib
+
+        started = time.monotonic()
+        route = self.config.routes.get(route_name)
+        if route is None:
+            raise Denied(404, "no_route", f"no route named {route_name}")
+        sub = path if path.startswith("/") else "/" + path
+        agent = "?"
+        try:
+            claims = await self.check_token(token)
+            agent = claims.agent
+            self._authorize(claims, route_name, route, method.upper(), sub)
+            body = b"" if json_body is None else jsonlib.dumps(json_body).encode()
+            headers = [("Content-Type", "application/json")] if body else []
+            upstream = await self.send(route, method.upper(), sub,
+                                       list((query or {}).items()), headers, body)
+        except Denied as denied:
+            self._record(CallRecord(agent, route_name, method.upper(),
+                                    self._template(route, sub), denied.status, denied.code,
+                                    time.monotonic() - started, 0))
+            raise
+        try:
+            data = await upstream.read()
+            status, kind = upstream.status, upstream.headers.get("Content-Type", "")
+        finally:
+            upstream.release()
+        self._record(CallRecord(agent, route_name, method.upper(), self._template(route, sub),
+                                status, "ok" if status < 400 else "upstream_error",
+                                time.monotonic() - started, len(data)))
+        return status, data, kind
+
+    async def _forward(self, request: web.Request, name: str, route: RouteConfig, sub: str,
+                       claims: Claims) -> web.StreamResponse:
+        import aiohttp
+        from aiohttp import web
+
+        upstream = await self.send(route, request.method, sub,
+                                   list(request.rel_url.query.items()),
+                                   request.headers.items(), await request.read())
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
             for k, v in upstream.headers.items():
