@@ -61,6 +61,65 @@ def upstream_main(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+def passthrough_main(stack: str, port: int, upstream: int) -> None:
+    """A bare forwarder in one candidate stack (no tokens, no vault): what the stack itself
+    costs per call, to choose the proxy's (``--stacks``)."""
+    target = f"http://127.0.0.1:{upstream}"
+    if stack == "aiohttp":
+        import aiohttp
+        from aiohttp import web
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            session = request.app["session"]
+            async with session.request(request.method, target + request.rel_url.raw_path,
+                                       headers={"Authorization": f"Bearer {UPSTREAM_KEY}",
+                                                "Content-Type": "application/json"},
+                                       data=await request.read()) as up:
+                response = web.StreamResponse(status=up.status)
+                await response.prepare(request)
+                async for chunk in up.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+
+        async def start(app: web.Application) -> None:
+            app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+        app = web.Application()
+        app.on_startup.append(start)
+        app.router.add_route("*", "/{tail:.*}", forward)
+        import uvloop
+
+        uvloop.install()
+        web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+        return
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
+
+    async def forward_httpx(request):  # type: ignore[no-untyped-def]
+        up = await client.send(client.build_request(
+            request.method, target + request.url.path, content=await request.body(),
+            headers={"Authorization": f"Bearer {UPSTREAM_KEY}",
+                     "Content-Type": "application/json"}), stream=True)
+        return StreamingResponse(up.aiter_raw(), status_code=up.status_code,
+                                 background=None)
+
+    app = Starlette(routes=[Route("/{tail:path}", forward_httpx, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop",
+                http="httptools" if _has("httptools") else "h11")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 async def _load(url: str, token: str, stream: bool, clients: int, seconds: float
                 ) -> tuple[float, list[float], int]:
     import aiohttp
@@ -127,7 +186,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--stacks", action="store_true",
+                        help="Compare bare forwarders of the candidate stacks instead.")
     args = parser.parse_args()
+    if args.stacks:
+        compare_stacks(args.seconds)
+        return
     import tomli_w
 
     from rotator.testing.openbao import OpenBaoDevServer
@@ -196,8 +260,44 @@ def main() -> None:
         bao.stop()
 
 
+def compare_stacks(seconds: float) -> None:
+    """Bare forwarders (aiohttp server+client on uvloop; starlette on uvicorn with httpx) at
+    16 clients, plain and streamed, against the direct upstream."""
+    from rotator.testing.server_process import free_port
+
+    up_port = free_port()
+    upstream = _spawn("--upstream", str(up_port))
+    try:
+        _wait(f"http://127.0.0.1:{up_port}/")
+        print(f"{'stack':<28} {'mode':<7} {'rps':>6} {'p50 ms':>7} {'p99 ms':>7}")
+        for stream in (False, True):
+            d = _measure(f"http://127.0.0.1:{up_port}/v1/chat/completions", UPSTREAM_KEY,
+                         stream, 16, seconds)
+            print(f"{'direct':<28} {'stream' if stream else 'plain':<7} {d['rps']:>6.0f} "
+                  f"{d['p50']:>7.2f} {d['p99']:>7.2f}")
+        for stack in ("aiohttp", "starlette-uvicorn-httpx"):
+            port = free_port()
+            proc = _spawn("--passthrough", stack, str(port), str(up_port))
+            try:
+                _wait(f"http://127.0.0.1:{port}/")
+                for stream in (False, True):
+                    r = _measure(f"http://127.0.0.1:{port}/v1/chat/completions", "-", stream,
+                                 16, seconds)
+                    print(f"{stack:<28} {'stream' if stream else 'plain':<7} {r['rps']:>6.0f} "
+                          f"{r['p50']:>7.2f} {r['p99']:>7.2f}"
+                          + (f"  ({r['errors']} errors)" if r["errors"] else ""))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--upstream":
+    if len(sys.argv) > 4 and sys.argv[1] == "--passthrough":
+        passthrough_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "--upstream":
         upstream_main(int(sys.argv[2]))
     elif len(sys.argv) > 2 and sys.argv[1] == "--load":
         load_main(sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]),
