@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -43,13 +44,22 @@ class CallRecorder:
         self.latency = Histogram("rotator_proxy_request_duration_seconds",
                                  "Time from a call's arrival to its last byte sent back.",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._histograms: dict[str, Any] = {}
         self._queue: queue.Queue[CallRecord | None] = queue.Queue(maxsize=100_000)
         self._thread = threading.Thread(target=self._run, name="proxy-audit", daemon=True)
         self._thread.start()
 
     def __call__(self, record: CallRecord) -> None:
-        self.requests.labels(record.agent, record.route, record.outcome).inc()
-        self.latency.labels(record.route).observe(record.duration)
+        key = (record.agent, record.route, record.outcome)
+        counter = self._counters.get(key)
+        if counter is None:  # a label lookup takes a lock: once per series, not per call
+            counter = self._counters[key] = self.requests.labels(*key)
+        counter.inc()
+        histogram = self._histograms.get(record.route)
+        if histogram is None:
+            histogram = self._histograms[record.route] = self.latency.labels(record.route)
+        histogram.observe(record.duration)
         try:
             self._queue.put_nowait(record)
         except queue.Full:

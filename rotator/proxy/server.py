@@ -160,10 +160,11 @@ class ProxyServer:
             self._record(CallRecord(agent, name, request.method, self._template(route, sub),
                                     denied.status, denied.code, time.monotonic() - started, 0))
             return self._deny(route, denied)
+        body = getattr(response, "body", None)
+        sent = len(body) if isinstance(body, bytes) else response.body_length
         self._record(CallRecord(agent, name, request.method, self._template(route, sub),
                                 response.status, "ok" if response.status < 400
-                                else "upstream_error", time.monotonic() - started,
-                                response.body_length))
+                                else "upstream_error", time.monotonic() - started, sent))
         return response
 
     def _route_of(self, raw_path: str) -> tuple[str, RouteConfig, str] | None:
@@ -343,6 +344,20 @@ class ProxyServer:
         upstream = await self.send(route, request.method, sub,
                                    list(request.rel_url.query.items()),
                                    request.headers.items(), await request.read())
+        if "text/event-stream" not in upstream.headers.get("Content-Type", ""):
+            # A whole answer (the common case) goes back in one write; only an event stream
+            # is relayed chunk by chunk, as the upstream sends it.
+            try:
+                data = await upstream.read()
+            finally:
+                upstream.release()
+            whole = web.Response(status=upstream.status, reason=upstream.reason, body=data)
+            for k, v in upstream.headers.items():
+                if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding":
+                    whole.headers.add(k, v)
+            if "Content-Encoding" in upstream.headers:
+                whole.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
+            return whole
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
             for k, v in upstream.headers.items():
