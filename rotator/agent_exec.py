@@ -44,8 +44,11 @@ class AgentSecrets:
 
     def __init__(self, policies: Policies, runtime: Runtime, agent: str) -> None:
         self.credentials = [c for c in policies.credentials if c.agent == agent]
-        if not self.credentials:
-            raise PermanentError(f"{policies.source}: no credential has agent = \"{agent}\"")
+        self.token = policies.proxy.agents.get(agent) if policies.proxy is not None else None
+        """The proxy token the daemon keeps for this agent in a vault, if any."""
+        if not self.credentials and self.token is None:
+            raise PermanentError(f"{policies.source}: no credential has agent = \"{agent}\" "
+                                 "and [proxy.agents] keeps no token for it")
         self.runtime = runtime
         names: dict[str, str] = {}
         for cred in self.credentials:
@@ -78,6 +81,17 @@ class AgentSecrets:
                     f"{cred.field} yet: import it or run a first rotation")
             env[cred.field] = current.secret.reveal()
             env.update(current.companions)
+        if self.token is not None:
+            try:
+                kept = self.runtime.vault(self.token.vault).read(self.token.path,
+                                                                 self.token.field)
+            except NotFound:
+                kept = None
+            if kept is None or kept.secret is None:
+                raise PermanentError(
+                    f"no proxy token in vault {self.token.vault!r} at {self.token.path}#"
+                    f"{self.token.field} yet: the daemon writes it (rotator run)")
+            env[self.token.field] = kept.secret.reveal()
         return env
 
 

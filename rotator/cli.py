@@ -1300,7 +1300,8 @@ def exec_(config_path: str | None, agent: str, watch: bool, restart: bool, signa
     except ValueError as exc:
         _fail(f"--poll: {exc}")
     policies = _load(config_path)
-    _select(policies, (), agent, None)
+    if policies.proxy is None or agent not in policies.proxy.agents:
+        _select(policies, (), agent, None)  # an unknown agent: say so, with the closest
     if watch and logging.getLogger().level > logging.INFO:
         from rotator.log import setup_logging
 

@@ -1518,6 +1518,19 @@ class _Checker:
         if config is None:
             return None
         config = config.model_copy(update={"routes": routes})
+        vault_names = list(self._table("vaults"))
+        for agent, kept in config.agents.items():
+            where = ("proxy", "agents", agent)
+            if kept.vault not in vault_names:
+                self.add((*where, "vault"), _unknown_name("vault", kept.vault, vault_names,
+                                                         "vaults"))
+            for i, route_name in enumerate(kept.routes):
+                if route_name not in raw_routes:
+                    self.add((*where, "routes", i), _unknown_name(
+                        "route", route_name, list(raw_routes), "proxy.routes"))
+            if kept.ttl > config.max_token_ttl:
+                self.add((*where, "ttl"), f"longer than max_token_ttl "
+                                          f"({format_duration(config.max_token_ttl)})")
         by_name = {c.name: c for c in credentials}
         for name, other in config.overlaps():
             self.add(("proxy", "routes", name, "prefix"), (

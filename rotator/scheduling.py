@@ -51,6 +51,8 @@ MIN_WAKEUP_SECONDS = 0.25
 at again this soon, not in a tight loop."""
 TICK_COALESCE_SECONDS = 0.02
 USAGE_CHECK_SECONDS = 15.0
+TOKEN_CHECK_SECONDS = 30.0
+"""How often the daemon looks for a [proxy.agents] token due for renewal."""
 """How often the daemon looks for a provider whose usage poll is due."""
 STORE_RETRY_MAX_SECONDS = 10.0
 """Longest pause between tries while the state store is away at start."""
@@ -158,6 +160,11 @@ class Daemon:
         if usage_every > 0:
             self._scheduler.add_job(self._poll_usage, "interval", id="usage",
                                     seconds=max(1.0, min(usage_every, USAGE_CHECK_SECONDS)),
+                                    next_run_time=datetime.now(UTC), coalesce=True,
+                                    max_instances=1)
+        if self.policies.proxy is not None and self.policies.proxy.agents:
+            self._scheduler.add_job(self._renew_tokens, "interval", id="tokens",
+                                    seconds=TOKEN_CHECK_SECONDS,
                                     next_run_time=datetime.now(UTC), coalesce=True,
                                     max_instances=1)
         watchdog_seconds = systemd.watchdog_interval()
@@ -293,6 +300,18 @@ class Daemon:
                             self.store.describe_error(exc))
             else:
                 log.exception("usage poll failed; trying again at the next one")
+
+    def _renew_tokens(self) -> None:
+        """Keep the ``[proxy.agents]`` tokens in their vault paths fresh."""
+        if self.stopping.is_set():
+            return
+        from rotator.proxy.agent_tokens import TokenKeeper
+
+        try:
+            TokenKeeper(self.policies, self.runtime, self.store, self.audit,
+                        self.engine.owner, self.clock).renew_due()
+        except Exception:
+            log.exception("renewing proxy tokens failed; trying again shortly")
 
     def _run_misuse_action(self, name: str, work: Callable[[], Any]) -> None:
         """A misuse rule's ``revoke`` on the worker pool. Not through ``_submit``: a rotation

@@ -333,3 +333,43 @@ def test_the_mcp_sdk_client_calls_the_routes_as_tools_over_stdio(tmp_path, openb
     text = " ".join(getattr(c, "text", "") for c in denied.content)
     assert "out_of_scope" in text and "may not call route other" in text
     assert token not in text
+
+
+def test_a_kept_token_is_renewed_in_the_vault_and_rotator_exec_hands_it_to_the_agent(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    """[proxy.agents.NAME]: the daemon keeps a fresh token at a vault path; `rotator exec`
+    gives it to the agent, which calls through the proxy with it and holds no key."""
+    from rotator.proxy.agent_tokens import TokenKeeper
+
+    holder = [""]
+    make_proxy = _with_proxy(holder)
+
+    def extra(doc: dict[str, Any]) -> None:
+        make_proxy(doc)
+        doc["proxy"]["agents"] = {"bot": {"routes": ["openai"], "ttl": "30m", "vault": "main",
+                                          "path": f"{holder[0]}/bot-token"}}
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="0s", extra=extra)
+    clock = [datetime.now(UTC)]
+    with proxied(fleet, monkeypatch) as runner:
+        app = runner.app
+        keeper = TokenKeeper(app.policies, app.runtime, app.store, app.audit, app.engine.owner,
+                             lambda: clock[0])
+        assert keeper.renew_due() == ["bot"]
+        assert keeper.renew_due() == [], "fresh: not renewed again"
+        path = f"{holder[0]}/bot-token"
+        first = openbao.client().secrets.kv.v2.read_secret_version(
+            path=path, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+        script = ("import os, openai; c = openai.OpenAI(api_key=os.environ['ROTATOR_TOKEN'], "
+                  f"base_url='{runner.url}/openai', max_retries=0); "
+                  "print(c.models.list().data[0].id)")
+        import sys
+
+        ran = fleet.cli("exec", "--agent", "bot", "--", sys.executable, "-c", script)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() and first["ROTATOR_TOKEN"] not in ran.stdout + ran.stderr
+        clock[0] += timedelta(minutes=21)  # two thirds of 30 minutes gone
+        assert keeper.renew_due() == ["bot"]
+        second = openbao.client().secrets.kv.v2.read_secret_version(
+            path=path, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
+        assert second["ROTATOR_TOKEN"] != first["ROTATOR_TOKEN"]

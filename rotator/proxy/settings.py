@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from rotator.config import Duration, _Model, _positive
 
-__all__ = ["ProxyConfig", "RouteConfig"]
+__all__ = ["AgentTokenConfig", "ProxyConfig", "RouteConfig"]
 
 _HEADER = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PARAM = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -93,6 +93,32 @@ class RouteConfig(_Model):
         return method in self.methods and any(fnmatch.fnmatchcase(path, p) for p in self.paths)
 
 
+class AgentTokenConfig(_Model):
+    """``[proxy.agents.NAME]``: a token the daemon keeps fresh for agent NAME in a vault
+    (renewed when two thirds of its life are gone), so ``rotator exec`` hands it to the agent
+    like any key and the agent holds nothing longer-lived."""
+
+    routes: list[str]
+    ttl: Duration = timedelta(hours=1)
+    budget: int | None = Field(default=None, ge=1)
+    vault: str
+    path: str
+    field: str = "ROTATOR_TOKEN"
+
+    @field_validator("field")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("field becomes an environment variable of the agent: letters, "
+                             "digits and _, not starting with a digit")
+        return value
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, value: timedelta) -> timedelta:
+        return _positive(value, "ttl")
+
+
 class ProxyConfig(_Model):
     """``[proxy]``: where the proxy listens, how its tokens are signed and limited."""
 
@@ -109,6 +135,7 @@ class ProxyConfig(_Model):
     upstream_timeout: Duration = timedelta(minutes=10)
     """A forwarded call's whole duration (a long streamed completion included)."""
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    agents: dict[str, AgentTokenConfig] = Field(default_factory=dict)
 
     @field_validator("listen")
     @classmethod
