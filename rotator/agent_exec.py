@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from rotator.config import CredentialConfig, Policies
 from rotator.errors import NotFound, PermanentError
+from rotator.interfaces import VaultValue
 from rotator.runtime import Runtime
 
 __all__ = ["AgentSecrets", "Supervisor", "exec_agent"]
@@ -65,16 +66,19 @@ class AgentSecrets:
     def _companions(self, cred: CredentialConfig) -> tuple[str, ...]:
         return self.runtime.provider(cred.provider).companion_fields(self.runtime.info(cred))
 
+    def _read(self, vault: str, path: str, field: str,
+              companions: tuple[str, ...] = ()) -> VaultValue | None:
+        try:
+            return self.runtime.vault(vault).read(path, field, companions)
+        except NotFound:
+            return None
+
     def read(self) -> dict[str, str]:
         """Variable name -> value, for every credential of the agent; a credential with no
         key in its vault yet is an error (the agent would start without it)."""
         env: dict[str, str] = {}
         for cred in self.credentials:
-            try:
-                current = self.runtime.vault(cred.vault).read(cred.path, cred.field,
-                                                              self._companions(cred))
-            except NotFound:
-                current = None
+            current = self._read(cred.vault, cred.path, cred.field, self._companions(cred))
             if current is None or current.secret is None:
                 raise PermanentError(
                     f"{cred.name}: vault {cred.vault!r} holds no key at {cred.path}#"
@@ -82,11 +86,7 @@ class AgentSecrets:
             env[cred.field] = current.secret.reveal()
             env.update(current.companions)
         if self.token is not None:
-            try:
-                kept = self.runtime.vault(self.token.vault).read(self.token.path,
-                                                                 self.token.field)
-            except NotFound:
-                kept = None
+            kept = self._read(self.token.vault, self.token.path, self.token.field)
             if kept is None or kept.secret is None:
                 raise PermanentError(
                     f"no proxy token in vault {self.token.vault!r} at {self.token.path}#"

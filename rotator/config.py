@@ -116,6 +116,14 @@ def _check_name(value: str, what: str = "name") -> str:
 _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})")
 
 
+def check_address(value: str, what: str, example: str) -> str:
+    """``value`` if it is ``host:port`` (port 0..65535), else ``ValueError`` naming ``what``."""
+    match = _ADDRESS.fullmatch(value)
+    if match is None or int(match.group(1)) > 65535:
+        raise ValueError(f'{what} is "host:port", like "{example}"')
+    return value
+
+
 def _positive(value: timedelta, what: str) -> timedelta:
     if value <= timedelta(0):
         raise ValueError(f"{what} must be longer than 0s")
@@ -254,10 +262,7 @@ class RotatorSettings(_Model):
     @field_validator("metrics_address")
     @classmethod
     def _metrics_address(cls, value: str) -> str:
-        match = _ADDRESS.fullmatch(value)
-        if match is None or int(match.group(1)) > 65535:
-            raise ValueError('metrics_address is "host:port", like "127.0.0.1:9464"')
-        return value
+        return check_address(value, "metrics_address", "127.0.0.1:9464")
 
     @field_validator("default_interval", "poll_interval", "lock_ttl", "retry_deadline")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from rotator.config import Duration, _Model, _positive
+from rotator.config import Duration, _Model, _positive, check_address
 
 __all__ = ["AgentTokenConfig", "ProxyConfig", "RouteConfig"]
 
@@ -140,10 +140,7 @@ class ProxyConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError('listen is "host:port", like "127.0.0.1:8788"')
-        return value
+        return check_address(value, "listen", "127.0.0.1:8788")
 
     @field_validator("max_token_ttl", "key_refresh", "upstream_timeout")
     @classmethod
