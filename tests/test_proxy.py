@@ -373,3 +373,32 @@ def test_a_kept_token_is_renewed_in_the_vault_and_rotator_exec_hands_it_to_the_a
         second = openbao.client().secrets.kv.v2.read_secret_version(
             path=path, mount_point="secret", raise_on_deleted_version=True)["data"]["data"]
         assert second["ROTATOR_TOKEN"] != first["ROTATOR_TOKEN"]
+
+
+def test_a_sealed_vault_does_not_stop_the_proxy(tmp_path, fake_openai, monkeypatch):
+    """The vault sealed under a running proxy (as a restarted Vault comes back): calls go on
+    with the route key and signing key read last, and with fresh reads once unsealed."""
+    from rotator.testing.openbao import OpenBaoServer
+
+    bao = OpenBaoServer().start()
+    try:
+        make_proxy = _with_proxy([""])
+
+        def extra(doc: dict[str, Any]) -> None:
+            make_proxy(doc)
+            doc["proxy"]["vault_refresh"] = "1s"
+
+        fleet = make_fleet(tmp_path, bao, fake_openai, grace="0s", extra=extra)
+        with proxied(fleet, monkeypatch) as runner:
+            token, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+            client = _client(runner, token)
+            assert _chat(client, stream=False) == "ok"
+            bao.seal()
+            time.sleep(2.5)  # past vault_refresh and the signing keys' refresh
+            for stream in (False, True, False):
+                assert _chat(client, stream=stream) == "ok"
+            bao.unseal()
+            time.sleep(2.5)
+            assert _chat(client, stream=True) == "ok"
+    finally:
+        bao.stop()

@@ -248,7 +248,7 @@ class UsageMonitor:
         before = {(r.key_id, r.width, r.start): r for r in store.usage(
             key_ids=sorted({b.key_id for b in buckets}), since=first, provider=name)}
         rows = []
-        grew: dict[str, list[int]] = {}
+        grew: dict[str, tuple[CredentialConfig, list[int]]] = {}
         for b in buckets:
             cred = owner.get(b.key_id)
             if cred is None:
@@ -261,13 +261,12 @@ class UsageMonitor:
             # and only those this process saw fill, so a restart's backfill is no burst.
             if width >= 3600 and b.start + b.width > self.started:
                 old = before.get((b.key_id, width, b.start))
-                t = grew.setdefault(cred.name, [0, 0])
+                t = grew.setdefault(cred.name, (cred, [0, 0]))[1]
                 t[0] += max(0, (b.requests or 0) - ((old.requests or 0) if old else 0))
                 t[1] += max(0, (b.tokens or 0) - ((old.tokens or 0) if old else 0))
         store.save_usage(name, rows)
         if self.on_usage is not None:
-            for cred_name, (requests, tokens) in grew.items():
-                cred = next(c for c in owner.values() if c.name == cred_name)
+            for cred, (requests, tokens) in grew.values():
                 self.on_usage(cred.name, cred.agent, cred.provider, requests, tokens)
 
     def _done(self, name: str, now: datetime, result: PollResult, *, fine: bool) -> PollResult:

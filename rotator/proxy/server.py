@@ -17,20 +17,21 @@ in both directions (``bench/proxy.py`` measured it against the alternatives; see
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from rotator.errors import NotFound, RotatorError
 from rotator.interfaces import Secret
 from rotator.proxy.settings import ProxyConfig, RouteConfig
-from rotator.proxy.tokens import Claims, Denied, SigningKeys, cached_kid, verify_token
+from rotator.proxy.tokens import Claims, Denied, SigningKeys, verify_token
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession, web
@@ -89,7 +90,6 @@ class CallRecord:
     """``ok``, ``upstream_error`` (the upstream answered 4xx/5xx), or the denial's code."""
     duration: float
     bytes_out: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ProxyServer:
@@ -109,7 +109,7 @@ class ProxyServer:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._revoked: dict[str, datetime] = {}
         self._revoked_at = -1e18
-        self._verified: dict[str, tuple[Claims, str]] = {}
+        self._verified: dict[str, Claims] = {}
         """Tokens already verified (until they expire), so a call costs one dict lookup; a
         revocation or a retired signing key is still checked on every call."""
         self._session: ClientSession | None = None
@@ -188,16 +188,15 @@ class ProxyServer:
         await self._signing_keys()
         cached = self._verified.get(token)
         if cached is not None:
-            claims, kid = cached
-            cut = revoked.get(claims.agent)
-            if claims.expires_at.timestamp() > time.time() and (
-                    cut is None or claims.issued_at > cut) and \
-                    self.signing.accepted(kid) is not None:
-                return claims
+            cut = revoked.get(cached.agent)
+            if cached.expires_at.timestamp() > time.time() and (
+                    cut is None or cached.issued_at > cut) and \
+                    self.signing.accepted(cached.key_id) is not None:
+                return cached
         claims = verify_token(self.signing, token, revoked)
         if len(self._verified) > 100_000:
             self._verified.clear()
-        self._verified[token] = (claims, cached_kid(token))
+        self._verified[token] = claims
         return claims
 
     async def _signing_keys(self) -> None:
@@ -205,13 +204,26 @@ class ProxyServer:
         verifying a token never waits for the vault."""
         if self.signing.due():
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.signing.reload)
+            try:
+                await loop.run_in_executor(None, self.signing.reload)
+            except RotatorError as exc:  # no key read yet: nothing can be verified
+                raise Denied(503, "signing_key_unavailable", "the proxy cannot read its "
+                             "token signing key now; try again shortly") from exc
 
     async def _revocations(self) -> dict[str, datetime]:
         now = time.monotonic()
         if now - self._revoked_at >= REVOCATIONS_REFRESH:
             loop = asyncio.get_running_loop()
-            self._revoked = await loop.run_in_executor(None, self.store.token_revocations)
+            try:
+                self._revoked = await loop.run_in_executor(None, self.store.token_revocations)
+            except Exception as exc:
+                # Store away: keep the revocations read last (none can be added meanwhile,
+                # revoking writes to the store) and ask again after the refresh.
+                if self.store.is_unreachable(exc):
+                    log.warning("state store unavailable for token revocations (%s); using "
+                                "those read last", self.store.describe_error(exc))
+                else:
+                    raise
             self._revoked_at = now
         return self._revoked
 
@@ -243,7 +255,7 @@ class ProxyServer:
 
     async def _key(self, route: RouteConfig, fresh: bool = False) -> Secret:
         cached = self._keys.get(route.credential)
-        refresh = self.config.key_refresh.total_seconds()
+        refresh = self.config.vault_refresh.total_seconds()
         if cached is not None and not fresh and time.monotonic() - cached.read_at < refresh:
             return cached.secret
         async with self._key_locks[route.credential]:
@@ -258,8 +270,16 @@ class ProxyServer:
                 value = await loop.run_in_executor(None, vault.read, cred.path, cred.field)
             except NotFound:
                 value = None
+            except RotatorError as exc:  # vault sealed or away
+                if cached is not None:
+                    log.warning("vault %r unavailable (%s); route credential %s keeps the key "
+                                "read last", cred.vault, exc, cred.name)
+                    cached.read_at = time.monotonic()
+                    return cached.secret
+                raise Denied(503, "no_key", f"the proxy cannot read the key of route "
+                             f"credential {cred.name} now (its vault is unavailable)") from exc
             if value is None or value.secret is None:
-                if cached is not None:  # a vault hiccup: keep serving the last key read
+                if cached is not None:
                     return cached.secret
                 raise Denied(503, "no_key", f"the proxy has no key for route credential "
                              f"{cred.name} yet")
@@ -399,8 +419,6 @@ class ProxyServer:
         """The route's path pattern the call matched (never its ids or query): the audit
         trail and the metrics record the pattern, not what the agent put in the path."""
         decoded = unquote(sub)
-        import fnmatch
-
         return next((p for p in route.paths if fnmatch.fnmatchcase(decoded, p)), "(other)")
 
     def _record(self, record: CallRecord) -> None:
@@ -410,6 +428,3 @@ class ProxyServer:
             except Exception:
                 log.exception("recording a proxied call failed")
 
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -129,7 +129,7 @@ class ProxyConfig(_Model):
     max_token_ttl: Duration = timedelta(hours=1)
     rate_limit: float = Field(default=50, gt=0, le=100_000)
     """Requests per second per agent and route (a burst of twice that is allowed)."""
-    key_refresh: Duration = timedelta(seconds=5)
+    vault_refresh: Duration = timedelta(seconds=5)
     """How often a route's key is re-read from the vault (and at once after the upstream
     refuses it)."""
     upstream_timeout: Duration = timedelta(minutes=10)
@@ -142,7 +142,7 @@ class ProxyConfig(_Model):
     def _listen(cls, value: str) -> str:
         return check_address(value, "listen", "127.0.0.1:8788")
 
-    @field_validator("max_token_ttl", "key_refresh", "upstream_timeout")
+    @field_validator("max_token_ttl", "vault_refresh", "upstream_timeout")
     @classmethod
     def _positive(cls, value: timedelta, info: object) -> timedelta:
         return _positive(value, getattr(info, "field_name", "duration"))

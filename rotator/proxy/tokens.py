@@ -12,6 +12,8 @@ never pass. A token is a secret: it is never logged or stored by rotator.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,12 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rotator.config import CredentialConfig, Policies
-from rotator.errors import NotFound, PermanentError
+from rotator.errors import NotFound, PermanentError, RotatorError
 from rotator.interfaces import Secret
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 
-__all__ = ["Claims", "Denied", "SigningKeys", "cached_kid", "issue_token", "verify_token"]
+__all__ = ["Claims", "Denied", "SigningKeys", "issue_token", "verify_token"]
+
+log = logging.getLogger("rotator.proxy")
 
 ISSUER = "rotator"
 ALGORITHM = "HS256"
@@ -50,6 +54,8 @@ class Claims:
     expires_at: datetime
     token_id: str
     budget: int | None
+    key_id: str = ""
+    """The ``kid`` of the key that signed it."""
 
 
 class SigningKeys:
@@ -72,8 +78,18 @@ class SigningKeys:
         return self.clock() - self._read_at >= self.refresh
 
     def reload(self) -> None:
+        """Read the keys again. A vault or store that cannot answer keeps the keys read last
+        (retiring a key needs both, so none is accepted that should not be) and is asked again
+        after ``refresh``; with no keys read yet, the error is raised."""
         self._read_at = -1e18
-        self._load()
+        try:
+            self._load()
+        except RotatorError as exc:
+            if self._current is None:
+                raise
+            self._read_at = self.clock()
+            log.warning("cannot read the signing keys of %s (%s); verifying with those read "
+                        "last", self.cred.name, exc)
 
     def _load(self) -> None:
         if self.clock() - self._read_at < self.refresh:
@@ -108,16 +124,6 @@ class SigningKeys:
         return self._accepted.get(kid)
 
 
-def cached_kid(token: str) -> str:
-    """The ``kid`` of a token already verified once (its header, decoded without checks)."""
-    import jwt
-
-    try:
-        return str(jwt.get_unverified_header(token).get("kid", ""))
-    except jwt.PyJWTError:
-        return ""
-
-
 def issue_token(keys: SigningKeys, agent: str, routes: Sequence[str], ttl: timedelta,
                 max_ttl: timedelta, budget: int | None = None,
                 now: datetime | None = None) -> tuple[str, Claims]:
@@ -134,6 +140,7 @@ def issue_token(keys: SigningKeys, agent: str, routes: Sequence[str], ttl: timed
     claims = Claims(agent, tuple(routes), now.replace(microsecond=0),
                     (now + ttl).replace(microsecond=0), secrets.token_hex(12), budget)
     kid, key = keys.current()
+    claims = dataclasses.replace(claims, key_id=kid)
     body: dict[str, Any] = {"iss": ISSUER, "sub": agent, "routes": list(routes),
                             "iat": int(claims.issued_at.timestamp()),
                             "exp": int(claims.expires_at.timestamp()), "jti": claims.token_id}
@@ -175,7 +182,8 @@ def verify_token(keys: SigningKeys, token: str, revoked: dict[str, datetime],
         raise Denied(401, "invalid_token", "the token's claims are malformed")
     claims = Claims(str(body["sub"]), tuple(routes),
                     datetime.fromtimestamp(body["iat"], UTC),
-                    datetime.fromtimestamp(body["exp"], UTC), str(body["jti"]), budget)
+                    datetime.fromtimestamp(body["exp"], UTC), str(body["jti"]), budget,
+                    str(kid))
     cut = revoked.get(claims.agent)
     if cut is not None and claims.issued_at <= cut:
         raise Denied(401, "token_revoked", f"the tokens of agent {claims.agent} were revoked "
