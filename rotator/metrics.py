@@ -282,7 +282,8 @@ class Metrics:
             registry=self.registry)
         self.usage_polls = Counter(
             "rotator_usage_polls_total", "Polls of a provider's usage records by outcome "
-            "(ok, rate_limited, error).", ["provider", "outcome"], registry=self.registry)
+            "(ok, rate_limited, unavailable, error).", ["provider", "outcome"],
+            registry=self.registry)
         self.registry.register(_StateCollector(store))
         self.per_credential = _PerCredential(store, policies, due)
         self._server: ThreadingHTTPServer | None = None

@@ -55,7 +55,8 @@ class PollResult:
 
     provider: str
     outcome: str
-    """``ok``, ``rate_limited``, ``error`` or ``skipped`` (another replica holds the lease)."""
+    """``ok``, ``rate_limited``, ``unavailable`` (the service did not answer), ``error`` or
+    ``skipped`` (another replica holds the lease)."""
     keys: int = 0
     calls: int = 0
     buckets: int = 0
@@ -123,8 +124,9 @@ class UsageMonitor:
             return PollResult(provider_name, "skipped")
         try:
             result = self._poll(provider_name, provider, creds, now)
-        except TransientError as exc:
-            result = self._failed(provider_name, now, exc, "rate_limited")
+        except TransientError as exc:  # rate limited (with Retry-After), or away
+            result = self._failed(provider_name, now, exc, "rate_limited"
+                                  if exc.retry_after is not None else "unavailable")
         except RotatorError as exc:
             result = self._failed(provider_name, now, exc, "error")
         finally:
@@ -141,7 +143,7 @@ class UsageMonitor:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             wait = max(wait, timedelta(seconds=retry_after))
-        (log.warning if outcome == "rate_limited" else log.error)(
+        (log.error if outcome == "error" else log.warning)(
             "usage poll of %s failed (%s); next try in %.0fs", name, exc, wait.total_seconds())
         self.app.store.set_usage_poll(name, next_poll_at=now + wait, failures=failures,
                                       last_error=str(exc)[:500])
