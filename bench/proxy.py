@@ -65,6 +65,37 @@ def passthrough_main(stack: str, port: int, upstream: int) -> None:
     """A bare forwarder in one candidate stack (no tokens, no vault): what the stack itself
     costs per call, to choose the proxy's (``--stacks``)."""
     target = f"http://127.0.0.1:{upstream}"
+    if stack == "httptools":
+        import uvloop
+
+        from rotator.proxy.http11 import HTTPServer, Incoming, Reply, UpstreamPool, dropped
+
+        pool = UpstreamPool()
+        origin, _ = UpstreamPool.origin(target)
+        auth = [(b"Authorization", f"Bearer {UPSTREAM_KEY}".encode()),
+                (b"Content-Type", b"application/json")]
+
+        async def relay(request: Incoming, reply: Reply) -> None:
+            up = await pool.request(origin, request.method, request.target, auth, request.body)
+            try:
+                headers = [(k, v) for k, v in up.headers if k.lower() not in dropped(up.headers)]
+                if b"text/event-stream" not in (up.header(b"content-type") or b""):
+                    reply.send(up.status, headers, await up.read())
+                    return
+                reply.start(up.status, headers)
+                async for chunk in up.chunks():
+                    if reply.write(chunk, last=up.complete):
+                        await reply.drain()
+                reply.end()
+            finally:
+                up.release()
+
+        async def serve() -> None:
+            await HTTPServer(relay).start("127.0.0.1", port)
+            await asyncio.Event().wait()
+
+        uvloop.run(serve())
+        return
     if stack == "aiohttp":
         import aiohttp
         from aiohttp import web
@@ -275,7 +306,7 @@ def compare_stacks(seconds: float) -> None:
                          stream, 16, seconds)
             print(f"{'direct':<28} {'stream' if stream else 'plain':<7} {d['rps']:>6.0f} "
                   f"{d['p50']:>7.2f} {d['p99']:>7.2f}")
-        for stack in ("aiohttp", "starlette-uvicorn-httpx"):
+        for stack in ("httptools", "aiohttp", "starlette-uvicorn-httpx"):
             port = free_port()
             proc = _spawn("--passthrough", stack, str(port), str(up_port))
             try:

@@ -1,17 +1,17 @@
 """Each proxied call as an audit event and in the proxy's metrics.
 
-The audit trail is written off the request path: calls are queued and a thread appends them
-in batches (one write transaction each), so a busy proxy neither waits for the state store nor
-holds its write lock per call. An event names the agent, route, method, path pattern, status,
+The audit trail is written off the request path: calls are appended to a deque (atomic, no
+lock, no thread to wake) and a thread writes what gathered every quarter second in one write
+transaction, so a busy proxy neither waits for the state store nor holds its write lock per
+call. An event names the agent, route, method, path pattern, status,
 outcome, duration and bytes: never a body, a header value or a token.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH = 2000
 FLUSH_SECONDS = 0.25
 """Longest a call's audit event waits to be written with others."""
+MAX_PENDING = 200_000
+"""Calls waiting to be written beyond which new ones are counted as lost, not kept."""
 
 
 class CallRecorder:
@@ -46,7 +48,9 @@ class CallRecorder:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._histograms: dict[str, Any] = {}
-        self._queue: queue.Queue[CallRecord | None] = queue.Queue(maxsize=100_000)
+        self._pending: deque[CallRecord] = deque()
+        self._closing = threading.Event()
+        self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="proxy-audit", daemon=True)
         self._thread.start()
 
@@ -60,39 +64,36 @@ class CallRecorder:
         if histogram is None:
             histogram = self._histograms[record.route] = self.latency.labels(record.route)
         histogram.observe(record.duration)
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            log.error("the proxy's audit queue is full; a call went unrecorded")
+        if len(self._pending) < MAX_PENDING:
+            self._pending.append(record)
+        else:
+            self._dropped += 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop."""
-        self._queue.put(None)
+        """Write what is pending, then stop."""
+        self._closing.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batch = [first]
-            # Gather for a moment: one transaction per batch, not per call, costs the event
-            # loop (which shares the interpreter) almost nothing.
-            until = time.monotonic() + FLUSH_SECONDS
-            while len(batch) < BATCH and first is not None and batch[-1] is not None:
+            closing = self._closing.wait(FLUSH_SECONDS)
+            while self._pending:
+                batch = [self._pending.popleft()
+                         for _ in range(min(BATCH, len(self._pending)))]
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, until - time.monotonic())))
-                except queue.Empty:
-                    break
-            records = [r for r in batch if r is not None]
-            try:
-                self.audit.record_many([self._event(r) for r in records])
-            except Exception:
-                log.exception("could not write %d proxy audit event(s)", len(records))
-            if None in batch:
+                    self.audit.record_many([self._event(r) for r in batch])
+                except Exception:
+                    log.exception("could not write %d proxy audit event(s)", len(batch))
+            if self._dropped:
+                log.error("the proxy's audit backlog was full (the state store too slow?): "
+                          "%d call(s) went unrecorded", self._dropped)
+                self._dropped = 0
+            if closing:
                 return
 
     def _event(self, r: CallRecord) -> dict[str, object]:
         return {"kind": "proxy", "actor": self.actor, "credential": None,
-                "at": datetime.now(UTC),
+                "at": datetime.fromtimestamp(r.at, UTC),
                 "detail": {"agent": r.agent, "route": r.route, "method": r.method,
                            "path": r.path, "status": r.status, "outcome": r.outcome,
                            "duration_seconds": round(r.duration, 4), "bytes": r.bytes_out}}

@@ -8,13 +8,13 @@ import logging
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from rotator.app import App
 from rotator.config import Policies
 from rotator.errors import PermanentError
+from rotator.proxy.http11 import HTTPServer, Incoming, Reply
 from rotator.proxy.recorder import CallRecorder
 from rotator.proxy.server import ProxyServer
 from rotator.proxy.tokens import Claims, SigningKeys, issue_token
@@ -93,45 +93,36 @@ class ProxyRunner:
             uvloop.run(self._serve())
 
     async def _serve(self) -> None:
-        from aiohttp import web
-
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        runner = web.AppRunner(self.server.app(), access_log=None, handle_signals=False)
-        metrics_runner: web.AppRunner | None = None
+        server = HTTPServer(self.server.handle)
+        metrics: HTTPServer | None = None
         try:
-            await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-            await site.start()
-            self.port = runner.addresses[0][1]
+            await self.server.open()
+            self.port = await server.start(self.host, self.port)
             if self.metrics_listen:
-                metrics_runner = web.AppRunner(self._metrics_app(), access_log=None,
-                                               handle_signals=False)
-                await metrics_runner.setup()
+                metrics = HTTPServer(self._metrics)
                 host, _, port = self.metrics_listen.rpartition(":")
-                await web.TCPSite(metrics_runner, host.strip("[]"), int(port)).start()
-                self.metrics_port = metrics_runner.addresses[0][1]
+                self.metrics_port = await metrics.start(host.strip("[]"), int(port))
         except BaseException as exc:
             self._error = exc
             self._ready.set()
-            await runner.cleanup()
+            await server.stop(0)
+            await self.server.close()
             return
         self._ready.set()
         await self._stopped.wait()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-        await runner.cleanup()
+        if metrics is not None:
+            await metrics.stop(0)
+        await server.stop()
+        await self.server.close()
 
-    def _metrics_app(self) -> Any:
-        from aiohttp import web
-
-        async def metrics(_request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry),
-                                content_type="text/plain", charset="utf-8")
-
-        application = web.Application()
-        application.router.add_get("/metrics", metrics)
-        return application
+    async def _metrics(self, request: Incoming, reply: Reply) -> None:
+        if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
+            reply.send(404, [(b"Content-Type", b"text/plain")], b"see /metrics")
+            return
+        reply.send(200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())],
+                   generate_latest(self.registry))
 
 
 def issue(app: App | Context, agent: str, routes: Sequence[str], ttl: timedelta,

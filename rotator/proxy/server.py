@@ -1,4 +1,4 @@
-"""``rotator proxy``: the credential proxy, an aiohttp server forwarding to the routes' upstreams.
+"""``rotator proxy``: the credential proxy, forwarding agents' calls to the routes' upstreams.
 
 An agent calls ``http://proxy/PREFIX/path`` with a rotator token where the service's key
 would go (``Authorization: Bearer``, or ``x-api-key`` for SDKs that send it there). The proxy
@@ -10,32 +10,43 @@ once), so no agent reloads anything. Responses stream through unbuffered (server
 of a streamed completion arrive as the upstream sends them). Bodies, header values, keys and
 tokens are never logged; each call is an audit event and a metric.
 
-aiohttp serves and forwards: one event loop, its C HTTP parser on both sides, and streaming
-in both directions (``bench/proxy.py`` measured it against the alternatives; see the README).
+HTTP on both sides is :mod:`rotator.proxy.http11` (asyncio protocols and llhttp, on uvloop):
+``bench/proxy.py --stacks`` measured it against aiohttp and starlette/uvicorn/httpx; see the
+README.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import json
 import logging
 import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from rotator.errors import NotFound, RotatorError
 from rotator.interfaces import Secret
+from rotator.proxy.http11 import (
+    Headers,
+    Incoming,
+    Origin,
+    Reply,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    dropped,
+    header_safe,
+)
 from rotator.proxy.settings import ProxyConfig, RouteConfig
 from rotator.proxy.tokens import Claims, Denied, SigningKeys, verify_token
 
 if TYPE_CHECKING:
-    from aiohttp import ClientSession, web
-
     from rotator.config import Policies
     from rotator.runtime import Runtime
     from rotator.state.store import StateStore
@@ -44,9 +55,9 @@ __all__ = ["ProxyServer"]
 
 log = logging.getLogger("rotator.proxy")
 
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate",
-                         "proxy-authorization", "te", "trailer", "trailers",
-                         "transfer-encoding", "upgrade", "host", "content-length"})
+_CALLER_AUTH = frozenset({b"authorization", b"x-api-key"})
+"""Where the agent's token comes: never forwarded."""
+_JSON: Headers = [(b"Content-Type", b"application/json")]
 _TRAVERSAL = re.compile(r"(^|/)\.{1,2}(/|$)")
 REVOCATIONS_REFRESH = 1.0
 """Seconds between reads of the agents' token revocations from the state store."""
@@ -90,6 +101,8 @@ class CallRecord:
     """``ok``, ``upstream_error`` (the upstream answered 4xx/5xx), or the denial's code."""
     duration: float
     bytes_out: int
+    at: float = field(default_factory=time.time)
+    """When the call ended (Unix time)."""
 
 
 class ProxyServer:
@@ -109,63 +122,58 @@ class ProxyServer:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._revoked: dict[str, datetime] = {}
         self._revoked_at = -1e18
+        self._verdicts: dict[tuple[str, str, str], tuple[str, tuple[str, str] | None]] = {}
         self._verified: dict[str, Claims] = {}
         """Tokens already verified (until they expire), so a call costs one dict lookup; a
         revocation or a retired signing key is still checked on every call."""
-        self._session: ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        self._upstreams: dict[str, tuple[Origin, str]] = {
+            r.upstream: UpstreamPool.origin(r.upstream) for r in self.config.routes.values()}
         self._routes = sorted(((self.config.prefix_of(n), n, r)
                                for n, r in self.config.routes.items()),
                               key=lambda t: -len(t[0]))
 
-    # -- the aiohttp application ---------------------------------------------------------------
-
-    def app(self) -> web.Application:
-        from aiohttp import web
-
-        application = web.Application(client_max_size=64 * 1024 * 1024)
-        application.router.add_route("*", "/{tail:.*}", self.handle)
-        application.on_startup.append(lambda _app: self.open())
-        application.on_cleanup.append(lambda _app: self.close())
-        return application
+    # -- serving ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the upstream connection pool (on the event loop that will serve)."""
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout.total_seconds(),
-                                        sock_connect=10)
-        self._session = aiohttp.ClientSession(
-            timeout=timeout, auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
+        """Ready the upstream connection pool (on the event loop that will serve)."""
+        self._pool = UpstreamPool(timeout=self.config.upstream_timeout.total_seconds())
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # -- one call ------------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Incoming, reply: Reply) -> None:
+        """Answer one agent call (the :class:`HTTPServer`'s handler)."""
         started = time.monotonic()
-        found = self._route_of(request.rel_url.raw_path)
+        path = request.path
+        found = self._route_of(path)
         if found is None:
-            return self._deny_plain(404, "no_route", "no route of the proxy has this path")
+            reply.send(404, _JSON, _denial_body("openai", Denied(
+                404, "no_route", "no route of the proxy has this path")))
+            return
         name, route, sub = found
         agent = "?"
+        template = self._template(name, route, request.method, sub)
         try:
             claims = await self._claims(request)
             agent = claims.agent
             self._authorize(claims, name, route, request.method, sub)
-            response = await self._forward(request, name, route, sub, claims)
+            await self._forward(request, reply, route, sub)
         except Denied as denied:
-            self._record(CallRecord(agent, name, request.method, self._template(route, sub),
-                                    denied.status, denied.code, time.monotonic() - started, 0))
-            return self._deny(route, denied)
-        body = getattr(response, "body", None)
-        sent = len(body) if isinstance(body, bytes) else response.body_length
-        self._record(CallRecord(agent, name, request.method, self._template(route, sub),
-                                response.status, "ok" if response.status < 400
-                                else "upstream_error", time.monotonic() - started, sent))
-        return response
+            if reply.started:  # the upstream failed mid-answer: nothing more can be said
+                reply.abort()
+            else:
+                reply.send(denied.status, _denial_headers(denied),
+                           _denial_body(route.error_shape, denied))
+            self._record(CallRecord(agent, name, request.method, template, denied.status,
+                                    denied.code, time.monotonic() - started, 0))
+            return
+        self._record(CallRecord(agent, name, request.method, template, reply.status,
+                                "ok" if reply.status < 400 else "upstream_error",
+                                time.monotonic() - started, reply.sent))
 
     def _route_of(self, raw_path: str) -> tuple[str, RouteConfig, str] | None:
         for prefix, name, route in self._routes:
@@ -173,11 +181,11 @@ class ProxyServer:
                 return name, route, raw_path[len(prefix):] or "/"
         return None
 
-    async def _claims(self, request: web.Request) -> Claims:
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else \
-            request.headers.get("x-api-key", "").strip()
-        return await self.check_token(token)
+    async def _claims(self, request: Incoming) -> Claims:
+        header = request.header(b"authorization") or b""
+        raw = header[7:] if header[:7].lower() == b"bearer " else \
+            request.header(b"x-api-key") or b""
+        return await self.check_token(raw.strip().decode("latin-1"))
 
     async def check_token(self, token: str) -> Claims:
         """The claims of a valid token (cached once verified); :class:`Denied` otherwise."""
@@ -229,16 +237,12 @@ class ProxyServer:
 
     def _authorize(self, claims: Claims, name: str, route: RouteConfig, method: str,
                    sub: str) -> None:
-        decoded = unquote(sub)
-        if _TRAVERSAL.search(decoded) or "\\" in decoded or "\x00" in decoded:
-            raise Denied(403, "bad_path", "the path has . or .. segments; the proxy forwards "
-                         "only plain paths")
         if name not in claims.routes:
             raise Denied(403, "out_of_scope", f"this token may not call route {name} (it may "
                          f"call: {', '.join(claims.routes) or 'none'})")
-        if not route.allows(method, decoded):
-            raise Denied(403, "out_of_scope", f"route {name} does not allow {method} "
-                         f"{self._template(route, sub)}")
+        problem = self._verdict(name, route, method, sub)[1]
+        if problem is not None:
+            raise Denied(403, *problem)
         if claims.budget is not None:
             spent = self._spent.get(claims.token_id, 0)
             if spent >= claims.budget:
@@ -246,9 +250,11 @@ class ProxyServer:
                              f"{claims.budget} request(s) is spent: get a new token")
             self._spent[claims.token_id] = spent + 1
         rate = route.rate_limit or self.config.rate_limit
-        bucket = self._buckets.setdefault((claims.agent, name),
-                                          _Bucket(rate, 2 * rate, time.monotonic()))
-        wait = bucket.take(time.monotonic())
+        now = time.monotonic()
+        bucket = self._buckets.get((claims.agent, name))
+        if bucket is None:
+            bucket = self._buckets[(claims.agent, name)] = _Bucket(rate, 2 * rate, now)
+        wait = bucket.take(now)
         if wait is not None:
             raise Denied(429, "rate_limited", f"agent {claims.agent} is over {rate:g} "
                          f"request(s) per second on route {name}", retry_after=wait)
@@ -286,33 +292,43 @@ class ProxyServer:
             self._keys[route.credential] = _Key(value.secret, time.monotonic())
             return value.secret
 
-    async def send(self, route: RouteConfig, method: str, sub: str,
-                   query: list[tuple[str, str]], headers: Any, body: bytes) -> Any:
+    async def send(self, route: RouteConfig, method: str, sub: str, query: bytes,
+                   headers: Headers, body: bytes) -> UpstreamResponse:
         """Send a call to ``route``'s upstream with the credential's current key attached
         (an upstream 401 re-reads the key, which a rotation may just have replaced, and sends
-        once more); the caller reads and releases the aiohttp response."""
-        from yarl import URL
-
-        kept = {k: v for k, v in headers
-                if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization",
-                                                                      "x-api-key")}
-        assert self._session is not None
+        once more); the caller reads and releases the response. ``sub`` and ``query`` are as
+        the agent sent them (still percent-encoded)."""
+        assert self._pool is not None, "open() the proxy first"
+        origin, base = self._upstreams[route.upstream]
+        skip = dropped(headers) | _CALLER_AUTH
+        kind, _, attach_name = route.attach.partition(":")
+        attach = attach_name.lower().encode("latin-1")
+        if kind == "header":
+            skip = skip | {attach}
+        kept = [(k, v) for k, v in headers if k.lower() not in skip]
         for attempt in (1, 2):
-            key = await self._key(route, fresh=attempt == 2)
-            sent = dict(kept)
-            params = list(query)
-            kind, _, attach_name = route.attach.partition(":")
+            key = (await self._key(route, fresh=attempt == 2)).reveal()
+            if not header_safe(key):
+                raise Denied(503, "no_key", f"the key of route credential {route.credential} "
+                             "holds a control character and cannot be sent: store it again")
+            sent = list(kept)
+            target = (base + sub).encode("latin-1")
             if kind == "bearer":
-                sent["Authorization"] = f"Bearer {key.reveal()}"
+                sent.append((b"Authorization", b"Bearer " + key.encode("latin-1")))
             elif kind == "header":
-                sent = {k: v for k, v in sent.items() if k.lower() != attach_name.lower()}
-                sent[attach_name] = key.reveal()
-            else:
-                params = [(k, v) for k, v in params if k != attach_name]
-                params.append((attach_name, key.reveal()))
-            url = URL(route.upstream + sub, encoded=True).with_query(params)
-            upstream = await self._session.request(method, url, headers=sent,
-                                                   data=body or None, allow_redirects=False)
+                sent.append((attach_name.encode("latin-1"), key.encode("latin-1")))
+            if kind == "query":
+                pairs = [(k, v) for k, v in parse_qsl(query.decode("latin-1"),
+                                                      keep_blank_values=True)
+                         if k != attach_name]
+                target += b"?" + urlencode([*pairs, (attach_name, key)]).encode("latin-1")
+            elif query:
+                target += b"?" + query
+            try:
+                upstream = await self._pool.request(origin, method, target, sent, body)
+            except UpstreamError as exc:
+                raise Denied(502, "upstream_unavailable", f"the upstream of route "
+                             f"{route.upstream} did not answer: {exc}") from None
             if upstream.status == 401 and attempt == 1:
                 upstream.release()  # the key may have just been rotated: read it again
                 continue
@@ -325,101 +341,96 @@ class ProxyServer:
         """One call on behalf of a token holder, answered whole: the MCP server's tools use
         it, with the proxy's checks, limits, audit and metrics. ``(status, body, content
         type)``; :class:`Denied` when refused."""
-        import json as jsonlib
-
         started = time.monotonic()
         route = self.config.routes.get(route_name)
         if route is None:
             raise Denied(404, "no_route", f"no route named {route_name}")
-        sub = path if path.startswith("/") else "/" + path
+        method = method.upper()
+        sub = quote(path if path.startswith("/") else "/" + path, safe="/%:@!$&'()*+,;=-._~")
+        template = self._template(route_name, route, method, sub)
         agent = "?"
         try:
             claims = await self.check_token(token)
             agent = claims.agent
-            self._authorize(claims, route_name, route, method.upper(), sub)
-            body = b"" if json_body is None else jsonlib.dumps(json_body).encode()
-            headers = [("Content-Type", "application/json")] if body else []
-            upstream = await self.send(route, method.upper(), sub,
-                                       list((query or {}).items()), headers, body)
+            self._authorize(claims, route_name, route, method, sub)
+            body = b"" if json_body is None else json.dumps(json_body).encode()
+            headers = [(b"Content-Type", b"application/json")] if body else []
+            upstream = await self.send(route, method, sub,
+                                       urlencode(list((query or {}).items())).encode(),
+                                       headers, body)
+            try:
+                data = await upstream.read()
+            except UpstreamError as exc:
+                raise Denied(502, "upstream_unavailable", f"the upstream of route "
+                             f"{route.upstream} failed mid-answer: {exc}") from None
+            finally:
+                upstream.release()
         except Denied as denied:
-            self._record(CallRecord(agent, route_name, method.upper(),
-                                    self._template(route, sub), denied.status, denied.code,
-                                    time.monotonic() - started, 0))
+            self._record(CallRecord(agent, route_name, method, template, denied.status,
+                                    denied.code, time.monotonic() - started, 0))
             raise
-        try:
-            data = await upstream.read()
-            status, kind = upstream.status, upstream.headers.get("Content-Type", "")
-        finally:
-            upstream.release()
-        self._record(CallRecord(agent, route_name, method.upper(), self._template(route, sub),
-                                status, "ok" if status < 400 else "upstream_error",
+        status = upstream.status
+        kind = (upstream.header(b"content-type") or b"").decode("latin-1")
+        self._record(CallRecord(agent, route_name, method, template, status,
+                                "ok" if status < 400 else "upstream_error",
                                 time.monotonic() - started, len(data)))
         return status, data, kind
 
-    async def _forward(self, request: web.Request, name: str, route: RouteConfig, sub: str,
-                       claims: Claims) -> web.StreamResponse:
-        import aiohttp
-        from aiohttp import web
-
-        upstream = await self.send(route, request.method, sub,
-                                   list(request.rel_url.query.items()),
-                                   request.headers.items(), await request.read())
-        if "text/event-stream" not in upstream.headers.get("Content-Type", ""):
-            # A whole answer (the common case) goes back in one write; only an event stream
-            # is relayed chunk by chunk, as the upstream sends it.
-            try:
-                data = await upstream.read()
-            finally:
-                upstream.release()
-            whole = web.Response(status=upstream.status, reason=upstream.reason, body=data)
-            for k, v in upstream.headers.items():
-                if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding":
-                    whole.headers.add(k, v)
-            if "Content-Encoding" in upstream.headers:
-                whole.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
-            return whole
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    async def _forward(self, request: Incoming, reply: Reply, route: RouteConfig,
+                       sub: str) -> None:
+        upstream = await self.send(route, request.method, sub, request.query, request.headers,
+                                   request.body)
         try:
-            for k, v in upstream.headers.items():
-                if k.lower() not in _HOP_BY_HOP:
-                    response.headers.add(k, v)
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # The agent hung up, often right after the stream's last event: nothing to send.
-            pass
+            headers = [(k, v) for k, v in upstream.headers
+                       if k.lower() not in dropped(upstream.headers)]
+            if b"text/event-stream" not in (upstream.header(b"content-type") or b""):
+                # A whole answer (the common case) goes back in one write; only an event
+                # stream is relayed piece by piece, as the upstream sends it.
+                reply.send(upstream.status, headers, await upstream.read())
+                return
+            reply.start(upstream.status, headers)
+            if not upstream.buffered:
+                reply.flush()  # the agent sees the head now, not with the first event
+            async for chunk in upstream.chunks():
+                if reply.write(chunk, last=upstream.complete):
+                    try:
+                        await reply.drain()
+                    except ConnectionError:
+                        reply.abort()  # the agent hung up, often right after the last event
+                        return
+            reply.end()
+        except UpstreamError as exc:
+            raise Denied(502, "upstream_unavailable", f"the upstream of route "
+                         f"{route.upstream} failed mid-answer: {exc}") from None
         finally:
             upstream.release()
-        return response
 
     # -- denials, audit, metrics ---------------------------------------------------------------
 
-    def _deny(self, route: RouteConfig, denied: Denied) -> web.StreamResponse:
-        from aiohttp import web
-
-        headers = {"Retry-After": f"{max(1, int(denied.retry_after + 0.999))}"} \
-            if denied.retry_after is not None else {}
-        if route.error_shape == "openai":
-            body = {"error": {"message": denied.message, "type": "rotator_proxy_denied",
-                              "param": None, "code": denied.code}}
-        else:
-            body = {"error": denied.code, "message": denied.message}
-        return web.json_response(body, status=denied.status, headers=headers)
-
-    def _deny_plain(self, status: int, code: str, message: str) -> web.StreamResponse:
-        from aiohttp import web
-
-        return web.json_response({"error": {"message": message, "type": "rotator_proxy_denied",
-                                            "param": None, "code": code}}, status=status)
-
-    @staticmethod
-    def _template(route: RouteConfig, sub: str) -> str:
-        """The route's path pattern the call matched (never its ids or query): the audit
-        trail and the metrics record the pattern, not what the agent put in the path."""
+    def _verdict(self, name: str, route: RouteConfig, method: str, sub: str
+                 ) -> tuple[str, tuple[str, str] | None]:
+        """The route's path pattern a call matches (what the audit trail and the metrics
+        record: never its ids or query) and why its method and path are refused, if they are;
+        remembered per (route, method, path), as agents repeat the same few calls."""
+        key = (name, method, sub)
+        known = self._verdicts.get(key)
+        if known is not None:
+            return known
         decoded = unquote(sub)
-        return next((p for p in route.paths if fnmatch.fnmatchcase(decoded, p)), "(other)")
+        template = next((p for p in route.paths if fnmatch.fnmatchcase(decoded, p)), "(other)")
+        problem: tuple[str, str] | None = None  # a 403's code and message
+        if _TRAVERSAL.search(decoded) or "\\" in decoded or "\x00" in decoded:
+            problem = ("bad_path", "the path has . or .. segments; the proxy forwards only "
+                       "plain paths")
+        elif method not in route.methods or template == "(other)":
+            problem = ("out_of_scope", f"route {name} does not allow {method} {template}")
+        if len(self._verdicts) >= 10_000:
+            self._verdicts.clear()
+        self._verdicts[key] = (template, problem)
+        return template, problem
+
+    def _template(self, name: str, route: RouteConfig, method: str, sub: str) -> str:
+        return self._verdict(name, route, method, sub)[0]
 
     def _record(self, record: CallRecord) -> None:
         if self.on_call is not None:
@@ -428,3 +439,20 @@ class ProxyServer:
             except Exception:
                 log.exception("recording a proxied call failed")
 
+
+def _denial_headers(denied: Denied) -> Headers:
+    headers = list(_JSON)
+    if denied.retry_after is not None:
+        headers.append((b"Retry-After", b"%d" % max(1, int(denied.retry_after + 0.999))))
+    return headers
+
+
+def _denial_body(shape: str, denied: Denied) -> bytes:
+    """A denial in the upstream's error shape, so the agent's SDK raises its usual error."""
+    if shape == "openai":
+        body: dict[str, Any] = {"error": {"message": denied.message,
+                                          "type": "rotator_proxy_denied", "param": None,
+                                          "code": denied.code}}
+    else:
+        body = {"error": denied.code, "message": denied.message}
+    return json.dumps(body).encode()

@@ -237,7 +237,23 @@ def append_audit_many_in(conn: Connection,
         last_id, last_hash = row["id"], row["hash"]
     conn.execute(update(_HEAD).where(_HEAD.c.one == 1).values(
         id=last_id, hash=last_hash, prev_hash=rows[-1]["prev_hash"]))
-    conn.execute(insert(_AUDIT), rows)
+    # One prepared insert for the batch, past SQLAlchemy's per-row parameter processing (a
+    # third of the cost of a proxy's event); ``at`` as SQLAlchemy's SQLite DATETIME stores it.
+    conn.exec_driver_sql(_SQLITE_AUDIT_INSERT, [
+        (r["id"], _sqlite_datetime(r["at"]), r["kind"], r["credential"], r["rotation_id"],
+         r["actor"], r["reason"], r["detail"], r["prev_hash"], r["hash"]) for r in rows])
+
+
+_SQLITE_AUDIT_INSERT = (
+    "INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail, "
+    "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """``value`` (aware) as naive UTC text, the way SQLAlchemy's SQLite DATETIME writes it."""
+    v = value.astimezone(UTC)
+    return (f"{v.year:04d}-{v.month:02d}-{v.day:02d} {v.hour:02d}:{v.minute:02d}:"
+            f"{v.second:02d}.{v.microsecond:06d}")
 
 
 _NO_HEAD = ("the audit trail has no head row (table audit_head): the state store was altered "
