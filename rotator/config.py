@@ -207,6 +207,10 @@ class MisuseRules(_Model):
     """``[rotator.misuse]`` (defaults) and ``[credentials.misuse]``: the anomaly rules checked
     against each poll of the provider's usage records (see :mod:`rotator.monitor`)."""
 
+    source: Literal["provider", "proxy"] = "provider"
+    """Whose counts the rules judge: the provider's usage records, or the credential proxy's
+    own count of the calls it forwarded with this credential (any service, usage API or
+    not; requests only, per minute)."""
     spike: SpikeRule | None = SpikeRule()
     outside: OutsideRule | None = None
     old_key: OldKeyRule | None = OldKeyRule()
@@ -1338,6 +1342,9 @@ class _Checker:
                       else cls.usage_widths)
         reports = bool(widths)
         own = data.get("misuse")
+        if isinstance(own, dict) and own.get("source") == "proxy":
+            self._proxy_usage(data, path, own)
+            return
         if cls is not None and not reports:
             type_name = getattr(cls, "type_name", "?")
             if own is not None:
@@ -1389,6 +1396,46 @@ class _Checker:
                 self.add((*path, "quiet_for"), (
                     f"quiet_for must be longer than 0s and shorter than grace ({grace}): grace "
                     "is the upper bound on waiting for the old key to go quiet"))
+
+    def _proxy_usage(self, data: dict[str, Any], path: KeyPath, own: dict[str, Any]) -> None:
+        """``source = "proxy"``: the rules judge the calls the credential proxy forwarded with
+        this credential, so a route must attach it; the proxy counts requests (never tokens or
+        cost, it reads no body) and always attaches the current key (so ``old_key`` and
+        ``revoke_when = "quiet"`` need the provider's own records)."""
+        name = data.get("name")
+        routes = self._table("proxy").get("routes", {})
+        if not any(isinstance(r, dict) and r.get("credential") == name
+                   for r in (routes.values() if isinstance(routes, dict) else ())):
+            self.add((*path, "misuse", "source"), (
+                f'no [proxy.routes] route attaches credential "{name}", so the proxy never '
+                "counts its calls: add a route with credential = this one, or use source = "
+                '"provider"'))
+        defaults = self._table("rotator").get("misuse", {})
+        if not isinstance(defaults, dict) or not self.validate_quietly(MisuseRules, defaults):
+            defaults = {}  # its own problems are said at [rotator.misuse]
+        merged = dict(defaults)
+        for rule, body in own.items():
+            base = merged.get(rule)
+            merged[rule] = ({**base, **body} if isinstance(base, dict) and isinstance(body, dict)
+                            else body)
+        if isinstance(own.get("old_key"), dict) and own["old_key"].get("action") != "off":
+            self.add((*path, "misuse", "old_key"), (
+                "the proxy always attaches the current key, so it cannot see an old key used: "
+                'old_key needs source = "provider"'))
+        merged["old_key"] = None
+        cap = merged.get("daily_cap")
+        if isinstance(cap, dict) and (cap.get("tokens") is not None
+                                      or cap.get("cost") is not None):
+            self.add((*path, "misuse", "daily_cap"), (
+                "the proxy counts requests, not tokens or cost (it never reads a body): cap "
+                'requests, or use source = "provider"'))
+        if data.get("revoke_when") == "quiet":
+            self.add((*path, "revoke_when"), (
+                "the proxy attaches only the current key, so it cannot see the old one go "
+                'quiet: use revoke_when = "grace" (or misuse source = "provider")'))
+        rules = self.validate(MisuseRules, merged, (*path, "misuse"))
+        data["misuse"] = rules if rules is not None else MisuseRules(source="proxy",
+                                                                     old_key=None)
 
     def _key_terms(self, data: dict[str, Any], path: KeyPath, cls: type | None,
                    provider: Any) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -41,6 +41,9 @@ from rotator.state.daemon_lock import DaemonLock
 from rotator.state.urls import safe_url
 
 __all__ = ["Daemon"]
+
+if TYPE_CHECKING:
+    from rotator.proxy.runner import ProxyRunner
 
 log = logging.getLogger("rotator.daemon")
 T = TypeVar("T")
@@ -81,6 +84,8 @@ class Daemon:
         self.metrics = Metrics(self.store, lambda: self.policies,
                                due=self.engine.due_decisions)
         self.metrics_url: str | None = None
+        self.proxy: ProxyRunner | None = None
+        """The credential proxy when it runs in the daemon (``[proxy] in_daemon``)."""
         self.engine.listeners.append(self.metrics.on_event)
         self.engine.call_observers.append(self.metrics.on_call)
         self.engine.listeners.append(log_event)
@@ -145,6 +150,7 @@ class Daemon:
                 "metrics_address in [rotator] (port 0 picks a free one)") from exc
         self.metrics_url = f"http://{bound}/metrics"
         log.info("metrics on %s", self.metrics_url)
+        self._start_proxy()
         log.info("rotator running: %d credential(s), state %s, up to %d at once",
                  len(self.policies.credentials), safe_url(settings.state_url),
                  settings.max_concurrent_rotations)
@@ -223,7 +229,27 @@ class Daemon:
             futures = list(self._in_flight.values())
         concurrent.futures.wait(futures, timeout=timeout)
 
+    def _start_proxy(self) -> None:
+        """Serve the credential proxy too when ``[proxy]`` is configured (and not moved to
+        its own ``rotator proxy`` processes with ``in_daemon = false``)."""
+        proxy = self.policies.proxy
+        if proxy is None or not proxy.in_daemon or not proxy.routes:
+            return
+        from rotator.proxy.runner import ProxyRunner
+
+        self.proxy = ProxyRunner(self.policies, app=self.app, registry=self.metrics.registry)
+        try:
+            self.proxy.start()
+        except PermanentError as exc:
+            self.proxy = None
+            raise PermanentError(f"{exc}; change listen in [proxy] (port 0 picks a free one), "
+                                 "or set in_daemon = false there to run it as `rotator "
+                                 "proxy`") from exc
+
     def _shutdown(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()  # drains the calls under way and writes their audit events
+            self.proxy = None
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         self._workers.shutdown(wait=True, cancel_futures=True)
@@ -445,6 +471,8 @@ class Daemon:
         if generation is None:
             return False
         self.metrics.prime(generation.policies)
+        if self.proxy is not None:
+            self.proxy.swap(generation.policies)
         self._warn_orphans(force=True)
         self.tick()
         return True

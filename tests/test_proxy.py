@@ -402,3 +402,58 @@ def test_a_sealed_vault_does_not_stop_the_proxy(tmp_path, fake_openai, monkeypat
             assert _chat(client, stream=True) == "ok"
     finally:
         bao.stop()
+
+
+def test_rotator_run_serves_the_proxy_and_its_counts_feed_the_misuse_rules(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    """With [proxy] configured, `rotator run` serves it (its metrics on the daemon's
+    /metrics); a credential whose misuse rules read the proxy's counts (source = "proxy")
+    gets its daily cap judged on the calls the proxy forwarded, with no usage API asked."""
+    import threading
+
+    from rotator.scheduling import Daemon
+    from tests.support import wait_for
+
+    holder = [""]
+    with_proxy = _with_proxy(holder)
+
+    def extra(doc: dict[str, Any]) -> None:
+        with_proxy(doc)
+        doc["rotator"]["usage_poll_interval"] = "1s"
+        doc["credentials"][0]["misuse"] = {"source": "proxy", "spike": {"action": "off"},
+                                           "daily_cap": {"requests": 5}}
+
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="0s", extra=extra)
+    monkeypatch.setenv("VAULT_TOKEN", fleet.bao.root_token)
+    daemon = Daemon(fleet.config, load_policies(fleet.config))
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_for(lambda: daemon.proxy is not None and daemon.metrics_url is not None,
+                 timeout=30, what="the daemon serving the proxy")
+        assert daemon.proxy is not None
+
+        def both_rotated() -> bool:  # the daemon rotates never-rotated credentials at once
+            states = [daemon.store.credential(n) for n in (SIGNING, "agent-0/openai")]
+            return all(s is not None and s.current_key_id for s in states) and \
+                not daemon.store.unfinished_rotations()
+
+        wait_for(both_rotated, timeout=60, what="the first rotations")
+        token, _ = issue(daemon.app, AGENT, ["openai"], timedelta(minutes=10))
+        client = _client(daemon.proxy, token)
+        for _ in range(7):
+            assert _chat(client, stream=False) == "ok"
+        wait_for(lambda: any(a.rule == "daily_cap" for a in daemon.store.anomalies(
+            since=datetime.now(UTC) - timedelta(hours=1))), timeout=30,
+            what="the daily cap judged on the proxy's counts")
+        rows = daemon.store.usage(credentials=["agent-0/openai"],
+                                  since=datetime.now(UTC) - timedelta(hours=2), width=3600)
+        assert sum(r.requests or 0 for r in rows if r.provider == "(proxy)") == 7
+        metrics = httpx.get(daemon.metrics_url).text
+        assert 'rotator_proxy_requests_total{agent="agent-0",outcome="ok",route="openai"} 7.0' \
+            in metrics
+        assert 'rotator_misuse_anomalies_total{action="alert",agent="agent-0"' in metrics
+    finally:
+        daemon.stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()

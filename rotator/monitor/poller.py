@@ -28,6 +28,7 @@ from rotator.errors import RotatorError, TransientError
 from rotator.events import MisuseDetected
 from rotator.interfaces import UsageBucket, UsageReport
 from rotator.key_usage import KeyHistory, key_histories
+from rotator.monitor import PROXY_USAGE
 from rotator.monitor.rules import DAY, Finding, evaluate, switched_at, used
 from rotator.state.models import KeyUsage
 
@@ -97,7 +98,8 @@ class UsageMonitor:
         out: dict[str, list[CredentialConfig]] = {}
         for cred in policies.credentials:
             if cred.misuse is not None:
-                out.setdefault(cred.provider, []).append(cred)
+                source = PROXY_USAGE if cred.misuse.source == "proxy" else cred.provider
+                out.setdefault(source, []).append(cred)
         return out
 
     def poll_due(self) -> list[PollResult]:
@@ -114,8 +116,10 @@ class UsageMonitor:
 
     def poll(self, provider_name: str) -> PollResult:
         creds = self.monitored().get(provider_name, [])
-        provider = self.app.runtime.provider(provider_name)
-        if not creds or not isinstance(provider, UsageReport) or not provider.usage_widths:
+        provider = None if provider_name == PROXY_USAGE else \
+            self.app.runtime.provider(provider_name)
+        if not creds or (provider is not None and (not isinstance(provider, UsageReport)
+                                                   or not provider.usage_widths)):
             return PollResult(provider_name, "skipped")
         store, settings = self.app.store, self.app.policies.settings
         lease, owner = f"usage:{provider_name}", self.app.engine.owner
@@ -123,7 +127,8 @@ class UsageMonitor:
         if store.take_lock(lease, owner, settings.lock_ttl, now).holder is not None:
             return PollResult(provider_name, "skipped")
         try:
-            result = self._poll(provider_name, provider, creds, now)
+            result = (self._judge_proxy_counts(creds, now) if provider is None
+                      else self._poll(provider_name, provider, creds, now))
         except TransientError as exc:  # rate limited (with Retry-After), or away
             result = self._failed(provider_name, now, exc, "rate_limited"
                                   if exc.retry_after is not None else "unavailable")
@@ -199,6 +204,16 @@ class UsageMonitor:
         self._check(name, creds, histories, now, result)
         self._quiet(creds, histories, now, result)
         return self._done(name, now, result, fine=bool(fine_keys))
+
+    def _judge_proxy_counts(self, creds: list[CredentialConfig], now: datetime
+                            ) -> PollResult:
+        """``source = "proxy"``: nothing to ask; the proxy (each replica adding its own) has
+        counted the calls it forwarded, and the rules judge those buckets."""
+        result = PollResult(PROXY_USAGE, "ok")
+        histories = {c.name: key_histories(self.app.store, c) for c in creds}
+        result.keys = sum(len(h) for h in histories.values())
+        self._check(PROXY_USAGE, creds, histories, now, result)
+        return self._done(PROXY_USAGE, now, result, fine=False)
 
     def _adopted_key(self, cred: CredentialConfig) -> str | None:
         """The id of the key a never-rotated credential holds (imported, or adopted from a

@@ -637,6 +637,7 @@ class UpstreamPool:
     """Idle connections kept per upstream."""
     _idle: dict[Origin, list[_UpstreamConnection]] = field(default_factory=dict)
     _ssl: ssl.SSLContext | None = None
+    _closed: bool = False
 
     @staticmethod
     def origin(url: str) -> tuple[Origin, str]:
@@ -714,7 +715,7 @@ class UpstreamPool:
 
     def _put(self, conn: _UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.origin, [])
-        if len(idle) < self.max_idle:
+        if len(idle) < self.max_idle and not self._closed:
             idle.append(conn)
         else:
             conn.close()
@@ -725,6 +726,8 @@ class UpstreamPool:
             idle.remove(conn)
 
     def close(self) -> None:
+        """Close the idle connections; those in use close when their call ends."""
+        self._closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()

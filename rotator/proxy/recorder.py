@@ -18,9 +18,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from rotator.audit import AuditLog
+from rotator.monitor import PROXY_USAGE
 from rotator.proxy.server import CallRecord
 
-__all__ = ["CallRecorder"]
+__all__ = ["CallRecorder", "usage_rows"]
 
 log = logging.getLogger("rotator.proxy")
 
@@ -84,6 +85,11 @@ class CallRecorder:
                     self.audit.record_many([self._event(r) for r in batch])
                 except Exception:
                     log.exception("could not write %d proxy audit event(s)", len(batch))
+                try:
+                    self.audit.store.add_usage(PROXY_USAGE, usage_rows(batch))
+                except Exception:
+                    log.exception("could not count %d proxied call(s) as key usage",
+                                  len(batch))
             if self._dropped:
                 log.error("the proxy's audit backlog was full (the state store too slow?): "
                           "%d call(s) went unrecorded", self._dropped)
@@ -97,3 +103,18 @@ class CallRecorder:
                 "detail": {"agent": r.agent, "route": r.route, "method": r.method,
                            "path": r.path, "status": r.status, "outcome": r.outcome,
                            "duration_seconds": round(r.duration, 4), "bytes": r.bytes_out}}
+
+
+def usage_rows(records: list[CallRecord]) -> list[dict[str, object]]:
+    """The forwarded calls of ``records`` as key usage: requests per credential and key, per
+    minute and per hour (what the misuse rules read with ``source = "proxy"``)."""
+    counts: dict[tuple[str, str, int, int], int] = {}
+    for r in records:
+        if r.credential is None:
+            continue
+        for width in (60, 3600):
+            key = (r.credential, r.key_id or "(unknown)", width, int(r.at // width * width))
+            counts[key] = counts.get(key, 0) + 1
+    return [{"credential": cred, "key_id": key_id, "width": width,
+             "start": datetime.fromtimestamp(start, UTC), "requests": n}
+            for (cred, key_id, width, start), n in counts.items()]

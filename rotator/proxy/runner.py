@@ -30,17 +30,21 @@ class ProxyRunner:
     (``port`` is the bound port; ``listen`` port 0 picks one), ``stop()`` drains and closes."""
 
     def __init__(self, policies: Policies, listen: str | None = None,
-                 metrics_listen: str | None = None) -> None:
+                 metrics_listen: str | None = None, *, app: App | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         if policies.proxy is None:
             raise PermanentError("the policy file has no [proxy] section: add one with its "
                                  "routes (see the README's 'Credential proxy')")
         self.policies = policies
-        self.app = App(policies, actor="proxy")
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._owns_app = app is None
+        self.app = app if app is not None else App(policies, actor="proxy")
+        self.registry = registry if registry is not None else \
+            CollectorRegistry(auto_describe=True)
         self.recorder = CallRecorder(self.app.audit, self.registry)
         self.server = ProxyServer(policies, self.app.runtime, self.app.store,
                                   on_call=self.recorder)
-        host, _, port = (listen or policies.proxy.listen).rpartition(":")
+        self.listen = listen or policies.proxy.listen
+        host, _, port = self.listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.metrics_listen = metrics_listen
         self.metrics_port: int | None = None
@@ -49,6 +53,20 @@ class ProxyRunner:
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
         self._error: BaseException | None = None
+
+    def swap(self, policies: Policies) -> None:
+        """Serve a reloaded policy file's routes, tokens and limits from the next call on (the
+        daemon's reload); a changed ``listen`` needs a restart and is said so."""
+        if policies.proxy is None or self._loop is None:
+            return
+        if policies.proxy.listen != self.listen:
+            log.warning("[proxy] listen changed to %s: restart rotator to listen there (the "
+                        "proxy keeps %s:%d)", policies.proxy.listen, self.host, self.port)
+        fresh = ProxyServer(policies, self.app.runtime, self.app.store, on_call=self.recorder)
+        fresh.inherit(self.server)
+        asyncio.run_coroutine_threadsafe(fresh.open(), self._loop).result(10)
+        old, self.server, self.policies = self.server, fresh, policies
+        asyncio.run_coroutine_threadsafe(old.close(), self._loop).result(10)
 
     def start(self) -> ProxyRunner:
         self._thread = threading.Thread(target=self._main, name="rotator-proxy", daemon=True)
@@ -67,8 +85,6 @@ class ProxyRunner:
         done = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: done.set())
-        log.info("proxy listening on http://%s:%d (%d route(s))", self.host, self.port,
-                 len(self.server.config.routes))
         done.wait()
         self.stop()
 
@@ -78,7 +94,8 @@ class ProxyRunner:
         if self._thread is not None:
             self._thread.join(30)
         self.recorder.close()
-        self.app.close(1.0)
+        if self._owns_app:
+            self.app.close(1.0)
 
     @property
     def url(self) -> str:
@@ -95,11 +112,13 @@ class ProxyRunner:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = HTTPServer(self.server.handle)
+        server = HTTPServer(lambda request, reply: self.server.handle(request, reply))
         metrics: HTTPServer | None = None
         try:
             await self.server.open()
             self.port = await server.start(self.host, self.port)
+            log.info("proxy listening on http://%s:%d (%d route(s))", self.host, self.port,
+                     len(self.server.config.routes))
             if self.metrics_listen:
                 metrics = HTTPServer(self._metrics)
                 host, _, port = self.metrics_listen.rpartition(":")

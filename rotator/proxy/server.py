@@ -85,6 +85,7 @@ class _Bucket:
 class _Key:
     secret: Secret
     read_at: float
+    key_id: str | None = None
 
 
 @dataclass
@@ -103,6 +104,10 @@ class CallRecord:
     bytes_out: int
     at: float = field(default_factory=time.time)
     """When the call ended (Unix time)."""
+    credential: str | None = None
+    """The credential whose key went upstream (None when refused before that)."""
+    key_id: str | None = None
+    """Which of its keys (the vault's ``key_id``; None if the vault does not say)."""
 
 
 class ProxyServer:
@@ -143,6 +148,12 @@ class ProxyServer:
         if self._pool is not None:
             self._pool.close()
 
+    def inherit(self, old: ProxyServer) -> None:
+        """Carry the spent budgets and rate limits over from the proxy of the previous policy
+        generation (a reload must not hand every token its budget back)."""
+        self._spent = old._spent
+        self._buckets = old._buckets
+
     # -- one call ------------------------------------------------------------------------------
 
     async def handle(self, request: Incoming, reply: Reply) -> None:
@@ -171,9 +182,12 @@ class ProxyServer:
             self._record(CallRecord(agent, name, request.method, template, denied.status,
                                     denied.code, time.monotonic() - started, 0))
             return
+        key = self._keys.get(route.credential)
         self._record(CallRecord(agent, name, request.method, template, reply.status,
                                 "ok" if reply.status < 400 else "upstream_error",
-                                time.monotonic() - started, reply.sent))
+                                time.monotonic() - started, reply.sent,
+                                credential=route.credential,
+                                key_id=key.key_id if key is not None else None))
 
     def _route_of(self, raw_path: str) -> tuple[str, RouteConfig, str] | None:
         for prefix, name, route in self._routes:
@@ -289,7 +303,8 @@ class ProxyServer:
                     return cached.secret
                 raise Denied(503, "no_key", f"the proxy has no key for route credential "
                              f"{cred.name} yet")
-            self._keys[route.credential] = _Key(value.secret, time.monotonic())
+            self._keys[route.credential] = _Key(value.secret, time.monotonic(),
+                                                str(value.metadata.get("key_id") or "") or None)
             return value.secret
 
     async def send(self, route: RouteConfig, method: str, sub: str, query: bytes,
@@ -371,9 +386,12 @@ class ProxyServer:
             raise
         status = upstream.status
         kind = (upstream.header(b"content-type") or b"").decode("latin-1")
+        key = self._keys.get(route.credential)
         self._record(CallRecord(agent, route_name, method, template, status,
                                 "ok" if status < 400 else "upstream_error",
-                                time.monotonic() - started, len(data)))
+                                time.monotonic() - started, len(data),
+                                credential=route.credential,
+                                key_id=key.key_id if key is not None else None))
         return status, data, kind
 
     async def _forward(self, request: Incoming, reply: Reply, route: RouteConfig,

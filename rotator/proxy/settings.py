@@ -133,7 +133,10 @@ class ProxyConfig(_Model):
     """How often a route's key is re-read from the vault (and at once after the upstream
     refuses it)."""
     upstream_timeout: Duration = timedelta(minutes=10)
-    """A forwarded call's whole duration (a long streamed completion included)."""
+    """How long the upstream may take to answer, and to send the next piece of a stream."""
+    in_daemon: bool = True
+    """Whether ``rotator run`` serves the proxy too (its metrics on the daemon's /metrics);
+    false when it runs as its own ``rotator proxy`` processes."""
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     agents: dict[str, AgentTokenConfig] = Field(default_factory=dict)
 

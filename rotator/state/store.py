@@ -766,6 +766,21 @@ class StateStore:
                       "cost": stmt.excluded.cost, "credential": stmt.excluded.credential})
             conn.execute(stmt, [{"provider": provider, **row} for row in rows])
 
+    def add_usage(self, provider: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Add counts (``key_id, credential, start, width, requests``) to usage buckets of
+        ``provider``: the credential proxy's replicas each add the calls they forwarded."""
+        if not rows:
+            return
+        table = _USAGE
+        with self._tx() as conn:
+            stmt = _dialect_insert(conn)(table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[table.c.provider, table.c.key_id, table.c.width, table.c.start],
+                set_={"requests": func.coalesce(table.c.requests, 0) + stmt.excluded.requests,
+                      "credential": stmt.excluded.credential})
+            conn.execute(stmt, [{"provider": provider, "tokens": None, "cost": None, **row}
+                                for row in rows])
+
     def usage(self, *, credentials: Sequence[str] | None = None, since: datetime,
               width: int | None = None, key_ids: Sequence[str] | None = None,
               provider: str | None = None) -> list[KeyUsage]:
