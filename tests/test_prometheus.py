@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _api(port: int, path: str, **params: str) -> Any:
 def _queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(panel["title"], t["expr"]) for panel in dashboard["panels"]
-            for t in panel["targets"]]
+            for t in panel.get("targets", [])]
 
 
 def test_dashboard_is_importable_json_with_a_datasource_variable():
@@ -49,7 +50,8 @@ def test_dashboard_is_importable_json_with_a_datasource_variable():
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     assert len(_queries()) >= 9
 
 
@@ -93,7 +95,10 @@ def _dashboard_and_failure_alert(fleet: Any, fake_openai: Any, prom_port: int) -
         wait_for(alert_firing, timeout=60, what="RotatorRotationFailed to fire")
         results = {expr: _api(prom_port, "query", query=expr)["result"]
                    for _, expr in _queries()}
-        empty = [title for title, expr in _queries() if not results[expr]]
+        # The proxy's panels are seen with data in test_the_proxy_panels_have_data (this
+        # fleet has no proxy).
+        empty = [title for title, expr in _queries()
+                 if not results[expr] and "rotator_proxy_" not in expr]
         assert empty == [], f"dashboard queries with no data: {empty}"
         for title, expr in _queries():
             if "rotator_credential_" not in expr:
@@ -213,3 +218,59 @@ def test_the_misuse_alert_fires_on_a_spike_and_the_usage_panels_have_data(tmp_pa
                     assert max(float(r["value"][1]) for r in result) > 0, f"{title}: {result}"
         finally:
             stop_daemon(daemon)
+
+
+def test_the_proxy_panels_have_data(tmp_path, openbao, fake_openai, monkeypatch):
+    """`rotator run` serving the proxy: a real Prometheus scrapes the daemon, and the
+    dashboard's proxy row (calls by outcome, latency, denials, calls per agent) has data
+    after an agent's calls and one denial."""
+    import threading
+
+    import openai
+
+    from rotator.config import load_policies
+    from rotator.proxy.runner import issue
+    from rotator.scheduling import Daemon
+    from tests.test_proxy import AGENT, SIGNING, _with_proxy
+
+    metrics_port = free_port()
+    holder = [""]
+    fleet = make_fleet(tmp_path, openbao, fake_openai, grace="0s",
+                       settings={"metrics_address": f"127.0.0.1:{metrics_port}"},
+                       extra=_with_proxy(holder))
+    monkeypatch.setenv("VAULT_TOKEN", fleet.bao.root_token)
+    daemon = Daemon(fleet.config, load_policies(fleet.config))
+    running = threading.Thread(target=daemon.run)
+    with _prometheus(tmp_path, f"      - targets: ['127.0.0.1:{metrics_port}']\n") as port:
+        running.start()
+        try:
+            wait_for(lambda: daemon.proxy is not None and all(
+                (s := daemon.store.credential(n)) is not None and s.current_key_id
+                for n in (SIGNING, "agent-0/openai")) and not
+                daemon.store.unfinished_rotations(), timeout=60, what="the first rotations")
+            assert daemon.proxy is not None
+            token, _ = issue(daemon.app, AGENT, ["openai"], timedelta(minutes=10))
+            client = openai.OpenAI(api_key=token, base_url=f"{daemon.proxy.url}/openai",
+                                   max_retries=0)
+            scraped = 'rotator_proxy_requests_total{outcome="ok"}'
+            for _ in range(3):
+                client.models.list()
+            with pytest.raises(openai.PermissionDeniedError):
+                client.files.list()
+            wait_for(lambda: _api(port, "query", query=scraped)["result"], timeout=30,
+                     what="a scrape of the proxy's calls")
+            for _ in range(3):  # a second scrape with more calls: rates are not zero
+                client.models.list()
+            proxy_panels = [(t, e) for t, e in _queries() if "rotator_proxy_" in e]
+            assert len(proxy_panels) == 5
+
+            def all_have_data() -> bool:
+                return all(_api(port, "query", query=e)["result"] for _, e in proxy_panels)
+
+            wait_for(all_have_data, timeout=30, what="data in every proxy panel")
+            denials = _api(port, "query", query=next(e for t, e in proxy_panels
+                                                     if "denials" in t))["result"]
+            assert {r["metric"]["outcome"] for r in denials} == {"out_of_scope"}
+        finally:
+            daemon.stop("test over")
+            running.join(30)
