@@ -10,7 +10,7 @@ second and the latency p50/p99 of each, and what the proxy adds.
 All three processes share this machine's cores, so the figures are a floor: the proxy competes
 with the load generator and the upstream for CPU.
 
-    .venv/bin/python bench/proxy.py [--seconds 4] [--concurrency 1,16,64]
+    .venv/bin/python bench/proxy.py [--seconds 4] [--concurrency 1,16,64] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -201,6 +202,12 @@ def _measure(url: str, token: str, stream: bool, clients: int, seconds: float) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median(runs: Any) -> dict:
+    """The run of median throughput (its latencies with it)."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return ordered[len(ordered) // 2]
+
+
 def _wait(url: str) -> None:
     import httpx
 
@@ -217,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="Runs of each measurement; the median is shown.")
     parser.add_argument("--stacks", action="store_true",
                         help="Compare bare forwarders of the candidate stacks instead.")
     args = parser.parse_args()
@@ -274,9 +283,14 @@ def main() -> None:
               f"{'proxy rps':>9} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} {'+p50 ms':>7}")
         for stream in (False, True):
             for clients in (int(c) for c in args.concurrency.split(",")):
-                d = _measure(direct, UPSTREAM_KEY, stream, clients, args.seconds)
-                p = _measure(proxied, token, stream, clients, args.seconds)
-                errors = d["errors"] + p["errors"]
+                # Direct and proxied alternate, --repeat times; the median run of each is
+                # shown (the machine's own noise is ±10% run to run).
+                runs = [(_measure(direct, UPSTREAM_KEY, stream, clients, args.seconds),
+                         _measure(proxied, token, stream, clients, args.seconds))
+                        for _ in range(args.repeat)]
+                d = _median(r[0] for r in runs)
+                p = _median(r[1] for r in runs)
+                errors = sum(r[0]["errors"] + r[1]["errors"] for r in runs)
                 print(f"{'stream' if stream else 'plain':<9} {clients:>7} | {d['rps']:>10.0f} "
                       f"{d['p50']:>7.2f} {d['p99']:>7.2f} | {p['rps']:>9.0f} {p['p50']:>7.2f} "
                       f"{p['p99']:>7.2f} | {p['rps'] / d['rps']:>5.2f} "

@@ -59,6 +59,8 @@ _CALLER_AUTH = frozenset({b"authorization", b"x-api-key"})
 """Where the agent's token comes: never forwarded."""
 _JSON: Headers = [(b"Content-Type", b"application/json")]
 _TRAVERSAL = re.compile(r"(^|/)\.{1,2}(/|$)")
+HEAD_FLUSH_SECONDS = 0.05
+"""How long a streamed answer's head waits to go out with its first event."""
 REVOCATIONS_REFRESH = 1.0
 """Seconds between reads of the agents' token revocations from the state store."""
 
@@ -407,15 +409,22 @@ class ProxyServer:
                 reply.send(upstream.status, headers, await upstream.read())
                 return
             reply.start(upstream.status, headers)
-            if not upstream.buffered:
-                reply.flush()  # the agent sees the head now, not with the first event
+            # The head goes with the first event (one write, one wake-up of the agent), or
+            # alone if the upstream takes a moment to send one.
+            flush = None if upstream.buffered else \
+                asyncio.get_running_loop().call_later(HEAD_FLUSH_SECONDS, reply.flush)
             async for chunk in upstream.chunks():
+                if flush is not None:
+                    flush.cancel()
+                    flush = None
                 if reply.write(chunk, last=upstream.complete):
                     try:
                         await reply.drain()
                     except ConnectionError:
                         reply.abort()  # the agent hung up, often right after the last event
                         return
+            if flush is not None:
+                flush.cancel()
             reply.end()
         except UpstreamError as exc:
             raise Denied(502, "upstream_unavailable", f"the upstream of route "

@@ -22,9 +22,13 @@ def iso_utc(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+"""One encoder for every event (``json.dumps`` with options builds one per call)."""
+
+
 def canonical(value: Any) -> str:
     """JSON with sorted keys and no spaces: one text per value, on every replica."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def _hashed_fields(row: dict[str, Any]) -> dict[str, Any]:
