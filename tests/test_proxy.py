@@ -276,7 +276,9 @@ def test_check_refuses_bad_proxy_settings_with_file_and_line(tmp_path, openbao, 
               .replace('"openai"]', '"openai"]', 1))
     broken += ('\n[proxy.routes.nested]\nupstream = "http://127.0.0.1:9"\n'
                'credential = "agent-0/openai"\nprefix = "/openai/v2"\n'
-               '\n[proxy.routes.bad]\nupstream = "not a url"\ncredential = "agent-0/openai"\n')
+               '\n[proxy.routes.bad]\nupstream = "not a url"\ncredential = "agent-0/openai"\n'
+               '\n[proxy.agents.agent-0]\nroutes = ["openai"]\nttl = "2h"\nvault = "main"\n'
+               'path = "tokens/agent-0"\n')
     broken = broken.replace('grace = "1h"', 'grace = "10m"')
     fleet.config.write_text(broken)
     checked = fleet.cli("check")
@@ -291,6 +293,7 @@ def test_check_refuses_bad_proxy_settings_with_file_and_line(tmp_path, openbao, 
     said("proxy.routes.bad.upstream", "http:// or https://")
     said("proxy.routes.nested.prefix", "overlap: one prefix contains the other")
     said("proxy.signing_credential", "shorter than max_token_ttl")
+    said("proxy.agents.agent-0.ttl", "longer than max_token_ttl (1h)")
 
 
 def test_the_mcp_sdk_client_calls_the_routes_as_tools_over_stdio(tmp_path, openbao, fake_openai,
