@@ -460,3 +460,32 @@ def test_rotator_run_serves_the_proxy_and_its_counts_feed_the_misuse_rules(
         daemon.stop("test over")
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_calls_that_find_the_signing_keys_due_together_wait_for_one_read(
+        tmp_path, openbao, fake_openai, monkeypatch):
+    """The signing keys and revocations are re-read in a thread, once for every call that
+    finds them due at the same moment: not once per call, and never on the event loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fleet = _fleet(tmp_path, openbao, fake_openai, rate_limit=1000)
+    with proxied(fleet, monkeypatch) as runner:
+        token, _ = issue(runner.app, AGENT, ["openai"], timedelta(minutes=10))
+        client = _client(runner, token)
+        assert client.models.list().data
+        signing = runner.server.signing
+        reads: list[str] = []
+        real = signing.reload
+
+        def slow_reload() -> None:
+            reads.append(threading.current_thread().name)
+            time.sleep(0.3)  # a slow vault: the calls arriving meanwhile must not read too
+            real()
+
+        monkeypatch.setattr(signing, "reload", slow_reload)
+        signing._read_at = -1e18  # due now
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _i: client.models.list().data, range(16)))
+        assert all(answers)
+        assert len(reads) == 1, reads
+        assert reads[0] != "rotator-proxy", "read off the event loop's thread"

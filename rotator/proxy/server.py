@@ -129,6 +129,7 @@ class ProxyServer:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._revoked: dict[str, datetime] = {}
         self._revoked_at = -1e18
+        self._reading: dict[str, asyncio.Future[None]] = {}
         self._verdicts: dict[tuple[str, str, str], tuple[str, tuple[str, str] | None]] = {}
         self._verified: dict[str, Claims] = {}
         """Tokens already verified (until they expire), so a call costs one dict lookup; a
@@ -227,29 +228,39 @@ class ProxyServer:
         """Re-read the signing keys off the event loop (the vault client blocks) when due, so
         verifying a token never waits for the vault."""
         if self.signing.due():
-            loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(None, self.signing.reload)
+                await self._once("signing", self.signing.reload)
             except RotatorError as exc:  # no key read yet: nothing can be verified
                 raise Denied(503, "signing_key_unavailable", "the proxy cannot read its "
                              "token signing key now; try again shortly") from exc
 
     async def _revocations(self) -> dict[str, datetime]:
-        now = time.monotonic()
-        if now - self._revoked_at >= REVOCATIONS_REFRESH:
-            loop = asyncio.get_running_loop()
-            try:
-                self._revoked = await loop.run_in_executor(None, self.store.token_revocations)
-            except Exception as exc:
-                # Store away: keep the revocations read last (none can be added meanwhile,
-                # revoking writes to the store) and ask again after the refresh.
-                if self.store.is_unreachable(exc):
-                    log.warning("state store unavailable for token revocations (%s); using "
-                                "those read last", self.store.describe_error(exc))
-                else:
-                    raise
-            self._revoked_at = now
+        if time.monotonic() - self._revoked_at >= REVOCATIONS_REFRESH:
+            await self._once("revocations", self._read_revocations)
         return self._revoked
+
+    def _read_revocations(self) -> None:
+        try:
+            self._revoked = self.store.token_revocations()
+        except Exception as exc:
+            # Store away: keep the revocations read last (none can be added meanwhile,
+            # revoking writes to the store) and ask again after the refresh.
+            if not self.store.is_unreachable(exc):
+                raise
+            log.warning("state store unavailable for token revocations (%s); using those "
+                        "read last", self.store.describe_error(exc))
+        self._revoked_at = time.monotonic()
+
+    async def _once(self, what: str, read: Callable[[], None]) -> None:
+        """Run the blocking ``read`` in a thread, once for all the calls that find it due
+        together: they wait for the same read instead of each starting one."""
+        pending = self._reading.get(what)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+                None, read))
+            self._reading[what] = pending
+            pending.add_done_callback(lambda _f: self._reading.pop(what, None))
+        await asyncio.shield(pending)
 
     def _authorize(self, claims: Claims, name: str, route: RouteConfig, method: str,
                    sub: str) -> None:

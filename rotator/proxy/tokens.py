@@ -81,9 +81,8 @@ class SigningKeys:
         """Read the keys again. A vault or store that cannot answer keeps the keys read last
         (retiring a key needs both, so none is accepted that should not be) and is asked again
         after ``refresh``; with no keys read yet, the error is raised."""
-        self._read_at = -1e18
         try:
-            self._load()
+            self._load(force=True)
         except RotatorError as exc:
             if self._current is None:
                 raise
@@ -91,8 +90,8 @@ class SigningKeys:
             log.warning("cannot read the signing keys of %s (%s); verifying with those read "
                         "last", self.cred.name, exc)
 
-    def _load(self) -> None:
-        if self.clock() - self._read_at < self.refresh:
+    def _load(self, force: bool = False) -> None:
+        if not force and self.clock() - self._read_at < self.refresh:
             return
         vault = self.runtime.vault(self.cred.vault)
         try:
