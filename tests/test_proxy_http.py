@@ -192,5 +192,5 @@ def test_a_slow_agent_holds_back_the_stream_instead_of_buffering_it_all() -> Non
 
 def test_header_safe_refuses_what_would_inject_a_header() -> None:
     assert header_safe("sk-proj-abc_DEF-123")
-    for bad in ("sk-abc\r\nX-Admin: 1", "sk\nx", "sk\x00", "sk\x7f"):
+    for bad in ("sk-abc\r\nX-Admin: 1", "sk\nx", "sk\x00", "sk\x7f", "sk-\u20ac"):
         assert not header_safe(bad)

@@ -48,9 +48,9 @@ Headers = list[tuple[bytes, bytes]]
 
 
 def header_safe(value: str) -> bool:
-    """Whether ``value`` can be a header value as is (no CR, LF, NUL or other control
-    character that would end the header or start another)."""
-    return all(" " <= c <= "~" or c == "\t" or c > "\x7f" for c in value)
+    """Whether ``value`` can be a header value as is: printable ASCII (no CR, LF, NUL or other
+    control character that would end the header or start another; API keys are ASCII)."""
+    return value.isascii() and value.isprintable()
 
 
 def _reason(status: int) -> bytes:
