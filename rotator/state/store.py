@@ -755,20 +755,19 @@ class StateStore:
         """Write usage buckets (``key_id, credential, start, width, requests, tokens, cost``)
         of ``provider``, replacing the figures of buckets already held: a provider's count for
         a recent bucket grows until the bucket is over."""
-        if not rows:
-            return
-        table = _USAGE
-        with self._tx() as conn:
-            stmt = _dialect_insert(conn)(table)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[table.c.provider, table.c.key_id, table.c.width, table.c.start],
-                set_={"requests": stmt.excluded.requests, "tokens": stmt.excluded.tokens,
-                      "cost": stmt.excluded.cost, "credential": stmt.excluded.credential})
-            conn.execute(stmt, [{"provider": provider, **row} for row in rows])
+        self._upsert_usage(provider, rows, lambda new: {
+            "requests": new.requests, "tokens": new.tokens, "cost": new.cost})
 
     def add_usage(self, provider: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Add counts (``key_id, credential, start, width, requests``) to usage buckets of
         ``provider``: the credential proxy's replicas each add the calls they forwarded."""
+        self._upsert_usage(
+            provider, [{"tokens": None, "cost": None, **row} for row in rows],
+            lambda new: {"requests": func.coalesce(_USAGE.c.requests, 0) + new.requests})
+
+    def _upsert_usage(self, provider: str, rows: Sequence[Mapping[str, Any]],
+                      figures: Callable[[Any], dict[str, Any]]) -> None:
+        """Insert buckets, or update a held one's ``figures(excluded)`` and credential."""
         if not rows:
             return
         table = _USAGE
@@ -776,10 +775,8 @@ class StateStore:
             stmt = _dialect_insert(conn)(table)
             stmt = stmt.on_conflict_do_update(
                 index_elements=[table.c.provider, table.c.key_id, table.c.width, table.c.start],
-                set_={"requests": func.coalesce(table.c.requests, 0) + stmt.excluded.requests,
-                      "credential": stmt.excluded.credential})
-            conn.execute(stmt, [{"provider": provider, "tokens": None, "cost": None, **row}
-                                for row in rows])
+                set_={**figures(stmt.excluded), "credential": stmt.excluded.credential})
+            conn.execute(stmt, [{"provider": provider, **row} for row in rows])
 
     def usage(self, *, credentials: Sequence[str] | None = None, since: datetime,
               width: int | None = None, key_ids: Sequence[str] | None = None,
