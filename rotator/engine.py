@@ -58,10 +58,11 @@ from rotator.events import (
     TransactionalListener,
 )
 from rotator.generation import Generation
-from rotator.interfaces import KeyTerms, NewKey, Provider, Vault
+from rotator.interfaces import KeyTerms, NewKey, Provider, Secret, Vault, VaultValue
 from rotator.outages import OutageLog
 from rotator.policy import GraceWait
 from rotator.protocol import PROTOCOL, OldKeyRevocation, Produced
+from rotator.sibling_keys import SiblingKeys
 from rotator.state.leases import Fence, Leases
 from rotator.state.models import CredentialState, Revocation, Rotation
 from rotator.state.store import DueFacts, StaleRotation, StateStore, lock_owner_id
@@ -168,6 +169,8 @@ class Engine:
         self.listeners: list[Listener] = []
         self.call_observers: list[CallObserver] = []
         """Told of every provider/vault call attempt (metrics); must return at once."""
+        self.sibling_keys = SiblingKeys()
+        """What never-rotated credentials hold, for the shared-key check before a revoke."""
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -747,11 +750,11 @@ class Engine:
 
     def _revoke_one(self, cred: CredentialConfig, rotation: Rotation, rev: Revocation) -> bool:
         provider = self.runtime.provider(cred.provider)
-        vault = self.runtime.vault(cred.vault)
         info = self.runtime.info(cred)
         started, t0 = self.clock(), time.monotonic()
         try:
-            holders = self._still_held_by(cred, rev)
+            old = self._old_value(cred, rev)
+            holders = self._still_held_by(cred, rev, old)
             if holders:
                 self.store.record_revocation(
                     rev.id, rotation.id, started, self.clock(), ok=True, handed_over=True,
@@ -763,15 +766,11 @@ class Engine:
                 return True
             self._retry(provider.revoke, info, rev.key_id)
             if provider.capabilities.verify_revoked and rev.vault_version:
-                try:
-                    old = self._retry(vault.read_version, cred.path, cred.field,
-                                      rev.vault_version)
-                except NotFound:
-                    old = None  # the version was pruned: the revoke stands, unconfirmed
+                if old is None:  # the version was pruned: the revoke stands, unconfirmed
                     log.warning("%s: vault version %s holding old key %s is gone; revoked "
                                 "without checking the provider now refuses it", cred.name,
                                 rev.vault_version, rev.key_id)
-                if old is not None:
+                else:
                     self._retry(self._confirm_dead, provider, info, old, rev.key_id)
         except Interrupted:
             raise
@@ -793,13 +792,28 @@ class Engine:
         log.info("%s: old key %s of rotation %s revoked", cred.name, rev.key_id, rotation.id)
         return True
 
-    def _still_held_by(self, cred: CredentialConfig, rev: Revocation) -> list[str]:
-        """Other credentials of the same provider that still use the key ``rev`` would revoke:
-        one key several agents shared before ``rotator import`` gave each a credential. It
-        dies with the revocation of the last of them, so no agent loses a key it still reads.
+    def _old_value(self, cred: CredentialConfig, rev: Revocation) -> Secret | None:
+        """The old key as the vault version that held it has it (one read serves the
+        shared-key check and the check that the provider refuses it); None when that version
+        is gone or its field is empty."""
+        if not rev.vault_version:
+            return None
+        try:
+            return self._retry(self.runtime.vault(cred.vault).read_version, cred.path,
+                               cred.field, rev.vault_version)
+        except NotFound:
+            return None
+
+    def _still_held_by(self, cred: CredentialConfig, rev: Revocation,
+                       old: Secret | None) -> list[str]:
+        """Other credentials of the same provider that still use the key ``rev`` would revoke
+        (``old``, its value, when the vault still has it): one key several agents shared
+        before ``rotator import`` gave each a credential. It dies with the revocation of the
+        last of them, so no agent loses a key it still reads.
 
         Two filtered queries, and vault reads only for credentials rotator has not rotated yet
-        (no ``current_key_id``): only those can hold an adopted key."""
+        (no ``current_key_id``): only those can hold an adopted key. What they hold is kept a
+        few seconds (``SiblingKeys``), so a fleet-wide batch reads each of them about once."""
         siblings = {c.name: c for c in self.policies.credentials
                     if c.provider == cred.provider and c.name != cred.name}
         if not siblings:
@@ -813,30 +827,29 @@ class Engine:
         unrotated = sorted(self.store.never_rotated() & siblings.keys())
         if not unrotated:
             return later
-        old = None
-        if rev.vault_version:
-            try:
-                old = self._retry(self.runtime.vault(cred.vault).read_version, cred.path,
-                                  cred.field, rev.vault_version)
-            except NotFound:
-                old = None
         provider = self.runtime.provider(cred.provider)
         holders = list(later)
+        wanted = self.sibling_keys.fingerprint(old) if old is not None else None
         for name in unrotated:
             sib = siblings[name]
-            try:
-                current = self._retry(self.runtime.vault(sib.vault).read, sib.path, sib.field,
-                                      provider.companion_fields(self.runtime.info(sib)))
-            except NotFound:
+
+            def current(sib: CredentialConfig = sib) -> VaultValue | None:
+                try:
+                    return self._retry(self.runtime.vault(sib.vault).read, sib.path, sib.field,
+                                       provider.companion_fields(self.runtime.info(sib)))
+                except NotFound:
+                    return None
+
+            if wanted is not None:
+                if self.sibling_keys.held_by(name, current) == wanted:
+                    holders.append(name)
                 continue
-            if current.secret is None or current.metadata.get("key_id"):
+            # The old version is gone: ask the provider whose key the sibling holds.
+            value = current()
+            if value is None or value.secret is None or value.metadata.get("key_id"):
                 continue  # written by rotator: that credential has a key of its own
-            if old is not None:
-                same = current.secret.reveal() == old.reveal()
-            else:  # the old version is gone: ask the provider whose key it is
-                same = self._retry(provider.identify, self.runtime.info(sib), current.secret,
-                                   dict(current.companions)) == rev.key_id
-            if same:
+            if self._retry(provider.identify, self.runtime.info(sib), value.secret,
+                           dict(value.companions)) == rev.key_id:
                 holders.append(name)
         return sorted(set(holders))
 
