@@ -50,6 +50,7 @@ from rotator.interfaces import (
     WriteAccessCheck,
 )
 from rotator.plugin_support import same_text
+from rotator.vaults.kv_http import KvHttp
 from rotator.vaults.vault_token import VaultToken, errors_text
 
 if TYPE_CHECKING:
@@ -177,6 +178,8 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         self._lock = threading.Lock()
         self._clients: list[hvac.Client] = []
         self._auth = VaultToken(name, self.cfg, self._new_client, self._translate)
+        self._kv = KvHttp(self.cfg.url, timeout=self.cfg.timeout, verify=self.cfg.verify_tls,
+                          namespace=self.cfg.namespace)
 
     # -- Vault contract ---------------------------------------------------------------------------
 
@@ -232,7 +235,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
             import hvac.exceptions
 
             try:
-                client.secrets.kv.v2.delete_metadata_and_all_versions(staged, mount_point=mount)
+                self._kv.request("DELETE", f"{mount}/metadata/{quote(staged)}", client.token)
             except hvac.exceptions.InvalidPath as exc:
                 if _NO_ROUTE in errors_text(exc):
                     raise
@@ -448,6 +451,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         for client in clients:
             client.adapter.close()
         self._local = threading.local()
+        self._kv.close()
         self._auth.close()
 
     # -- reading and writing ----------------------------------------------------------------------
@@ -459,9 +463,10 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         def get(client: hvac.Client) -> _Version | None:
             import hvac.exceptions
 
+            query = "" if version is None else f"?version={version}"
             try:
-                answer = client.secrets.kv.v2.read_secret_version(
-                    path, version=version, mount_point=mount, raise_on_deleted_version=True)
+                answer = self._kv.request("GET", f"{mount}/data/{quote(path)}{query}",
+                                          client.token)
             except hvac.exceptions.InvalidPath as exc:
                 body = exc.json if isinstance(exc.json, dict) else {}
                 meta = ((body.get("data") or {}).get("metadata")) if body else None
@@ -483,9 +488,10 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         def write(client: hvac.Client) -> int:
             import hvac.exceptions
 
+            options = {} if cas is None else {"cas": cas}
             try:
-                answer = client.secrets.kv.v2.create_or_update_secret(
-                    path, secret=data, cas=cas, mount_point=mount)
+                answer = self._kv.request("POST", f"{mount}/data/{quote(path)}", client.token,
+                                          body={"options": options, "data": data})
             except hvac.exceptions.InvalidRequest as exc:
                 if _CAS_MISMATCH in errors_text(exc):
                     raise _CasConflict from None
@@ -536,10 +542,9 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
             import hvac.exceptions
 
             try:
-                client.adapter.request(
-                    "PATCH", f"/v1/{mount}/metadata/{quote(path)}",
-                    json={"custom_metadata": patch},
-                    headers={"Content-Type": "application/merge-patch+json"})
+                self._kv.request("PATCH", f"{mount}/metadata/{quote(path)}", client.token,
+                                 body={"custom_metadata": patch},
+                                 content_type="application/merge-patch+json")
             except (hvac.exceptions.Forbidden, hvac.exceptions.UnexpectedError):
                 return False  # no "patch" capability, or a server without PATCH (405)
             return True
@@ -596,6 +601,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
     def _call(self, fn: Callable[[hvac.Client], T], *, what: str, capability: str) -> T:
         """Run ``fn`` with this thread's client; translate failures; log in again once on 403."""
         import hvac.exceptions
+        import urllib3.exceptions
 
         relogged = False
         while True:
@@ -615,23 +621,30 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
                     f"vault {self.name!r} at {self.cfg.url} denied {what}: permission denied; "
                     f"the token's policy needs {capability} (or the token has expired, or mount "
                     f"{self.cfg.mount!r} does not exist)") from exc
-            except (hvac.exceptions.VaultError, OSError) as exc:  # requests' errors are OSErrors
+            except (hvac.exceptions.VaultError, OSError, urllib3.exceptions.HTTPError) as exc:
+                # requests' errors are OSErrors; urllib3's come from the KV hot path (KvHttp)
                 raise self._translate(exc, what) from exc
 
     def _translate(self, exc: Exception, what: str) -> RotatorError:
         """An hvac or requests exception as a rotator error; never quotes a request body."""
         import hvac.exceptions as hx
         import requests
+        import urllib3.exceptions as ux
 
         where = f"vault {self.name!r} at {self.cfg.url}"
-        if isinstance(exc, requests.exceptions.SSLError):
+        if isinstance(exc, ux.MaxRetryError) and exc.reason is not None:
+            exc = exc.reason  # what really went wrong (retries are off: the one attempt)
+        if isinstance(exc, requests.exceptions.SSLError | ux.SSLError):
             return PermanentError(
                 f"{where}: TLS verification failed while {what}; set verify_tls to the CA "
                 "bundle that signed the server's certificate")
-        if isinstance(exc, requests.Timeout):
+        if isinstance(exc, ux.NewConnectionError):  # also a ConnectTimeoutError in urllib3 2
+            return TransientError(f"{where} is unreachable while {what} "
+                                  f"({type(exc).__name__}); is it running?")
+        if isinstance(exc, requests.Timeout | ux.TimeoutError):
             return TransientError(f"{where} did not answer within {self.cfg.timeout:g}s while "
                                   f"{what}")
-        if isinstance(exc, requests.RequestException):
+        if isinstance(exc, requests.RequestException | ux.HTTPError):
             return TransientError(f"{where} is unreachable while {what} "
                                   f"({type(exc).__name__}); is it running?")
         if isinstance(exc, ConnectionError | TimeoutError):  # refused or reset below requests
