@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import math
 import re
 import secrets
 import string
@@ -27,6 +28,7 @@ from rotator.testing.fake_server import (
     ApiError,
     EventStream,
     JsonApiFake,
+    RateLimitState,
     Request,
     bearer,
     random_text,
@@ -297,6 +299,39 @@ class FakeOpenAIServer(JsonApiFake):
     def fault_error(self, request: Request, status: int, retry_after: float | None) -> ApiError:
         """OpenAI's error for ``status``; ``retry_after`` is sent with all but 401, 403 and 404."""
         return _fault_error(status, retry_after)
+
+    def rate_limit_key(self, request: Request) -> str | None:
+        """:meth:`set_rate_limit` limits the admin key (every Admin API call made with it); the
+        keys it mints have limits of their own, not modelled here."""
+        token = bearer(request.headers.get("authorization"))
+        if token is not None and hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            return "admin"
+        return None
+
+    def rate_limit_error(self, request: Request, state: RateLimitState) -> ApiError:
+        """OpenAI's 429 for requests over a rate limit: ``type`` ``requests``, ``code``
+        ``rate_limit_exceeded``, the wait in the message and in ``retry-after-ms`` and
+        ``retry-after`` (whole seconds), which the SDK reads in that order."""
+        wait_ms = max(1, math.ceil(state.retry_after * 1000))
+        return _ApiError(
+            429,
+            f"Rate limit reached for requests in organization org-fake on requests per "
+            f"second: Limit {state.limit}, Used {state.limit}, Requested 1. Please try again "
+            f"in {_go_duration(wait_ms / 1000)}. Visit "
+            "https://platform.openai.com/account/rate-limits to learn more.",
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after-ms": str(wait_ms),
+                     "retry-after": str(max(1, math.ceil(wait_ms / 1000)))},
+        )
+
+    def rate_limit_headers(self, state: RateLimitState) -> dict[str, str]:
+        """``x-ratelimit-*-requests`` as OpenAI documents them: requests permitted before the
+        limit is exhausted, how many remain, and the time until it is back to its initial
+        state (a Go duration such as ``12ms`` or ``6m0s``)."""
+        return {"x-ratelimit-limit-requests": str(state.limit),
+                "x-ratelimit-remaining-requests": str(state.remaining),
+                "x-ratelimit-reset-requests": _go_duration(state.reset)}
 
     def no_route(self, request: Request, other_method: bool) -> ApiError:
         return _ApiError(404, f"Invalid URL ({request.method} {request.path})")
@@ -643,6 +678,18 @@ class FakeOpenAIServer(JsonApiFake):
             },
             "owner_project_access": "active",
         }
+
+
+def _go_duration(seconds: float) -> str:
+    """``seconds`` the way OpenAI's rate-limit headers write a duration (Go's
+    ``time.Duration``): ``0s``, ``12ms``, ``1.5s``, ``6m0s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
 
 
 def _invalid_key(token: str) -> _ApiError:

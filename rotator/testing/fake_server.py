@@ -2,9 +2,11 @@
 
 The fakes of OpenAI, Stripe, SendGrid, Cloudflare and Anthropic differ only in their APIs; the
 serving around them is the same, so it lives here once: start/stop and the context manager, a
-request log (:meth:`JsonApiFake.request_count`), injected faults and latency, routing, and the
-HTTP handler. A fake declares ``routes``, implements their handlers and, through a few hooks,
-shapes errors and headers the way its service does.
+request log (:meth:`JsonApiFake.request_count`, :meth:`JsonApiFake.answered`), injected
+faults, latency (each request delayed on its own thread, never queued behind another), an
+optional request-rate limit per caller (a token bucket, as a real API's, answering 429 above
+it), routing, and the HTTP handler. A fake declares ``routes``, implements their handlers and,
+through a few hooks, shapes errors and headers the way its service does.
 
 Nothing here logs a header or a body, so no key value leaves through this module.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import string
@@ -26,8 +29,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ApiError", "EventStream", "JsonApiFake", "Request", "Route", "bearer", "random_text",
-           "rfc3339"]
+__all__ = ["Answered", "ApiError", "EventStream", "JsonApiFake", "RateLimitState", "Request",
+           "Route", "bearer", "random_text", "rfc3339"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,37 @@ class _Fault:
                 and (self.method is None or self.method == method))
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One answered request of the log: when it arrived and was answered (``time.time()``),
+    and its status. Never a header or a body."""
+
+    at: float
+    answered_at: float
+    method: str
+    target: str
+    status: int
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """Where one caller stands against the rate limit, for the service's headers: ``limit``
+    requests permitted before the limit is exhausted, ``remaining`` of them, ``reset`` seconds
+    until it is back to its initial state, ``retry_after`` seconds until the next request
+    would be let through (0 when this one was)."""
+
+    limit: int
+    remaining: int
+    reset: float
+    retry_after: float
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
 class JsonApiFake:
     """A JSON API on loopback: subclasses declare ``routes`` and implement the handlers.
 
@@ -114,7 +148,8 @@ class JsonApiFake:
     ``self._lock`` held; it raises :class:`ApiError` for an error response (a fake that calls
     its handlers otherwise overrides :meth:`dispatch`). The hooks :meth:`error_body`,
     :meth:`fault_error`, :meth:`no_route` and :meth:`response_headers` shape responses the way
-    the service does.
+    the service does; :meth:`rate_limit_key`, :meth:`rate_limit_error` and
+    :meth:`rate_limit_headers` say who a rate limit applies to and how it answers.
     """
 
     routes: ClassVar[list[Route]] = []
@@ -134,6 +169,11 @@ class JsonApiFake:
         self._faults: list[_Fault] = []
         self._requests: list[tuple[str, str]] = []
         self._latency = 0.0
+        self._answered: list[Answered] = []
+        self._rate: float | None = None
+        self._burst = 0.0
+        self._buckets: dict[str, _Bucket] = {}
+        self._throttled = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -199,11 +239,37 @@ class JsonApiFake:
         with self._lock:
             self._latency = seconds
 
+    def set_rate_limit(self, requests_per_second: float | None, burst: float | None = None
+                       ) -> None:
+        """Let each caller (:meth:`rate_limit_key`) make ``requests_per_second`` requests a
+        second, ``burst`` (default: one second's worth) at once after a quiet spell, and answer
+        the requests above that with :meth:`rate_limit_error` (a token bucket, counted at
+        arrival, before latency). None lifts the limit."""
+        if requests_per_second is not None and requests_per_second <= 0:
+            raise ValueError("requests_per_second must be positive")
+        with self._lock:
+            self._rate = requests_per_second
+            self._burst = max(1.0, burst if burst is not None else requests_per_second or 1.0)
+            self._buckets.clear()
+
     def reset_faults(self) -> None:
-        """Forget pending faults and latency."""
+        """Forget pending faults, latency and the rate limit."""
         with self._lock:
             self._faults.clear()
             self._latency = 0.0
+            self._rate = None
+            self._buckets.clear()
+
+    @property
+    def rate_limited_count(self) -> int:
+        """How many requests the rate limit refused (429) so far."""
+        with self._lock:
+            return self._throttled
+
+    def answered(self) -> list[Answered]:
+        """Every answered request so far, in the order they were answered."""
+        with self._lock:
+            return list(self._answered)
 
     def request_count(self, method: str | None = None, path_contains: str = "") -> int:
         """How many requests (query string included in the path) matched so far."""
@@ -220,6 +286,20 @@ class JsonApiFake:
 
     def response_headers(self) -> dict[str, str]:
         """Headers added to every response (request ids)."""
+        return {}
+
+    def rate_limit_key(self, request: Request) -> str | None:
+        """Who ``request`` counts against when a rate limit is set (None: nobody, it is not
+        limited). By default nothing is limited; a fake names its service's unit (a key)."""
+        return None
+
+    def rate_limit_error(self, request: Request, state: RateLimitState) -> ApiError:
+        """The answer to a request above the rate limit."""
+        return ApiError(429, self.error_body(429, "rate limit exceeded"),
+                        {"retry-after": f"{max(1, math.ceil(state.retry_after))}"})
+
+    def rate_limit_headers(self, state: RateLimitState) -> dict[str, str]:
+        """Headers telling a limited caller where it stands, on every answer it gets."""
         return {}
 
     def fault_error(self, request: Request, status: int, retry_after: float | None) -> ApiError:
@@ -262,23 +342,52 @@ class JsonApiFake:
         """Log the request, apply a pending fault or latency, then :meth:`dispatch`:
         ``(status, body, headers)``."""
         request = Request.parse(method, target, headers, raw)
+        at = time.time()
         with self._lock:
             self._requests.append((method, target))
             latency = self._latency
             fault = next((f for f in self._faults if f.matches(method, target)), None)
             if fault is not None:
                 fault.remaining -= 1
+            limit = self._take(request) if fault is None else None
         log.debug("%s: %s %s", self.name, method, urlsplit(target).path)
         if latency:
-            time.sleep(latency)
+            time.sleep(latency)  # on this request's own thread: concurrent requests overlap
         extra = self.response_headers()
+        if limit is not None:
+            extra.update(self.rate_limit_headers(limit))
         try:
             if fault is not None:
                 raise self.fault_error(request, fault.status, fault.retry_after)
+            if limit is not None and limit.retry_after > 0:
+                raise self.rate_limit_error(request, limit)
             status, body = self.dispatch(request)
         except ApiError as exc:
-            return exc.status, exc.body, {**extra, **exc.headers}
+            status, body, extra = exc.status, exc.body, {**extra, **exc.headers}
+        with self._lock:
+            self._answered.append(Answered(at, time.time(), method, target, status))
         return status, body, extra
+
+    def _take(self, request: Request) -> RateLimitState | None:
+        """Take a token of ``request``'s caller's bucket (``_lock`` held): None when no limit
+        applies; ``retry_after`` > 0 when the bucket was empty (the request is refused)."""
+        if self._rate is None:
+            return None
+        key = self.rate_limit_key(request)
+        if key is None:
+            return None
+        now = time.monotonic()
+        bucket = self._buckets.setdefault(key, _Bucket(self._burst, now))
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
+        bucket.updated = now
+        wait = 0.0
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+        else:
+            wait = (1 - bucket.tokens) / self._rate
+            self._throttled += 1
+        return RateLimitState(limit=int(self._burst), remaining=int(bucket.tokens),
+                              reset=(self._burst - bucket.tokens) / self._rate, retry_after=wait)
 
 
 @dataclass(frozen=True)
@@ -293,6 +402,7 @@ class EventStream:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # a fleet's workers connecting at once are not refused a SYN
     fake: JsonApiFake
 
     def handle_error(self, request: Any, client_address: Any) -> None:
