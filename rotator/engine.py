@@ -46,6 +46,7 @@ from rotator.errors import (
     LockHeld,
     NotFound,
     PermanentError,
+    RateLimited,
     RotatorError,
     TransientError,
 )
@@ -1060,22 +1061,42 @@ class Engine:
                **kwargs: Any) -> T:
         """Call ``fn`` retrying only ``TransientError``, with backoff, until the deadline.
         Every attempt is fenced (see ``_guarded``) and every backoff sleep ends early when the
-        lease is lost. ``tries``, if given, gets the number of attempts made appended."""
-        plugin = isinstance(getattr(fn, "__self__", None), Provider | Vault)
+        lease is lost. Time spent waiting for a rate limit does not count against the
+        deadline (``_Deadline``): a 429 slows a rotation down, it never fails it. ``tries``, if
+        given, gets the number of attempts the remote may have acted on appended (an attempt
+        refused for the rate limit was not)."""
+        owner = getattr(fn, "__self__", None)
+        plugin = isinstance(owner, Provider | Vault)
+        paced = isinstance(owner, Provider)
+        local = self._local
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, RateLimited):
+                if paced:
+                    return 0.0  # the provider's pacer holds every worker as long as it asked
+                seconds = _wait_retry_after(state)
+                local.throttle_wait = getattr(local, "throttle_wait", 0.0) + seconds
+                return seconds
+            return _wait_retry_after(state)
+
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            stop=self._stop_deadline(),
-            wait=_wait_retry_after,
+            stop=_Deadline(self.policies.settings.retry_deadline.total_seconds(),
+                           self.stop_event, local),
+            wait=wait,
             sleep=self._pause,
             reraise=True,
             # A plugin's outage is logged once by ``outages``; each attempt only at debug.
             before_sleep=_log_retry_quietly if plugin else _log_retry,
         )
+        refused = getattr(local, "throttled_calls", 0)
         try:
             return retrying(self._guarded(fn), *args, **kwargs)
         finally:
             if tries is not None:
-                tries.append(retrying.statistics.get("attempt_number", 1))
+                refused = getattr(local, "throttled_calls", 0) - refused
+                tries.append(max(1, retrying.statistics.get("attempt_number", 1) - refused))
 
     def _pause(self, seconds: float) -> None:
         """A backoff sleep under the fence: it ends early (``LeaseLost``) as soon as the lease
@@ -1096,17 +1117,33 @@ class Engine:
     def _guarded(self, fn: Callable[..., T]) -> Callable[..., T]:
         """``fn`` checking the rotation's fence right before each attempt is sent (the store
         is asked too before a call that changes something), and, for a plugin method,
-        telling ``call_observers`` and ``outages`` how each attempt went."""
+        telling ``call_observers`` and ``outages`` how each attempt went.
+
+        A provider call first waits its turn at the provider's pacer (``rotator.pacing``),
+        which it then tells whether the provider throttled it (``RateLimited``); that wait
+        and a throttled attempt's own time are added to this thread's ``throttle_wait``, which
+        ``_Deadline`` does not count. The wait ends early when the lease is lost
+        (``LeaseLost``) or the daemon stops (``Interrupted``)."""
         owner = getattr(fn, "__self__", None)
         fence = getattr(self._local, "fence", None)
         plugin = isinstance(owner, Provider | Vault)
         name = getattr(fn, "__name__", "")
         confirm = plugin and name in MUTATIONS
         kind = "provider" if isinstance(owner, Provider) else "vault"
+        pacer = self.runtime.pacer(owner.name) if isinstance(owner, Provider) else None
+        local = self._local
         attempt = 0
+
+        def pause(seconds: float) -> None:
+            self._pause(seconds)
+            if self.stop_event.is_set():
+                raise Interrupted("the daemon is stopping")
 
         def guarded(*call_args: Any, **kwargs: Any) -> T:
             nonlocal attempt
+            ticket = pacer.acquire(pause) if pacer is not None else None
+            if ticket is not None and ticket.waited:
+                local.throttle_wait = getattr(local, "throttle_wait", 0.0) + ticket.waited
             if fence is not None:
                 fence.confirm() if confirm else fence.check()
             if not plugin:
@@ -1114,22 +1151,38 @@ class Engine:
             attempt += 1
             t0 = time.monotonic()
             status = "error"
+            throttled = False
             try:
                 result = fn(*call_args, **kwargs)
                 status = "ok"
+                if pacer is not None and ticket is not None:
+                    pacer.succeeded(ticket)
                 self.outages.succeeded(kind, owner.name, t0)
                 return result
+            except RateLimited as exc:
+                status, throttled = "transient_error", True
+                if pacer is not None and ticket is not None:
+                    pacer.throttled(ticket, exc.retry_after)
+                local.throttle_wait = (getattr(local, "throttle_wait", 0.0)
+                                       + time.monotonic() - t0)
+                local.throttled_calls = getattr(local, "throttled_calls", 0) + 1
+                self.outages.succeeded(kind, owner.name, t0)  # it answered: it is serving
+                raise
             except TransientError as exc:
                 status = "transient_error"
                 self.outages.failed(kind, owner.name, str(exc))
                 raise
             except RotatorError:
+                if pacer is not None and ticket is not None:
+                    pacer.succeeded(ticket)
                 self.outages.succeeded(kind, owner.name, t0)  # it answered: it is serving
                 raise
             finally:
                 if self.call_observers:
-                    self._observe(PluginCall(kind, owner.name, name, status,
-                                             time.monotonic() - t0, attempt))
+                    self._observe(PluginCall(
+                        kind, owner.name, name, status, time.monotonic() - t0, attempt,
+                        throttled=throttled,
+                        paced_rate=pacer.rate if pacer is not None else None))
 
         return guarded
 
@@ -1179,6 +1232,27 @@ def _apply(rotation: Rotation, fields: dict[str, Any], step: str | None) -> None
 
 
 _exponential = wait_exponential_jitter(multiplier=0.5, max=10)
+
+
+class _Deadline:
+    """``retry_deadline`` as a tenacity stop, not counting the time this thread spent waiting
+    for a rate limit since the retrying began (``local.throttle_wait``: its provider's pacer,
+    a 429's round trip, a throttled vault's ``Retry-After``): in a long emergency against a
+    rate-limited provider, waiting is the work, and it must not fail rotations. Stops at once
+    when the daemon stops."""
+
+    def __init__(self, seconds: float, stop_event: threading.Event,
+                 local: threading.local) -> None:
+        self.seconds = seconds
+        self.stop_event = stop_event
+        self.local = local
+        self.excused_before = getattr(local, "throttle_wait", 0.0)
+
+    def __call__(self, state: RetryCallState) -> bool:
+        if self.stop_event.is_set():
+            return True
+        excused = getattr(self.local, "throttle_wait", 0.0) - self.excused_before
+        return state.seconds_since_start - excused >= self.seconds
 
 
 def _wait_retry_after(state: RetryCallState) -> float:

@@ -16,6 +16,7 @@ __all__ = [
     "NotFound",
     "PermanentError",
     "PluginError",
+    "RateLimited",
     "RotatorError",
     "TransientError",
     "UnsupportedOperation",
@@ -35,6 +36,15 @@ class TransientError(RotatorError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    """The remote refused the call for its rate limit (HTTP 429, not an exhausted quota).
+
+    Never fails a rotation: the engine paces every call to that provider down to the rate it
+    allows (``rotator.pacing``) and retries, and the time spent waiting for the limit does not
+    count against ``retry_deadline``.
+    """
 
 
 class Interrupted(RotatorError):

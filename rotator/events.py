@@ -84,6 +84,10 @@ class PluginCall:
     """``ok``, ``transient_error`` (will be retried) or ``error``."""
     duration: float
     attempt: int
+    throttled: bool = False
+    """The provider refused it for its rate limit (a 429; ``status`` is ``transient_error``)."""
+    paced_rate: float | None = None
+    """Requests per second the provider's calls are paced at now (None: not paced)."""
 
 
 Listener = Callable[[StepFinished | RotationFinished], None]

@@ -19,6 +19,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -262,6 +263,14 @@ class Metrics:
             "rotator_vault_requests_total",
             "Calls to vaults by operation and status (ok, transient_error, error).",
             ["vault", "operation", "status"], registry=self.registry)
+        self.throttled = Counter(
+            "rotator_provider_throttled_total", "Provider calls refused for the provider's "
+            "rate limit (429): retried once the provider's pacer allows, never a failure.",
+            ["provider"], registry=self.registry)
+        self.paced_rate = Gauge(
+            "rotator_provider_paced_rate", "Requests per second rotator paces a provider's "
+            "calls at since it last throttled (absent: never throttled).", ["provider"],
+            registry=self.registry)
         self.retries = Counter(
             "rotator_retries_total", "Provider and vault calls repeated after a transient error.",
             ["kind", "plugin", "operation"], registry=self.registry)
@@ -341,6 +350,10 @@ class Metrics:
     def on_call(self, call: PluginCall) -> None:
         counter = self.provider_requests if call.kind == "provider" else self.vault_requests
         counter.labels(call.plugin, call.operation, call.status).inc()
+        if call.throttled:
+            self.throttled.labels(call.plugin).inc()
+        if call.paced_rate is not None:
+            self.paced_rate.labels(call.plugin).set(call.paced_rate)
         if call.attempt > 1:
             self.retries.labels(call.kind, call.plugin, call.operation).inc()
 

@@ -21,6 +21,7 @@ from rotator.errors import (
     CredentialRejected,
     NotFound,
     PermanentError,
+    RateLimited,
     RotatorError,
     TransientError,
 )
@@ -117,13 +118,14 @@ def classify_status(status: int, *, prefix: str, detail: str, service: str,
                     rate_limited: bool = False) -> RotatorError:
     """The error for an unexpected HTTP status that says nothing about a credential.
 
-    429 (or ``rate_limited``), 5xx and ``transient`` are :class:`TransientError` with ``wait``
-    as their ``retry_after``: a retry can fix them. 404 is :class:`NotFound` (``not_found``
-    says what to check); anything else a :class:`PermanentError`. ``service`` names the remote
-    in the message (``"Stripe"``, ``"the service"``); ``detail`` must already be safe to quote.
+    429 (or ``rate_limited``) is :class:`RateLimited`, 5xx and ``transient`` are
+    :class:`TransientError`, each with ``wait`` as its ``retry_after``: a retry can fix them.
+    404 is :class:`NotFound` (``not_found`` says what to check); anything else a
+    :class:`PermanentError`. ``service`` names the remote in the message (``"Stripe"``,
+    ``"the service"``); ``detail`` must already be safe to quote.
     """
     if status == 429 or rate_limited:
-        return TransientError(f"{prefix}: rate limited ({detail})", retry_after=wait)
+        return RateLimited(f"{prefix}: rate limited ({detail})", retry_after=wait)
     if status >= 500 or status in transient:
         return TransientError(f"{prefix}: {service} is unavailable ({detail})", retry_after=wait)
     if status == 404:

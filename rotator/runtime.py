@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rotator import plugins
 from rotator.errors import NotFound, PermanentError
 from rotator.interfaces import CredentialInfo, Provider, Secret, Vault
+from rotator.pacing import Pacer
 from rotator.systemd import expand_credentials_directory
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class Runtime:
         self.policies = policies
         self._vaults: dict[str, Vault] = {}
         self._providers: dict[str, Provider] = {}
+        self._pacers: dict[str, Pacer] = {}
         self._lock = threading.Lock()
 
     def vault(self, name: str) -> Vault:
@@ -51,6 +53,15 @@ class Runtime:
                                                             self.resolve_secret)
                 self._providers[name] = provider
             return provider
+
+    def pacer(self, name: str) -> Pacer:
+        """The pacer every call to provider ``name`` goes through, shared by all threads: the
+        provider's rate limit is one for all of them (see :mod:`rotator.pacing`)."""
+        with self._lock:
+            pacer = self._pacers.get(name)
+            if pacer is None:
+                pacer = self._pacers[name] = Pacer(name)
+            return pacer
 
     def warm_up(self, credentials: Iterable[CredentialConfig]) -> None:
         """Build the plugins these credentials use and let them import their SDKs, on the

@@ -1,0 +1,71 @@
+"""A fleet rotated against a provider whose admin key is rate limited: 429s slow rotations
+down to the provider's rate, they never fail one, and the operator sees the throttling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rotator.config import load_policies
+from rotator.engine import Engine, RotationRequest
+from rotator.metrics import Metrics
+from rotator.runtime import Runtime
+from rotator.state.store import StateStore
+from tests.support import make_fleet
+
+
+@pytest.fixture(autouse=True)
+def _vault_token(openbao, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+
+
+def test_rotate_now_all_at_the_rate_limit_fails_nothing(tmp_path, openbao, fake_openai):
+    """30 credentials on 30 threads against 15 admin requests/s: far more calls are ready than
+    the provider allows, for longer than ``retry_deadline`` (2 s), and every rotation still
+    succeeds: waiting for the rate limit is not counted against the deadline."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=30, settings={
+        "max_concurrent_rotations": 30, "retry_deadline": "2s"})
+    fake_openai.set_rate_limit(15, burst=5)
+    result = fleet.cli("rotate-now", "--all", "--revoke-first", "--reason", "drill", "--yes",
+                       "--json", timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["failed"] == 0 and report["succeeded"] == 30
+    assert fake_openai.rate_limited_count > 0, "the fleet did reach the limit"
+    fleet.assert_settled()
+    for cred in fleet.credentials:
+        assert not any(k["id"] == fleet.legacy_keys[cred["name"]] for k in fleet.live_keys(cred))
+    # Paced, the fleet mostly waited its turn instead of being refused.
+    admin_calls = sum(1 for a in fake_openai.answered() if "/organization/" in a.target)
+    assert fake_openai.rate_limited_count < admin_calls / 2
+    assert "rate limiting (429)" in result.stderr
+    assert result.stderr.count("rate limiting (429)") <= 3, "logged per episode, not per call"
+
+
+def test_throttles_are_counted_and_the_paced_rate_shown(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store)
+    metrics = Metrics(store, lambda: policies)
+    engine.call_observers.append(metrics.on_call)
+    engine.sync_credentials()
+    fake_openai.inject_fault(429, count=2, path_contains="/service_accounts/", method="POST",
+                             retry_after=0.05)
+    try:
+        for cred in fleet.credentials:
+            result = engine.rotate(RotationRequest(credential=cred["name"], trigger="manual"))
+            assert result.ok, result.message
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()
+    sample = metrics.registry.get_sample_value
+    assert sample("rotator_provider_throttled_total", {"provider": "openai-test"}) == 2
+    rate = sample("rotator_provider_paced_rate", {"provider": "openai-test"})
+    assert rate is not None and rate > 0
+    assert runtime.pacer("openai-test").throttles == 2
+    # A 429 refused the create unheard: no search for a key it might have made.
+    assert fake_openai.request_count("GET", "/api_keys?") <= 2, "only identify's listings"
