@@ -52,6 +52,7 @@ class SiblingKeys:
         self._clock = clock
         self._lock = threading.Lock()
         self._verdicts: dict[str, _Verdict] = {}
+        self._reading: dict[str, threading.Lock] = {}
 
     def fingerprint(self, secret: Secret) -> bytes:
         return hmac.new(self._key, secret.reveal().encode(), hashlib.sha256).digest()
@@ -59,17 +60,21 @@ class SiblingKeys:
     def held_by(self, name: str, read: Callable[[], VaultValue | None]) -> bytes:
         """The fingerprint of the adopted key ``name`` holds, or ``OWN_KEY``; ``read`` (the
         credential's current vault value, None when there is none) runs only when the last
-        answer is older than ``fresh_for``. Errors of ``read`` propagate and are not kept."""
-        now = self._clock()
+        answer is older than ``fresh_for``, and for one caller at a time: workers asking
+        together wait for that one read. Errors of ``read`` propagate and are not kept."""
         with self._lock:
-            known = self._verdicts.get(name)
-        if known is not None and now - known.read_at < self._fresh_for:
-            return known.fingerprint
-        current = read()
-        if current is None or current.secret is None or current.metadata.get("key_id"):
-            verdict = OWN_KEY
-        else:
-            verdict = self.fingerprint(current.secret)
-        with self._lock:
-            self._verdicts[name] = _Verdict(now, verdict)
-        return verdict
+            reading = self._reading.setdefault(name, threading.Lock())
+        with reading:
+            now = self._clock()
+            with self._lock:
+                known = self._verdicts.get(name)
+            if known is not None and now - known.read_at < self._fresh_for:
+                return known.fingerprint
+            current = read()
+            if current is None or current.secret is None or current.metadata.get("key_id"):
+                verdict = OWN_KEY
+            else:
+                verdict = self.fingerprint(current.secret)
+            with self._lock:
+                self._verdicts[name] = _Verdict(now, verdict)
+            return verdict

@@ -51,6 +51,7 @@ from rotator.interfaces import (
 )
 from rotator.plugin_support import same_text
 from rotator.vaults.kv_http import KvHttp
+from rotator.vaults.recent import RecentCache
 from rotator.vaults.vault_token import VaultToken, errors_text
 
 if TYPE_CHECKING:
@@ -180,6 +181,11 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         self._auth = VaultToken(name, self.cfg, self._new_client, self._translate)
         self._kv = KvHttp(self.cfg.url, timeout=self.cfg.timeout, verify=self.cfg.verify_tls,
                           namespace=self.cfg.namespace)
+        # What this process just read or wrote (see rotator.vaults.recent): the latest
+        # version read (only ever the base of a check-and-set write) and the keys it staged,
+        # so a rotation does not read them back over the network.
+        self._latest: RecentCache[_Version] = RecentCache()
+        self._staged: RecentCache[dict[str, Any]] = RecentCache()
 
     # -- Vault contract ---------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         current = self._get(path, what=f"reading {self._where(path)}")
         if current is None or current.data is None:
             raise NotFound(f"vault {self.name!r}: no secret at {self._where(path)}")
+        self._latest.put(path, current)
         value = _as_text(current.data.get(field))
         metadata = self._field_metadata(path, field, current)
         found = {name: text for name in companions
@@ -213,14 +220,14 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
         payload = {"value": secret.reveal(), "rotation_id": rotation_id, "field": field,
                    "companions": dict(companions or {})}
         self._write(staged, payload, cas=None, what=f"staging a new key at {self._where(staged)}")
+        self._staged.put(staged, payload)
 
     def read_staged(self, path: str, field: str, rotation_id: str) -> Secret | None:
         path, field = self._check(path, field)
         staged = self._staged_path(path, rotation_id)
-        found = self._get(staged, what=f"reading the staged key at {self._where(staged)}")
-        if found is None or found.data is None:
+        data = self._staged_data(staged)
+        if data is None:
             return None
-        data = found.data
         if data.get("rotation_id") != rotation_id or data.get("field") != field:
             return None
         value = _as_text(data.get("value"))
@@ -243,6 +250,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
 
         self._call(delete, what=f"discarding the staged key at {self._where(staged)}",
                    capability=f'"delete" on "{mount}/metadata/{staged}"')
+        self._staged.pop(staged)
 
     def missing_write_access(self, path: str, field: str) -> list[str]:
         """Ask the server (``sys/capabilities-self``, in the default policy) what this token
@@ -330,14 +338,14 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
     ) -> str:
         path, field = self._check(path, field)
         where = self._where(path)
-        current = self._get(path, what=f"reading {where}")
+        # The version this process read last is only the base of the check-and-set write:
+        # if another version came since, the write is refused and the secret read again.
+        current = self._latest.get(path) or self._get(path, what=f"reading {where}")
         if current is not None and current.data is not None:
             recorded = self._field_metadata(path, field, current)
             if recorded.get("rotation_id") == rotation_id:
                 return str(current.number)
-        staged_at = self._staged_path(path, rotation_id)
-        found = self._get(staged_at, what=f"reading the staged key at {self._where(staged_at)}")
-        data = found.data if found is not None and found.data is not None else {}
+        data = self._staged_data(self._staged_path(path, rotation_id)) or {}
         value = _as_text(data.get("value"))
         if value is None or data.get("rotation_id") != rotation_id or data.get("field") != field:
             raise PermanentError(
@@ -481,6 +489,14 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
 
         return self._call(get, what=what, capability=f'"read" on "{mount}/data/{path}"')
 
+    def _staged_data(self, staged: str) -> dict[str, Any] | None:
+        """What is staged at ``staged``: as this process wrote it, else read from the vault."""
+        data = self._staged.get(staged)
+        if data is not None:
+            return data
+        found = self._get(staged, what=f"reading the staged key at {self._where(staged)}")
+        return found.data if found is not None else None
+
     def _write(self, path: str, data: dict[str, Any], *, cas: int | None, what: str) -> int:
         """Write a new version; raises :class:`_CasConflict` if ``cas`` is no longer current."""
         mount = self.cfg.mount
@@ -498,6 +514,7 @@ class HashiCorpVault(Vault, StagingInventory, WriteAccessCheck):
                 raise
             return int(answer["data"]["version"])
 
+        self._latest.pop(path)
         return self._call(write, what=what,
                           capability=f'"create" and "update" on "{mount}/data/{path}"')
 
