@@ -4,8 +4,9 @@ N OpenAI credentials (default 1,000), seeded as bench/rotate_now.py does (a real
 server, each secret written by rotator before, so no key needs identifying; SQLite state), the
 fake OpenAI Admin API adding ``--latency`` (100 ms) to every call and limiting the admin key to
 ``--rate`` requests a second (a token bucket of one second's worth, 429 with ``Retry-After``
-above it). Then ``rotator rotate-now --all --revoke-first --yes`` runs as a process with
-``max_concurrent_rotations`` = ``--concurrency``, enough workers to reach the limit.
+above it). Then ``rotator rotate-now --all --revoke-first --yes --concurrency N`` runs as a
+process, N = ``--concurrency`` (64: enough workers to reach the limit; the daemon's default of
+8 is not).
 
 Measured from the fake's own request log, from the moment the command is started:
 
@@ -32,11 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from datetime import datetime
 from pathlib import Path
-
-import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,16 +61,13 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1,
                         help="seconds the fake adds to every call (default 0.1)")
     parser.add_argument("--concurrency", type=int, default=64,
-                        help="max_concurrent_rotations of the run (default 64)")
+                        help="rotate-now --concurrency (default 64)")
     args = parser.parse_args()
     n = args.credentials
     work = Path(tempfile.mkdtemp(prefix="rotator-emergency-"))
     with OpenBaoDevServer() as bao, FakeOpenAIServer() as fake:
         project = fake.add_project()
         config, creds = setup_fleet(bao, fake, project, n, "em", work)
-        doc = tomllib.loads(config.read_text())
-        doc["rotator"]["max_concurrent_rotations"] = args.concurrency
-        config.write_text(tomli_w.dumps(doc))
         seeded = {key["id"] for key in fake.live_keys(project)}
         env = {**os.environ, "VAULT_TOKEN": bao.root_token}
         subprocess.run([sys.executable, "-m", "rotator.cli", "status", "-c", str(config)],
@@ -84,7 +79,8 @@ def main() -> None:
         started = time.time()
         proc = subprocess.run(
             [sys.executable, "-m", "rotator.cli", "rotate-now", "-c", str(config), "--all",
-             "--revoke-first", "--reason", "bench: fleet emergency", "--yes", "--json"],
+             "--revoke-first", "--concurrency", str(args.concurrency),
+             "--reason", "bench: fleet emergency", "--yes", "--json"],
             env=env, capture_output=True, text=True)
         wall = time.time() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -417,11 +417,15 @@ def plan(config_path: str | None, as_json: bool, within: str, everything: bool,
               help="Kill the old key before anything else (a key being abused right now).")
 @click.option("--reason", help="Why: recorded in the history and the audit trail.")
 @click.option("--dry-run", is_flag=True, help="Show what would rotate; change nothing.")
+@click.option("--concurrency", type=click.IntRange(1, 256), metavar="N",
+              help="Rotations at once (default: max_concurrent_rotations). Each provider's "
+                   "calls are paced to the rate it allows, however many run.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | None,
                provider: str | None, all_: bool, revoke_immediately: bool, revoke_first: bool,
-               reason: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
+               reason: str | None, dry_run: bool, concurrency: int | None, yes: bool,
+               as_json: bool) -> None:
     """Rotate now: for emergency revocation runbooks. Exits 1 if any rotation failed."""
     _one_shot()
     chosen_ways = sum([bool(names), agent is not None, provider is not None, all_])
@@ -431,6 +435,9 @@ def rotate_now(config_path: str | None, names: tuple[str, ...], agent: str | Non
         _fail("--revoke-immediately and --revoke-first exclude each other")
     mode = "first" if revoke_first else "immediately" if revoke_immediately else "grace"
     policies = _load(config_path)
+    if concurrency is not None:  # an emergency may need more workers than the daemon uses
+        policies = policies.model_copy(update={"settings": policies.settings.model_copy(
+            update={"max_concurrent_rotations": concurrency})})
     chosen = _select(policies, names, agent, provider, all_=all_)
     creds = [c for c in policies.credentials if c.name in chosen]
     err = _console(stderr=True)

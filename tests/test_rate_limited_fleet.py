@@ -24,11 +24,11 @@ def test_rotate_now_all_at_the_rate_limit_fails_nothing(tmp_path, openbao, fake_
     """30 credentials on 30 threads against 15 admin requests/s: far more calls are ready than
     the provider allows, for longer than ``retry_deadline`` (2 s), and every rotation still
     succeeds: waiting for the rate limit is not counted against the deadline."""
-    fleet = make_fleet(tmp_path, openbao, fake_openai, n=30, settings={
-        "max_concurrent_rotations": 30, "retry_deadline": "2s"})
+    fleet = make_fleet(tmp_path, openbao, fake_openai, n=30, settings={"retry_deadline": "2s"})
     fake_openai.set_rate_limit(15, burst=5)
-    result = fleet.cli("rotate-now", "--all", "--revoke-first", "--reason", "drill", "--yes",
-                       "--json", timeout=180)
+    assert fleet.cli("rotate-now", "--all", "--concurrency", "0", "--yes").returncode == 2
+    result = fleet.cli("rotate-now", "--all", "--revoke-first", "--concurrency", "30",
+                       "--reason", "drill", "--yes", "--json", timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["failed"] == 0 and report["succeeded"] == 30
@@ -69,3 +69,26 @@ def test_throttles_are_counted_and_the_paced_rate_shown(tmp_path, openbao, fake_
     assert runtime.pacer("openai-test").throttles == 2
     # A 429 refused the create unheard: no search for a key it might have made.
     assert fake_openai.request_count("GET", "/api_keys?") <= 2, "only identify's listings"
+
+
+def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, openbao,
+                                                                  fake_openai):
+    """Five 429s in a row with Retry-After 0.4 s: 2 s of waiting against a 1 s deadline."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, settings={"retry_deadline": "1s"})
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store)
+    engine.sync_credentials()
+    fake_openai.inject_fault(429, count=5, path_contains="/service_accounts/", method="POST",
+                             retry_after=0.4)
+    try:
+        result = engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
+                                               trigger="manual"))
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()
+    assert result.ok, result.message
+    assert fake_openai.request_count("POST", "/service_accounts/") == 6
+    fleet.assert_settled()
