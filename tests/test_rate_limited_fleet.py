@@ -4,12 +4,15 @@ down to the provider's rate, they never fail one, and the operator sees the thro
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
 from rotator.config import load_policies
-from rotator.engine import Engine, RotationRequest
+from rotator.engine import Engine, RotationRequest, RotationResult
 from rotator.metrics import Metrics
+from rotator.pacing import Ticket
 from rotator.runtime import Runtime
 from rotator.state.store import StateStore
 from tests.support import make_fleet
@@ -92,3 +95,31 @@ def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, open
     assert result.ok, result.message
     assert fake_openai.request_count("POST", "/service_accounts/") == 6
     fleet.assert_settled()
+
+
+def test_a_wait_for_the_rate_limit_ends_when_the_daemon_stops(tmp_path, openbao, fake_openai):
+    fleet = make_fleet(tmp_path, openbao, fake_openai)
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store)
+    engine.sync_credentials()
+    pacer = runtime.pacer("openai-test")
+    pacer.throttled(Ticket(pacer.clock(), 0), retry_after=50)  # every worker holds 50 s
+    results: list[RotationResult] = []
+    worker = threading.Thread(target=lambda: results.append(engine.rotate(RotationRequest(
+        credential=fleet.credentials[0]["name"], trigger="manual"))))
+    try:
+        worker.start()
+        time.sleep(1)
+        stopped = time.monotonic()
+        engine.stop_event.set()
+        worker.join(10)
+        assert time.monotonic() - stopped < 3, "the wait ended within a sleep slice"
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()
+    [result] = results
+    assert result.outcome == "interrupted", result.message
+    assert fake_openai.request_count("POST") == 0, "nothing was sent while held"
