@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +26,7 @@ from rotator.errors import PermanentError, RotatorError
 from rotator.protocol import PHASES, OldKeyRevocation
 from rotator.state import schema
 from rotator.state.audit_hash import hash_parts
+from rotator.state.driver_sql import DriverSQL, from_db_time, quoted_columns
 from rotator.state.models import (
     Anomaly,
     AuditEvent,
@@ -70,6 +71,8 @@ class StaleRotation(RotatorError):
         super().__init__(f"rotation {rotation_id} is no longer at step {step}: another worker "
                          "took it over")
 
+M = TypeVar("M")
+
 _NOT_RUN = frozenset(PHASES)
 """Rotation states that are not a step the engine runs (revocations record their own rows)."""
 
@@ -89,23 +92,42 @@ _ANOMALIES = Anomaly.__table__
 _TOKEN_REVOCATIONS = TokenRevocation.__table__
 
 
+_DRIVERS = {name: DriverSQL(name) for name in ("sqlite", "postgresql")}
+
+
+def _driver(conn: Connection) -> DriverSQL:
+    """The driver-level SQL runner for ``conn``'s database (see rotator.state.driver_sql)."""
+    return _DRIVERS[conn.dialect.name]
+
+
 def _schedule_revocation(conn: Connection, rotation_id: str, credential: str,
                          revocation: OldKeyRevocation) -> None:
     """Add the pending revocation of an old key, once per (rotation, key)."""
-    revs = _REVOCATIONS
-    exists = conn.scalar(select(revs.c.id).where(revs.c.rotation_id == rotation_id,
-                                                 revs.c.key_id == revocation.key_id))
+    d = _driver(conn)
+    exists = d.one(conn, "SELECT id FROM revocations WHERE rotation_id = :rid AND key_id = :key",
+                   {"rid": rotation_id, "key": revocation.key_id})
     if exists is None:
-        conn.execute(insert(revs).values(
-            rotation_id=rotation_id, credential=credential, key_id=revocation.key_id,
-            vault_version=revocation.vault_version, not_before=revocation.not_before,
-            status="pending", attempts=0))
+        d.write(conn, "INSERT INTO revocations (rotation_id, credential, key_id, vault_version, "
+                "not_before, status, attempts) VALUES (:rid, :cred, :key, :version, :not_before, "
+                "'pending', 0)", {"rid": rotation_id, "cred": credential, "key": revocation.key_id,
+                                  "version": revocation.vault_version,
+                                  "not_before": revocation.not_before})
 
 
 def _new_step(conn: Connection, rotation_id: str, step: str, now: datetime) -> int:
-    result = conn.execute(insert(_STEPS).values(rotation_id=rotation_id, step=step,
-                                                status="started", started_at=now))
-    return int(result.inserted_primary_key[0])
+    return int(_driver(conn).one(
+        conn, "INSERT INTO rotation_steps (rotation_id, step, status, started_at) "
+        "VALUES (:rid, :step, 'started', :now) RETURNING id",
+        {"rid": rotation_id, "step": step, "now": now}))
+
+
+def _update_sql(table: Any, fields: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """``UPDATE table SET <fields> WHERE <where>`` and its parameters (``f_<column>``)."""
+    columns = quoted_columns(table, fields)
+    sets = ", ".join(f"{column} = :f_{name}" for column, name in zip(columns, fields,
+                                                                        strict=True))
+    return (f"UPDATE {table.name} SET {sets} WHERE {where}",
+            {f"f_{name}": value for name, value in fields.items()})
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -204,13 +226,14 @@ def append_audit_in(conn: Connection, build: Callable[[int, str], dict[str, Any]
     from here to the commit no other writer can append."""
     if conn.dialect.name == "postgresql":
         return _append_audit_pg(conn, build)
-    head = conn.execute(select(_HEAD.c.id, _HEAD.c.hash).where(_HEAD.c.one == 1)).first()
-    if head is None:
+    d = _driver(conn)
+    head = d.rows(conn, "SELECT id, hash FROM audit_head WHERE one = 1")
+    if not head:
         raise PermanentError(_NO_HEAD)
-    row = build(head.id + 1, head.hash)
-    conn.execute(update(_HEAD).where(_HEAD.c.one == 1).values(
-        id=row["id"], hash=row["hash"], prev_hash=row["prev_hash"]))
-    conn.execute(insert(_AUDIT).values(**row))
+    row = build(head[0][0] + 1, head[0][1])
+    d.write(conn, "UPDATE audit_head SET id = :id, hash = :hash, prev_hash = :prev_hash "
+            "WHERE one = 1", {"id": row["id"], "hash": row["hash"], "prev_hash": row["prev_hash"]})
+    d.write(conn, _AUDIT_INSERT, row)
     return int(row["id"])
 
 
@@ -243,6 +266,11 @@ def append_audit_many_in(conn: Connection,
         (r["id"], _sqlite_datetime(r["at"]), r["kind"], r["credential"], r["rotation_id"],
          r["actor"], r["reason"], r["detail"], r["prev_hash"], r["hash"]) for r in rows])
 
+
+_AUDIT_INSERT = (
+    "INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail, "
+    "prev_hash, hash) VALUES (:id, :at, :kind, :credential, :rotation_id, :actor, :reason, "
+    ":detail, :prev_hash, :hash)")
 
 _SQLITE_AUDIT_INSERT = (
     "INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail, "
@@ -393,9 +421,9 @@ class StateStore:
     def never_rotated(self) -> set[str]:
         """Credentials rotator has not given a key of its own yet (no ``current_key_id``):
         only these can still hold a key they were given before rotator (an imported one)."""
-        with self._reading() as s:
-            return set(s.scalars(select(CredentialState.name).where(
-                CredentialState.current_key_id.is_(None))))
+        with self._reader.connect() as conn:
+            return {row[0] for row in _driver(conn).rows(
+                conn, "SELECT name FROM credentials WHERE current_key_id IS NULL")}
 
     def due_facts(self) -> dict[str, DueFacts]:
         """What the due gate needs of every credential, cheaply (a scrape of ``/metrics`` asks
@@ -455,18 +483,17 @@ class StateStore:
     def finish_rotation(self, rotation_id: str, **fields: Any) -> bool:
         """Record the end of a rotation still running or in grace; False (nothing written)
         when it already ended: another worker finished it."""
+        sql, params = _update_sql(_ROTATIONS, fields,
+                                  "id = :rid AND status IN ('running', 'grace')")
         with self._tx() as conn:
-            return bool(conn.execute(update(_ROTATIONS).where(
-                _ROTATIONS.c.id == rotation_id,
-                _ROTATIONS.c.status.in_(("running", "grace"))).values(**fields)).rowcount)
+            return bool(_driver(conn).write(conn, sql, {**params, "rid": rotation_id}))
 
     def unfinished_rotations(self, credential: str | None = None) -> list[Rotation]:
         """Rotations stopped before their grace step (crash, stop, or a failing clean-up)."""
-        with self._reading() as s:
-            q = select(Rotation).where(Rotation.status == "running")
-            if credential is not None:
-                q = q.where(Rotation.credential == credential)
-            return list(s.scalars(q.order_by(Rotation.started_at)))
+        if credential is None:
+            return self._select(Rotation, "status = 'running' ORDER BY started_at", {})
+        return self._select(Rotation, "status = 'running' AND credential = :credential "
+                            "ORDER BY started_at", {"credential": credential})
 
     def rotations_in_grace(self) -> list[Rotation]:
         """Rotations whose new key is live and whose old key awaits (or just got) revocation."""
@@ -503,9 +530,13 @@ class StateStore:
         """Record a new rotation, driven under lease ``epoch``, and the start of its first
         step; returns that step's row id."""
         values = {c.name: getattr(rotation, c.name) for c in _ROTATIONS.columns}
+        columns = ", ".join(quoted_columns(_ROTATIONS, values))
+        marks = ", ".join(f":{name}" for name in values)
         with self._tx() as conn:
-            conn.execute(insert(_ROTATIONS).values(**values))
-            conn.execute(insert(_EPOCHS).values(rotation_id=rotation.id, epoch=epoch))
+            d = _driver(conn)
+            d.write(conn, f"INSERT INTO rotations ({columns}) VALUES ({marks})", values)
+            d.write(conn, "INSERT INTO rotation_epochs (rotation_id, epoch) VALUES (:rid, :epoch)",
+                    {"rid": rotation.id, "epoch": epoch})
             return _new_step(conn, rotation.id, rotation.step, rotation.started_at)
 
     def join_rotation(self, rotation_id: str, epoch: int) -> list[int]:
@@ -527,8 +558,9 @@ class StateStore:
     def rotation_epochs(self, rotation_id: str) -> list[int]:
         """The epochs ``rotation_id`` was driven under (see ``join_rotation``), in order."""
         with self._reader.connect() as conn:
-            return sorted(conn.scalars(select(_EPOCHS.c.epoch).where(
-                _EPOCHS.c.rotation_id == rotation_id)))
+            return sorted(row[0] for row in _driver(conn).rows(
+                conn, "SELECT epoch FROM rotation_epochs WHERE rotation_id = :rid",
+                {"rid": rotation_id}))
 
     def resume_step(self, rotation_id: str, step: str, now: datetime) -> int:
         """The step row to close when a resumed rotation runs ``step`` again (reusing the row a
@@ -554,15 +586,17 @@ class StateStore:
         Raises ``StaleRotation`` (and records nothing) if the rotation is no longer running at
         ``expect_step``: another worker took it over, so this one must stop touching it.
         """
+        rotation_fields["step"] = next_step if next_step is not None else expect_step
+        move, params = _update_sql(_ROTATIONS, rotation_fields,
+                                   "id = :rid AND step = :expect AND status = 'running'")
+        params.update(rid=rotation_id, expect=expect_step)
         with self._tx() as conn:
-            rotation_fields["step"] = next_step if next_step is not None else expect_step
-            moved = conn.execute(update(_ROTATIONS).where(
-                _ROTATIONS.c.id == rotation_id, _ROTATIONS.c.step == expect_step,
-                _ROTATIONS.c.status == "running").values(**rotation_fields))
-            if not moved.rowcount:
+            d = _driver(conn)
+            if not d.write(conn, move, params):
                 raise StaleRotation(rotation_id, expect_step)
-            conn.execute(update(_STEPS).where(_STEPS.c.id == step_row).values(
-                status=step_status, finished_at=now, message=message))
+            d.write(conn, "UPDATE rotation_steps SET status = :status, finished_at = :now, "
+                    "message = :message WHERE id = :row",
+                    {"status": step_status, "now": now, "message": message, "row": step_row})
             new_row = None
             if next_step is not None and next_step not in _NOT_RUN:
                 new_row = _new_step(conn, rotation_id, next_step, now)
@@ -571,8 +605,8 @@ class StateStore:
                 if revocation is not None:
                     _schedule_revocation(conn, rotation_id, name, revocation)
                 if fields:
-                    conn.execute(update(_CREDENTIALS).where(_CREDENTIALS.c.name == name)
-                                 .values(**fields))
+                    sql, values = _update_sql(_CREDENTIALS, fields, "name = :name")
+                    d.write(conn, sql, {**values, "name": name})
             if also is not None:
                 also(conn)  # the step's audit event, in the same commit; last (see append)
             return new_row
@@ -583,8 +617,7 @@ class StateStore:
                           ) -> None:
         """A revocation attempt's outcome and its step row, in one transaction.
         ``handed_over``: the key is shared and another credential's revocation will kill it."""
-        revs = _REVOCATIONS
-        values: dict[str, Any] = {"attempts": revs.c.attempts + 1}
+        values: dict[str, Any] = {}
         if ok:
             values.update(status="handed_over" if handed_over else "done", done_at=now,
                           last_error=None)
@@ -592,11 +625,15 @@ class StateStore:
             values["last_error"] = message
             if retry_at is not None:
                 values["not_before"] = retry_at
+        sql, params = _update_sql(_REVOCATIONS, values, "id = :id")
+        sql = sql.replace(" SET ", " SET attempts = attempts + 1, ", 1)
         with self._tx() as conn:
-            conn.execute(update(revs).where(revs.c.id == revocation_id).values(**values))
-            conn.execute(insert(_STEPS).values(
-                rotation_id=rotation_id, step="revoke", status="succeeded" if ok else "failed",
-                started_at=started, finished_at=now, message=message))
+            d = _driver(conn)
+            d.write(conn, sql, {**params, "id": revocation_id})
+            d.write(conn, "INSERT INTO rotation_steps (rotation_id, step, status, started_at, "
+                    "finished_at, message) VALUES (:rid, 'revoke', :status, :started, :now, "
+                    ":message)", {"rid": rotation_id, "status": "succeeded" if ok else "failed",
+                                  "started": started, "now": now, "message": message})
 
     def steps(self, rotation_id: str) -> list[RotationStep]:
         with self._reading() as s:
@@ -606,23 +643,36 @@ class StateStore:
     # -- revocations ---------------------------------------------------------------------------
 
     def revocations(self, rotation_id: str) -> list[Revocation]:
-        with self._reading() as s:
-            return list(s.scalars(select(Revocation).where(
-                Revocation.rotation_id == rotation_id).order_by(Revocation.id)))
+        return self._select(Revocation, "rotation_id = :rid ORDER BY id", {"rid": rotation_id})
 
     def pending_revocations(
         self, *, due_by: datetime | None = None, credential: str | None = None,
         key_id: str | None = None,
     ) -> list[Revocation]:
-        with self._reading() as s:
-            q = select(Revocation).where(Revocation.status == "pending")
-            if due_by is not None:
-                q = q.where(Revocation.not_before <= due_by)
-            if credential is not None:
-                q = q.where(Revocation.credential == credential)
-            if key_id is not None:
-                q = q.where(Revocation.key_id == key_id)
-            return list(s.scalars(q.order_by(Revocation.not_before)))
+        where = ["status = 'pending'"]
+        if due_by is not None:
+            where.append("not_before <= :due_by")
+        if credential is not None:
+            where.append("credential = :credential")
+        if key_id is not None:
+            where.append("key_id = :key_id")
+        params = {"due_by": due_by, "credential": credential, "key_id": key_id}
+        return self._select(Revocation, " AND ".join(where) + " ORDER BY not_before",
+                            {k: v for k, v in params.items() if v is not None})
+
+    def _select(self, model: type[M], where: str, params: Mapping[str, Any]) -> list[M]:
+        """Rows of ``model``'s table matching ``where`` (SQL, ORDER BY allowed), as detached
+        instances, read by the driver (see rotator.state.driver_sql): the engine asks for
+        revocations and unfinished rotations several times per rotation."""
+        table = model.__table__  # type: ignore[attr-defined]
+        names = [c.name for c in table.columns]
+        times = {c.name for c in table.columns if isinstance(c.type, UTCDateTime)}
+        columns = ", ".join(quoted_columns(table, names))
+        with self._reader.connect() as conn:
+            rows = _driver(conn).rows(conn, f"SELECT {columns} FROM {table.name} WHERE {where}",
+                                      params)
+        return [model(**{name: from_db_time(value) if name in times else value
+                         for name, value in zip(names, row, strict=True)}) for row in rows]
 
     def expedite_revocations(self, credential: str, now: datetime) -> int:
         """Make every pending revocation of ``credential`` due now (emergency rotation)."""
@@ -667,11 +717,11 @@ class StateStore:
     def holds_lock(self, name: str, owner: str, epoch: int, now: datetime) -> bool:
         """Whether ``owner`` still holds the lease ``name`` acquired as ``epoch``, unexpired at
         ``now``, as the store sees it (the fence a plugin call is checked against)."""
-        locks = _LOCKS
         with self._reader.connect() as conn:
-            return conn.scalar(select(locks.c.name).where(
-                locks.c.name == name, locks.c.owner == owner, locks.c.epoch == epoch,
-                locks.c.expires_at >= now)) is not None
+            return _driver(conn).one(
+                conn, "SELECT 1 FROM locks WHERE name = :name AND owner = :owner AND "
+                "epoch = :epoch AND expires_at >= :now",
+                {"name": name, "owner": owner, "epoch": epoch, "now": now}) is not None
 
     def live_leases(self, now: datetime) -> set[str]:
         """Names whose lease someone holds at ``now`` (a dead local holder's counts as free)."""
@@ -706,8 +756,9 @@ class StateStore:
     def unlock(self, name: str, owner: str) -> None:
         """Release the lease; the row stays (expired) so the next lock is a single UPDATE."""
         with self._tx() as conn:
-            conn.execute(update(_LOCKS).where(_LOCKS.c.name == name, _LOCKS.c.owner == owner)
-                         .values(expires_at=_EPOCH))
+            _driver(conn).write(conn, "UPDATE locks SET expires_at = :epoch WHERE name = :name "
+                                "AND owner = :owner",
+                                {"epoch": _EPOCH, "name": name, "owner": owner})
 
     def lock_holder(self, name: str, now: datetime) -> str | None:
         with self.session() as s:
