@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rotator.errors import PermanentError, RotatorError
@@ -205,13 +205,19 @@ def _take_lease(conn: Connection, name: str, owner: str, ttl: timedelta,
                 now: datetime) -> int | None:
     """One atomic statement: create the lease, or take it over if it expired or is ours.
     Returns the acquisition's epoch (one more than the lease's last), or None if it is held."""
-    values = {"owner": owner, "acquired_at": now, "expires_at": now + ttl}
-    stmt = _dialect_insert(conn)(_LOCKS).values(name=name, epoch=1, **values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[_LOCKS.c.name], set_={**values, "epoch": _LOCKS.c.epoch + 1},
-        where=or_(_LOCKS.c.owner == owner, _LOCKS.c.expires_at < now),
-    ).returning(_LOCKS.c.epoch)
-    return conn.execute(stmt).scalar()
+    epoch = _driver(conn).one(conn, _TAKE_LEASE, {"name": name, "owner": owner, "now": now,
+                                                  "expires": now + ttl})
+    return None if epoch is None else int(epoch)
+
+
+_TAKE_LEASE = """
+INSERT INTO locks (name, owner, acquired_at, expires_at, epoch)
+VALUES (:name, :owner, :now, :expires, 1)
+ON CONFLICT (name) DO UPDATE
+   SET owner = excluded.owner, acquired_at = excluded.acquired_at,
+       expires_at = excluded.expires_at, epoch = locks.epoch + 1
+ WHERE locks.owner = :owner OR locks.expires_at < :now
+RETURNING epoch"""
 
 
 def _live_lease(now: datetime) -> Any:
@@ -472,8 +478,8 @@ class StateStore:
     # -- rotations -----------------------------------------------------------------------------
 
     def rotation(self, rotation_id: str) -> Rotation | None:
-        with self._reading() as s:
-            return s.get(Rotation, rotation_id)
+        found = self._select(Rotation, "id = :rid", {"rid": rotation_id})
+        return found[0] if found else None
 
     def update_rotation(self, rotation_id: str, **fields: Any) -> None:
         with self._tx() as conn:
@@ -636,9 +642,7 @@ class StateStore:
                                   "started": started, "now": now, "message": message})
 
     def steps(self, rotation_id: str) -> list[RotationStep]:
-        with self._reading() as s:
-            return list(s.scalars(select(RotationStep).where(
-                RotationStep.rotation_id == rotation_id).order_by(RotationStep.id)))
+        return self._select(RotationStep, "rotation_id = :rid ORDER BY id", {"rid": rotation_id})
 
     # -- revocations ---------------------------------------------------------------------------
 
