@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from functools import cached_property, lru_cache
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
@@ -82,6 +83,8 @@ _EVERY_DAY = frozenset(range(7))
 _TIMES = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})")
 _WINDOW_EXAMPLES = '(examples: "Mon-Fri 09:00-17:00 UTC", "daily 22:00-02:00 Europe/Berlin")'
 _MINUTES_PER_DAY = 24 * 60
+_US_PER_MINUTE = 60_000_000
+_US_PER_DAY = _MINUTES_PER_DAY * _US_PER_MINUTE
 
 
 def _window_error(text: str, why: str) -> ValueError:
@@ -200,7 +203,7 @@ class Window:
         return (f"{_format_days(self.days)} {_hhmm(self.start_minute)}-"
                 f"{_hhmm(self.end_minute)} {self.tz}")
 
-    @property
+    @cached_property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.tz)
 
@@ -210,20 +213,29 @@ class Window:
         minutes = (self.end_minute - self.start_minute) % _MINUTES_PER_DAY or _MINUTES_PER_DAY
         return timedelta(minutes=minutes)
 
+    @cached_property
+    def _span_us(self) -> tuple[int, int]:
+        """(opening, length) in microseconds of local wall-clock time (``contains``)."""
+        return self.start_minute * _US_PER_MINUTE, self.length // timedelta(microseconds=1)
+
     def _opening(self, day: date) -> datetime:
         """The naive local wall-clock time the window opens on ``day``."""
         return datetime.combine(day, time(self.start_minute // 60, self.start_minute % 60))
 
     def contains(self, dt: datetime) -> bool:
-        """True if a rotation may start at ``dt``."""
-        local = _utc(dt).astimezone(self.zone).replace(tzinfo=None)
-        for back in (0, 1):  # opened today, or (overnight / whole-day windows) yesterday
-            day = local.date() - timedelta(days=back)
-            if day.weekday() in self.days:
-                opening = self._opening(day)
-                if opening <= local < opening + self.length:
-                    return True
-        return False
+        """True if a rotation may start at ``dt``.
+
+        In wall-clock microseconds since local midnight rather than datetimes: the due gate
+        asks this for every credential on every ``/metrics`` scrape."""
+        local = _utc(dt).astimezone(self.zone)
+        into_day = (((local.hour * 60 + local.minute) * 60 + local.second) * 1_000_000
+                    + local.microsecond)
+        start, length = self._span_us
+        weekday = local.weekday()
+        if weekday in self.days and start <= into_day < start + length:
+            return True  # opened today
+        # Opened yesterday (overnight and whole-day windows): opening <= now always holds.
+        return (weekday - 1) % 7 in self.days and into_day + _US_PER_DAY - start < length
 
     def next_open(self, dt: datetime) -> datetime:
         """``dt`` if the window is open then, else the next time it opens (aware, UTC)."""
@@ -282,13 +294,20 @@ def validate_cron(expr: str) -> None:
         raise ValueError(f'"{expr}" never fires (no date matches it)')
 
 
+@lru_cache(maxsize=1024)
+def _known_trigger(expr: str) -> CronTrigger:
+    """``_trigger``, built once per expression: the due gate asks for every credential."""
+    return _trigger(expr)
+
+
 def next_cron(expr: str, after: datetime) -> datetime:
     """The first fire time of ``expr`` strictly after ``after``, in UTC.
 
     Strictly: a rotation that finished exactly at a fire time must not be due again at once.
     """
     start = _utc(after) + timedelta(microseconds=1)
-    fire = _trigger(expr).get_next_fire_time(None, start)
+    trigger = _known_trigger(expr) if isinstance(expr, str) else _trigger(expr)
+    fire = trigger.get_next_fire_time(None, start)
     if fire is None:
         raise ValueError(f'"{expr}" never fires after {_show(after)}')
     return _utc(fire)
@@ -316,9 +335,16 @@ def jitter_offset(credential: str, due: datetime, jitter: timedelta) -> timedelt
     (a restart must not move a due time), while credentials due at the same instant, and the
     same credential on successive due times, land at different offsets.
     """
-    total = jitter // timedelta(microseconds=1)
-    if total <= 0:
+    if jitter <= timedelta(0):
         return timedelta(0)
+    return _jitter_offset(credential, _utc(due), jitter)
+
+
+@lru_cache(maxsize=32768)
+def _jitter_offset(credential: str, due: datetime, jitter: timedelta) -> timedelta:
+    """``jitter_offset``, remembered: a credential's due time changes once per rotation, and
+    the due gate asks for every credential on every scrape (a SHA-256 each)."""
+    total = jitter // timedelta(microseconds=1)
     digest = hashlib.sha256(f"{credential}\0{_utc(due).isoformat()}".encode()).digest()
     value = int.from_bytes(digest[:8], "big")
     if total >= 2_000_000:  # whole seconds keep due times readable
