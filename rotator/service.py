@@ -36,12 +36,15 @@ __all__ = [
     "Context",
     "Leftover",
     "LeftoverReport",
+    "credential_read_check",
     "find_leftovers",
     "history_rows",
     "leftovers_by_row",
+    "notifier_check",
     "online_check",
     "open_context",
     "plan_rows",
+    "plugin_check",
     "preflight",
     "reading_context",
     "reading_store",
@@ -471,8 +474,17 @@ def online_check(policies: Policies, runtime: Runtime,
                  bad_vaults: set[str] | None = None) -> list[str]:
     """Reach every vault and provider the file names; return one problem line per failure.
     ``bad_vaults``, if given, gets the names of the vaults that failed their check."""
-    problems: list[str] = []
     bad_vaults = set() if bad_vaults is None else bad_vaults
+    problems = plugin_check(policies, runtime, bad_vaults)
+    problems += list(credential_read_check(policies, runtime, bad_vaults))
+    return problems + notifier_check(policies, runtime)
+
+
+def plugin_check(policies: Policies, runtime: Runtime, bad_vaults: set[str]) -> list[str]:
+    """The first part of ``online_check``: one call to each vault and each provider (a
+    handful, however many credentials), so the daemon can say at start what it cannot use.
+    ``bad_vaults`` gets the names of the vaults that failed."""
+    problems: list[str] = []
     for name in policies.vaults:
         try:
             runtime.vault(name).health()
@@ -484,14 +496,28 @@ def online_check(policies: Policies, runtime: Runtime,
             runtime.provider(name).check_access()
         except RotatorError as exc:
             problems.append(f"providers.{name}: {exc}")
+    return problems
+
+
+def credential_read_check(policies: Policies, runtime: Runtime, bad_vaults: Collection[str],
+                          stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """The part of ``online_check`` that grows with the fleet: each credential's secret read
+    from its vault (a vault in ``bad_vaults`` skipped), one problem line per failure, lazily,
+    until ``stop()`` says to stop. A missing secret is no problem: the first rotation
+    provisions it."""
     for cred in policies.credentials:
+        if stop():
+            return
         if cred.vault in bad_vaults:
             continue
         try:
             runtime.vault(cred.vault).read(cred.path, cred.field)
         except NotFound:
-            pass  # first rotation provisions it
+            pass
         except RotatorError as exc:
-            problems.append(f"credentials {cred.name!r}: {exc}")
-    problems += Notifier(policies.notify, runtime.resolve_secret).check()
-    return problems
+            yield f"credentials {cred.name!r}: {exc}"
+
+
+def notifier_check(policies: Policies, runtime: Runtime) -> list[str]:
+    """The last part of ``online_check``: each notifier's secret references resolve."""
+    return Notifier(policies.notify, runtime.resolve_secret).check()

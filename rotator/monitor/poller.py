@@ -164,6 +164,10 @@ class UsageMonitor:
         histories: dict[str, dict[str, KeyHistory]] = {}
         owner: dict[str, CredentialConfig] = {}
         for cred in creds:
+            if self.app.engine.stop_event.is_set():
+                # A first poll of a large fleet asks the vault (and the provider) once per
+                # never-rotated credential: a stop must not wait for all of them.
+                return PollResult(name, "skipped")
             keys = {k: h for k, h in key_histories(store, cred).items()
                     if h.replaced_at is None or now - h.replaced_at < keep}
             if not keys:
