@@ -1,4 +1,6 @@
-"""Run a Python program and count its HTTP requests to the vault (hvac goes through requests).
+"""Run a Python program and count its HTTP requests to the vault (hvac's through requests,
+rotator's KV calls through urllib3 directly: both are counted at urllib3's ``urlopen``; the
+OpenAI SDK sends with httpx and is not counted).
 
     python bench/count_vault_calls.py OUT_FILE (-m MODULE | SCRIPT) ARGS...
 
@@ -16,22 +18,22 @@ import sys
 import threading
 from pathlib import Path
 
-import requests.adapters
+import urllib3.connectionpool
 
 out, rest = Path(sys.argv[1]), sys.argv[2:]
 count = 0
 lock = threading.Lock()
-real_send = requests.adapters.HTTPAdapter.send
+real_urlopen = urllib3.connectionpool.HTTPConnectionPool.urlopen
 
 
-def counting_send(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
+def counting_urlopen(self, *args, **kwargs):  # type: ignore[no-untyped-def]
     global count
     with lock:
         count += 1
-    return real_send(self, request, *args, **kwargs)
+    return real_urlopen(self, *args, **kwargs)
 
 
-requests.adapters.HTTPAdapter.send = counting_send  # type: ignore[method-assign]
+urllib3.connectionpool.HTTPConnectionPool.urlopen = counting_urlopen  # type: ignore[method-assign]
 atexit.register(lambda: out.write_text(str(count)))
 real_exit = os._exit
 
