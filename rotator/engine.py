@@ -830,23 +830,23 @@ class Engine:
             return later
         provider = self.runtime.provider(cred.provider)
         holders = list(later)
-        wanted = self.sibling_keys.fingerprint(old) if old is not None else None
-        for name in unrotated:
+
+        def current(name: str) -> VaultValue | None:
             sib = siblings[name]
+            try:
+                return self._retry(self.runtime.vault(sib.vault).read, sib.path, sib.field,
+                                   provider.companion_fields(self.runtime.info(sib)))
+            except NotFound:
+                return None
 
-            def current(sib: CredentialConfig = sib) -> VaultValue | None:
-                try:
-                    return self._retry(self.runtime.vault(sib.vault).read, sib.path, sib.field,
-                                       provider.companion_fields(self.runtime.info(sib)))
-                except NotFound:
-                    return None
-
-            if wanted is not None:
-                if self.sibling_keys.held_by(name, current) == wanted:
-                    holders.append(name)
-                continue
+        if old is not None:
+            holders += self.sibling_keys.holders(self.sibling_keys.fingerprint(old), unrotated,
+                                                 current)
+            return sorted(set(holders))
+        for name in unrotated:
             # The old version is gone: ask the provider whose key the sibling holds.
-            value = current()
+            sib = siblings[name]
+            value = current(name)
             if value is None or value.secret is None or value.metadata.get("key_id"):
                 continue  # written by rotator: that credential has a key of its own
             if self._retry(provider.identify, self.runtime.info(sib), value.secret,

@@ -23,7 +23,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rotator.interfaces import Secret, VaultValue
@@ -56,6 +56,24 @@ class SiblingKeys:
 
     def fingerprint(self, secret: Secret) -> bytes:
         return hmac.new(self._key, secret.reveal().encode(), hashlib.sha256).digest()
+
+    def holders(self, wanted: bytes, names: Sequence[str],
+                read: Callable[[str], VaultValue | None]) -> list[str]:
+        """Those of ``names`` that hold the key whose fingerprint is ``wanted``; each is read
+        (``read(name)``) only when its last answer is older than ``fresh_for`` (see
+        ``held_by``). A fresh answer costs a dictionary lookup and no lock: one revocation in
+        a fleet of thousands asks about every other never-rotated credential."""
+        now = self._clock()
+        found = []
+        for name in names:
+            known = self._verdicts.get(name)  # a dict read is atomic; writes go under the lock
+            if known is not None and now - known.read_at < self._fresh_for:
+                verdict = known.fingerprint
+            else:
+                verdict = self.held_by(name, lambda name=name: read(name))  # type: ignore[misc]
+            if verdict == wanted:
+                found.append(name)
+        return found
 
     def held_by(self, name: str, read: Callable[[], VaultValue | None]) -> bytes:
         """The fingerprint of the adopted key ``name`` holds, or ``OWN_KEY``; ``read`` (the

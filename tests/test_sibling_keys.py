@@ -57,3 +57,25 @@ def test_a_failed_read_is_not_remembered():
     with pytest.raises(RuntimeError):
         keys.held_by("a", broken)
     assert keys.held_by("a", lambda: _value("sk-later-123456789012")) != OWN_KEY
+
+
+def test_holders_reads_only_stale_names_and_finds_the_shared_key():
+    now = [0.0]
+    keys = SiblingKeys(fresh_for=5.0, clock=lambda: now[0])
+    values = {"a": _value("sk-shared-123456789012"), "b": _value("sk-own-123456789012", "k1"),
+              "c": _value("sk-shared-123456789012"), "d": None}
+    reads: list[str] = []
+
+    def read(name: str) -> VaultValue | None:
+        reads.append(name)
+        return values[name]
+
+    wanted = keys.fingerprint(Secret("sk-shared-123456789012"))
+    assert keys.holders(wanted, ["a", "b", "c", "d"], read) == ["a", "c"]
+    assert sorted(reads) == ["a", "b", "c", "d"]
+    values["c"] = _value("sk-new-123456789012", "k2")  # rotated elsewhere, still cached
+    assert keys.holders(wanted, ["a", "b", "c", "d"], read) == ["a", "c"]
+    assert len(reads) == 4
+    now[0] = 6.0
+    assert keys.holders(wanted, ["a", "b", "c", "d"], read) == ["a"]
+    assert len(reads) == 8
