@@ -56,6 +56,7 @@ from rotator.aws import (
     error_code,
     is_transient,
     make_client,
+    transient,
     transport_error,
     warm_up_clients,
 )
@@ -524,7 +525,7 @@ class AwsIamProvider(Provider, KeyProbe):
         except botocore.exceptions.ClientError as exc:
             code, detail = error_code(exc), aws_detail(exc)
             if is_transient(exc):
-                raise TransientError(f"{where}: AWS could not answer now ({detail})") from exc
+                raise transient(exc, f"{where}: AWS could not answer now ({detail})") from exc
             if code in AUTH_CODES or code in DENIED_CODES:
                 raise CredentialRejected(f"{where}: AWS refused the key ({code})") from exc
             raise PermanentError(f"{where}: AWS refused the request ({detail})") from exc
@@ -570,7 +571,7 @@ class AwsIamProvider(Provider, KeyProbe):
         except botocore.exceptions.ClientError as exc:
             code, detail = error_code(exc), aws_detail(exc)
             if is_transient(exc):
-                raise TransientError(f"{where}: AWS could not answer now ({detail})") from exc
+                raise transient(exc, f"{where}: AWS could not answer now ({detail})") from exc
             if code == "NoSuchEntity":
                 raise NotFound(f"{where}: {not_found or 'not found'} ({detail})") from exc
             if code in AUTH_CODES:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, model_validator
 
 from rotator import redaction
-from rotator.errors import PermanentError, RotatorError, TransientError
+from rotator.errors import PermanentError, RateLimited, RotatorError, TransientError
 from rotator.interfaces import PluginSettings, SecretRef
 from rotator.plugin_support import shorten
 
@@ -39,9 +39,11 @@ __all__ = [
     "check_region",
     "error_code",
     "http_status",
+    "is_throttled",
     "is_transient",
     "make_client",
     "quiet_sdk_loggers",
+    "transient",
     "transport_error",
     "warm_up_clients",
 ]
@@ -193,6 +195,17 @@ def is_transient(exc: BaseException) -> bool:
     """Whether AWS's answer says "too fast" or "not now": a retry may succeed."""
     code, status = error_code(exc), http_status(exc)
     return code in THROTTLE_CODES or code in SERVER_CODES or status == 429 or status >= 500
+
+
+def is_throttled(exc: BaseException) -> bool:
+    """Whether AWS refused the call for its rate limit (the pacer then slows every call to
+    that service down, see ``rotator.pacing``)."""
+    return error_code(exc) in THROTTLE_CODES or http_status(exc) == 429
+
+
+def transient(exc: BaseException, message: str) -> TransientError:
+    """``message`` as the error for a transient AWS answer: ``RateLimited`` for a throttle."""
+    return RateLimited(message) if is_throttled(exc) else TransientError(message)
 
 
 def aws_detail(exc: BaseException) -> str:

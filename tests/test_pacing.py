@@ -188,3 +188,20 @@ def test_one_log_line_per_episode(caplog: pytest.LogCaptureFixture) -> None:
     assert "episode is over (60 calls refused" in ended.getMessage()
     pacer.throttled(pacer.acquire(clock.pause), None)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+def test_aws_throttles_are_rate_limits_and_other_failures_are_not():
+    """AWS says "too fast" with codes, not always a 429: those pace the provider too."""
+    from botocore.exceptions import ClientError
+
+    from rotator.aws import transient
+    from rotator.errors import RateLimited, TransientError
+
+    def answer(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "CreateAccessKey")
+
+    assert isinstance(transient(answer("Throttling", 400), "x"), RateLimited)
+    assert isinstance(transient(answer("TooManyRequestsException", 429), "x"), RateLimited)
+    unavailable = transient(answer("ServiceUnavailable", 503), "x")
+    assert isinstance(unavailable, TransientError) and not isinstance(unavailable, RateLimited)

@@ -69,6 +69,7 @@ from rotator.aws import (
     is_transient,
     make_client,
     quiet_sdk_loggers,
+    transient,
     transport_error,
     warm_up_clients,
 )
@@ -708,7 +709,7 @@ class SecretsManagerVault(Vault, StagingInventory):
     def _translate(self, exc: Exception, client: Any, where: str, what: str) -> RotatorError:
         code, detail = error_code(exc), aws_detail(exc)
         if is_transient(exc):
-            return TransientError(f"{where}: AWS could not answer {what} now ({detail})")
+            return transient(exc, f"{where}: AWS could not answer {what} now ({detail})")
         if code == "ResourceNotFoundException":
             return NotFound(f"{where}: not found while {what}")
         if code in AUTH_CODES:
