@@ -462,9 +462,21 @@ class CredentialConfig(_Model):
         return self
 
     def schedule_spec(self, jitter: timedelta) -> ScheduleSpec:
-        """What :func:`rotator.policy.decide` needs, with the daemon-wide ``jitter``."""
-        return ScheduleSpec(credential=self.name, interval=self.interval, cron=self.schedule,
+        """What :func:`rotator.policy.decide` needs, with the daemon-wide ``jitter``.
+
+        The same object while nothing it holds changes: the due gate asks for every
+        credential on every ``/metrics`` scrape, and a spec it has seen before is recognised
+        by identity. Kept in ``__dict__`` (not a field: equality and dumps ignore it); a
+        ``model_copy`` carries it along, so it is checked against the fields it came from."""
+        spec: ScheduleSpec | None = self.__dict__.get("_schedule_spec")
+        if (spec is not None and spec.jitter == jitter and spec.interval is self.interval
+                and spec.cron is self.schedule and spec.window is self.window
+                and spec.manual_only is self.manual_only and spec.credential is self.name):
+            return spec
+        spec = ScheduleSpec(credential=self.name, interval=self.interval, cron=self.schedule,
                             window=self.window, jitter=jitter, manual_only=self.manual_only)
+        self.__dict__["_schedule_spec"] = spec
+        return spec
 
 
 NOTIFY_EVENTS = ("failure", "rollback", "emergency", "success", "misuse")

@@ -237,6 +237,41 @@ class Window:
         # Opened yesterday (overnight and whole-day windows): opening <= now always holds.
         return (weekday - 1) % 7 in self.days and into_day + _US_PER_DAY - start < length
 
+    def unchanged_until(self, now: datetime) -> datetime:
+        """The first moment after ``now`` (aware UTC) at which :meth:`contains` may answer
+        differently: the window's next opening while closed, its closing while open.
+
+        Found in the zone's wall-clock time, which moves with UTC while the zone's offset
+        stays the same; when the offset differs at that edge (daylight saving time in
+        between), the next whole UTC minute instead (the window's edges are whole local
+        minutes), or ``now`` itself (nothing known) for a zone whose offset is not whole
+        minutes. ``next_open`` is no guide here: after clocks go back, a window can open a
+        second time the same night."""
+        local = now.astimezone(self.zone)
+        wall = local.replace(tzinfo=None)
+        start, length = self._span_us
+        into_day = (((local.hour * 60 + local.minute) * 60 + local.second) * 1_000_000
+                    + local.microsecond)
+        day, weekday = local.date(), local.weekday()
+        if self.contains(now):
+            if not (weekday in self.days and start <= into_day < start + length):
+                day -= timedelta(days=1)  # it opened yesterday
+            edge_wall = self._opening(day) + self.length
+        else:
+            edge_wall = next(opening for opening in (
+                self._opening(day + timedelta(days=ahead)) for ahead in range(8)
+                if (weekday + ahead) % 7 in self.days) if opening > wall)
+        edge = now + (edge_wall - wall)
+        offset = local.utcoffset()
+        is_open = self.contains(now)
+        if (edge.astimezone(self.zone).utcoffset() == offset
+                and self.contains(edge) is not is_open
+                and self.contains(edge - timedelta(microseconds=1)) is is_open):
+            return edge
+        if offset is not None and not offset % timedelta(minutes=1):
+            return now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        return now
+
     def next_open(self, dt: datetime) -> datetime:
         """``dt`` if the window is open then, else the next time it opens (aware, UTC)."""
         if self.contains(dt):
@@ -566,8 +601,40 @@ def decide(schedule: ScheduleSpec, last_rotated_at: datetime | None, first_seen_
     ``interval_elapsed``, ``schedule_reached``); a credential whose time is up but whose window
     is closed gets ``outside_window`` with the next opening as ``due_at``; otherwise
     ``not_due`` with the next due time.
+
+    The answer is remembered per credential until the first moment it can change (its due
+    time, retry time, or its window opening or closing) or any argument but ``now`` changes:
+    ``/metrics`` asks for every credential on every scrape, and almost every answer is the
+    same as the last one.
     """
     now = _utc(now)
+    key = (schedule, last_rotated_at, first_seen_at, rotating, retry_at, grace)
+    hit = _memo.get(schedule.credential)
+    if hit is not None and hit[2] <= now and (hit[3] is None or now < hit[3]) \
+            and hit[0] == key:
+        return hit[1]
+    decision, until = _decide(schedule, last_rotated_at, first_seen_at, now, rotating,
+                              retry_at, grace)
+    if len(_memo) >= _MEMO_MAX:
+        _memo.clear()  # only names of long-gone policies could fill it
+    _memo[schedule.credential] = (key, decision, now, until)
+    return decision
+
+
+_MEMO_MAX = 200_000
+_memo: dict[str, tuple[tuple[object, ...], Decision, datetime, datetime | None]] = {}
+"""credential -> (every argument but ``now``, the decision, valid from, valid until (None:
+for ever)). Entries are replaced whole, so threads need no lock."""
+
+
+def _decide(schedule: ScheduleSpec, last_rotated_at: datetime | None, first_seen_at: datetime,
+            now: datetime, rotating: bool, retry_at: datetime | None,
+            grace: GraceWait | None) -> tuple[Decision, datetime | None]:
+    """:func:`decide` (``now`` aware UTC), and the first moment after ``now`` at which its
+    answer may differ (None: not before an argument changes). Between ``now`` and then no
+    check of the chain changes its mind: ``due <= now`` and ``retry_at <= now`` stay true once
+    true, the other way round stay false until that time, and the window's state is the
+    same until its next edge."""
     due = (datetime.min.replace(tzinfo=UTC) if schedule.manual_only
            else _jittered_due(schedule, last_rotated_at, first_seen_at))
     facts = _Facts(schedule, last_rotated_at, first_seen_at, now, rotating, retry_at, grace, due)
@@ -575,10 +642,17 @@ def decide(schedule: ScheduleSpec, last_rotated_at: datetime | None, first_seen_
         decision = check(facts)
         if decision is None:
             continue
+        if decision.reason == RETRY_BACKOFF:
+            return decision, decision.due_at
+        if not decision.due:
+            return decision, None  # rotating, manual_only, in_grace: not a matter of time
         window = schedule.window
-        if decision.due and window is not None and not window.contains(now):
-            return _outside_window(decision, window, now)
-        return decision
-    due = _windowed(schedule, due, now)
+        if window is None:
+            return decision, None
+        if not window.contains(now):
+            return _outside_window(decision, window, now), window.unchanged_until(now)
+        return decision, window.unchanged_until(now)
+    windowed = _windowed(schedule, due, now)
     what = "first rotation" if last_rotated_at is None else "next rotation"
-    return Decision(False, NOT_DUE, lambda: f"{what} {_show(due)} ({schedule.describe()})", due)
+    return Decision(False, NOT_DUE, lambda: f"{what} {_show(windowed)} ({schedule.describe()})",
+                    windowed), due

@@ -434,11 +434,22 @@ class StateStore:
     def due_facts(self) -> dict[str, DueFacts]:
         """What the due gate needs of every credential, cheaply (a scrape of ``/metrics`` asks
         for all of them): name -> last rotation, first seen, next due time, failures."""
-        c = _CREDENTIALS.c
-        q = select(c.name, c.last_rotated_at, c.first_seen_at, c.next_due_at, c.failures)
         with self._reader.connect() as conn:
-            return {name: DueFacts(last, first, nxt, failures or 0)
-                    for name, last, first, nxt, failures in conn.execute(q)}
+            rows = _driver(conn).rows(conn, "SELECT name, last_rotated_at, first_seen_at, "
+                                      "next_due_at, failures FROM credentials")
+        # Read by the driver, each distinct time parsed once: SQLAlchemy's result processing
+        # was most of this read's 40 ms at 10,000 credentials, and a fleet synced at once
+        # shares its first-seen time.
+        times: dict[Any, datetime | None] = {}
+
+        def when(value: Any) -> datetime | None:
+            parsed = times.get(value)
+            if parsed is None and value is not None:
+                parsed = times[value] = from_db_time(value)
+            return parsed
+
+        return {name: DueFacts(when(last), when(first), when(nxt), failures or 0)
+                for name, last, first, nxt, failures in rows}
 
     def update_credential(self, name: str, **fields: Any) -> None:
         with self._tx() as conn:
