@@ -17,14 +17,16 @@ SQLAlchemy stores, since SQLite compares times as text) and read back aware.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
 
 __all__ = ["DriverSQL", "from_db_time", "quoted_columns"]
+
+T = TypeVar("T")
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -75,34 +77,40 @@ class DriverSQL:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
-    def run(self, conn: Connection, sql: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Execute ``sql`` and return the driver's cursor (the caller fetches and closes)."""
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    def run(self, conn: Connection, sql: str, params: Mapping[str, Any] | None,
+            fetch: Callable[[Any], T]) -> T:
+        """Execute ``sql`` and return ``fetch(cursor)``. A driver error is raised the way
+        SQLAlchemy raises it (``sqlalchemy.exc.OperationalError`` and so on, wrapping the
+        driver's), and a connection the database dropped is invalidated, so the pool never
+        hands it out again: a restart or failover of the store is survived as before."""
+        dbapi_connection = conn.connection.dbapi_connection
         bound = {k: self.bind(v) for k, v in (params or {}).items()}
-        cursor.execute(sql if self.sqlite else _pyformat(sql), bound)
-        return cursor
+        try:
+            cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql if self.sqlite else _pyformat(sql), bound)
+                return fetch(cursor)
+            finally:
+                cursor.close()
+        except conn.dialect.loaded_dbapi.Error as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            dropped = conn.dialect.is_disconnect(exc, dbapi_connection, None)
+            if dropped:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(sql, bound, exc, conn.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=dropped,
+                                      dialect=conn.dialect) from exc
 
     def rows(self, conn: Connection, sql: str,
              params: Mapping[str, Any] | None = None) -> list[Sequence[Any]]:
-        cursor = self.run(conn, sql, params)
-        try:
-            return list(cursor.fetchall())
-        finally:
-            cursor.close()
+        return self.run(conn, sql, params, lambda cursor: list(cursor.fetchall()))
 
     def one(self, conn: Connection, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """The first column of the first row, or None."""
-        cursor = self.run(conn, sql, params)
-        try:
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        row = self.run(conn, sql, params, lambda cursor: cursor.fetchone())
         return None if row is None else row[0]
 
     def write(self, conn: Connection, sql: str, params: Mapping[str, Any] | None = None) -> int:
         """Execute a statement that returns no rows; the number of rows it changed."""
-        cursor = self.run(conn, sql, params)
-        try:
-            return int(cursor.rowcount)
-        finally:
-            cursor.close()
+        return self.run(conn, sql, params, lambda cursor: int(cursor.rowcount))
