@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -96,8 +97,15 @@ def _window(value: Any) -> Window:
     if isinstance(value, Window):
         return value
     if isinstance(value, str):
-        return Window.parse(value)
+        return _parsed_window(value)
     raise ValueError('a window is a string like "Mon-Fri 09:00-17:00 UTC"')
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_window(text: str) -> Window:
+    """``Window.parse``, once per text: a fleet's credentials share a few windows (and so
+    share each window's zone and spans); a refused text raises again each time."""
+    return Window.parse(text)
 
 
 WindowField = Annotated[Window, PlainValidator(_window)]
@@ -643,6 +651,17 @@ class Problem:
 _BASIC_STRING_STOP = re.compile(r'["\\]')
 
 
+# The locator's scanner steps over these with a regex each rather than a character at a
+# time: at 10,000 credentials the per-character loops were most of a policy load's scan.
+_BLANKS = re.compile(r"(?:[ \t\r]+|#[^\n]*)*")
+_BLANK_LINES = re.compile(r"(?:[ \t\r\n]+|#[^\n]*)*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]*")
+"""TOML's bare keys are ASCII letters, digits, ``_`` and ``-``."""
+_SCALAR = re.compile(r"[^,\]}\n#]*")
+_SIMPLE_LINE = re.compile(r"""([A-Za-z0-9_-]+)[ \t]*=[ \t]*(?:"(?:[^"\\\n]|\\.)*"|'[^'\n]*'"""
+                          r"""|[^,\]}\n#\s"'\[{][^,\]}\n#]*)[ \t\r]*(?:#[^\n]*)?\n""")
+
+
 class _Locator:
     """Maps key paths to the line they are written on, from the raw TOML text.
 
@@ -680,15 +699,9 @@ class _Locator:
         self._pos += n
 
     def _skip_blank(self, newlines: bool) -> None:
-        while self._pos < len(self._text):
-            ch = self._text[self._pos]
-            if ch in " \t\r" or (newlines and ch == "\n"):
-                self._advance()
-            elif ch == "#":
-                end = self._text.find("\n", self._pos)
-                self._advance((len(self._text) if end < 0 else end) - self._pos)
-            else:
-                return
+        end = (_BLANK_LINES if newlines else _BLANKS).match(self._text, self._pos).end()
+        if end > self._pos:
+            self._advance(end - self._pos)
 
     def _record(self, path: KeyPath, line: int) -> None:
         self.lines.setdefault(path, line)
@@ -706,6 +719,13 @@ class _Locator:
                 keys = self._keys()
                 self._advance(2 if is_array else 1)
                 table = self._header(keys, is_array, line)
+            elif (simple := _SIMPLE_LINE.match(self._text, self._pos)) is not None:
+                # ``key = "text"`` or ``key = 30``, alone on its line: nearly every line of
+                # a large policy file, taken in one step (the general path below records
+                # the same line for the same key, and stops after the same newline).
+                self._record((*table, simple.group(1)), line)
+                self._pos = simple.end()
+                self._line += 1
             else:
                 keys = self._keys()
                 path = table
@@ -740,9 +760,7 @@ class _Locator:
                 keys.append(self._string())
             else:
                 start = self._pos
-                while self._pos < len(self._text) and (self._text[self._pos].isalnum()
-                                                       or self._text[self._pos] in "_-"):
-                    self._pos += 1
+                self._pos = _BARE_KEY.match(self._text, start).end()
                 keys.append(self._text[start:self._pos])
             self._skip_blank(newlines=False)
             if self._peek() != ".":
@@ -822,8 +840,7 @@ class _Locator:
                 self._advance()  # "="
                 self._value(sub)
         else:  # number, boolean, date-time: runs to a delimiter
-            while self._pos < len(self._text) and self._text[self._pos] not in ",]}\n#":
-                self._pos += 1
+            self._pos = _SCALAR.match(self._text, self._pos).end()
 
 
 # -- secret detection ------------------------------------------------------------------------
