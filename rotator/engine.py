@@ -33,8 +33,8 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_after_attempt,
     stop_after_delay,
+    stop_any,
     wait_exponential_jitter,
 )
 
@@ -606,10 +606,21 @@ class Engine:
         if secret is None:
             raise PermanentError(f"the new key of rotation {rot.id} is no longer staged in "
                                  f"vault {cred.vault!r}; the rotation will be rolled back")
+        # A new key may take a moment to work at the provider: a few attempts. One the
+        # provider refused for its rate limit is not one of them (the pacer waits those out).
+        local = self._local
+        throttled_before = getattr(local, "throttled_calls", 0)
+
+        def tried_enough(state: RetryCallState) -> bool:
+            refused = getattr(local, "throttled_calls", 0) - throttled_before
+            return state.attempt_number - refused >= VERIFY_ATTEMPTS
+
         retrying = Retrying(
             retry=retry_if_exception_type((TransientError, CredentialRejected)),
-            stop=stop_after_attempt(VERIFY_ATTEMPTS) | self._stop_deadline(),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5), sleep=self._pause, reraise=True,
+            stop=stop_any(tried_enough, _Deadline(
+                self.policies.settings.retry_deadline.total_seconds(), self.stop_event, local)),
+            wait=_unless_throttled(wait_exponential_jitter(multiplier=0.2, max=5)),
+            sleep=self._pause, reraise=True,
         )
         info = self.runtime.info(cred)
         retrying(self._guarded(provider.verify), info, secret, key_id=rot.new_key_id)
@@ -1253,6 +1264,15 @@ class _Deadline:
             return True
         excused = getattr(self.local, "throttle_wait", 0.0) - self.excused_before
         return state.seconds_since_start - excused >= self.seconds
+
+
+def _unless_throttled(wait: Callable[[RetryCallState], float]
+                      ) -> Callable[[RetryCallState], float]:
+    """``wait`` after a failure, none after a 429: the provider's pacer waits that out."""
+    def waiting(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return 0.0 if isinstance(exc, RateLimited) else wait(state)
+    return waiting
 
 
 def _wait_retry_after(state: RetryCallState) -> float:

@@ -97,6 +97,29 @@ def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, open
     fleet.assert_settled()
 
 
+def test_429s_on_the_new_keys_check_are_not_among_its_attempts(tmp_path, openbao, fake_openai):
+    """Verify tries a new key a few times (it may take a moment to work); eight 429s in a row
+    on that check are the rate limit, not a broken key: the rotation still succeeds."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, settings={"retry_deadline": "1s"})
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store)
+    engine.sync_credentials()
+    fake_openai.inject_fault(429, count=8, path_contains="/v1/models", method="GET",
+                             retry_after=0.05)
+    try:
+        result = engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
+                                               trigger="manual"))
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()
+    assert result.ok, result.message
+    assert fake_openai.request_count("GET", "/v1/models") >= 9
+    fleet.assert_settled()
+
+
 def test_a_wait_for_the_rate_limit_ends_when_the_daemon_stops(tmp_path, openbao, fake_openai):
     fleet = make_fleet(tmp_path, openbao, fake_openai)
     policies = load_policies(fleet.config)
