@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -63,6 +64,9 @@ __all__ = ["OpenAIParams", "OpenAIProvider", "OpenAISettings"]
 log = logging.getLogger(__name__)
 
 # Anything shaped like an OpenAI key in a remote error message is cut out before it reaches ours.
+LISTING_FRESH_FOR = 5.0
+"""Seconds a listing of the project's keys serves ``identify`` (a look-alike key created in
+that time would need the same first six and last four random characters)."""
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-*.]{6,}")
 # How OpenAI redacts a key in listings: a prefix, "..." (sometimes with asterisks), a suffix.
 _REDACTION_GAP = re.compile(r"(?:\*+|\.{3}|\u2026)+")
@@ -130,6 +134,8 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyTerms):
         self._lock = threading.Lock()
         self._admin: openai.OpenAI | None = None
         self._verify_http: Any = None
+        self._listing: tuple[float, list[ProjectAPIKey]] | None = None
+        self._listing_lock = threading.Lock()
 
     @property
     def config(self) -> OpenAISettings:
@@ -219,7 +225,7 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyTerms):
         revoke some other agent's key.
         """
         value = secret.reveal()
-        matches = [k.id for k in self._all_keys() if _redaction_fits(k.redacted_value, value)]
+        matches = [k.id for k in self._recent_keys() if _redaction_fits(k.redacted_value, value)]
         if len(matches) == 1:
             return matches[0]
         log.info(
@@ -343,6 +349,19 @@ class OpenAIProvider(Provider, KeyProbe, UsageReport, KeyTerms):
             not_found=f"project {project_id} not found; check project_id",
         ):
             client.admin.organization.projects.retrieve(project_id)
+
+    def _recent_keys(self) -> list[ProjectAPIKey]:
+        """The project's keys as listed at most ``LISTING_FRESH_FOR`` seconds ago, listed once
+        for all threads asking together. The usage poll identifies every never-rotated
+        credential's key: listing every page of keys for each of 10,000 credentials made the
+        poll quadratic in the project's size."""
+        with self._listing_lock:
+            now = time.monotonic()
+            if self._listing is not None and now - self._listing[0] < LISTING_FRESH_FOR:
+                return self._listing[1]
+            keys = self._all_keys()
+            self._listing = (time.monotonic(), keys)
+            return keys
 
     def _all_keys(self) -> list[ProjectAPIKey]:
         client = self._admin_client()

@@ -152,10 +152,24 @@ def test_identify_matches_a_seeded_legacy_key(world: World) -> None:
 
 
 def test_identify_returns_none_when_not_found_or_ambiguous(world: World) -> None:
-    assert world.provider.identify(world.cred, Secret("sk-svcacct-not-a-known-key")) is None
     world.fake.seed_key(world.project, world.sa, value="sk-svcacct-AAAA-same-tail-wxyz")
     world.fake.seed_key(world.project, world.sa, value="sk-svcacct-BBBB-same-tail-wxyz")
+    assert world.provider.identify(world.cred, Secret("sk-svcacct-not-a-known-key")) is None
     assert world.provider.identify(world.cred, Secret("sk-svcacct-AAAA-same-tail-wxyz")) is None
+
+
+def test_identifying_many_keys_lists_the_project_once(world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usage poll identifies every never-rotated credential's key: one listing of the
+    project serves them all for a few seconds, then it is listed again."""
+    seeded = [world.fake.seed_key(world.project, world.sa) for _ in range(20)]
+    before = world.fake.request_count("GET", "/api_keys")
+    assert [world.provider.identify(world.cred, Secret(value)) for _, value in seeded] == \
+        [key_id for key_id, _ in seeded]
+    assert world.fake.request_count("GET", "/api_keys") - before == 1
+    monkeypatch.setattr("providers.openai_api_key.LISTING_FRESH_FOR", 0.0)
+    later_id, later_value = world.fake.seed_key(world.project, world.sa)
+    assert world.provider.identify(world.cred, Secret(later_value)) == later_id
 
 
 def test_rate_limit_is_transient_with_retry_after(world: World) -> None:
