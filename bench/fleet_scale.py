@@ -226,6 +226,7 @@ def measure_daemon(config: Path, env: dict[str, str], work: Path, port: int, lab
             times.append(took)
         figures["scrape_median"], figures["scrape_max"] = statistics.median(times), max(times)
         figures["scrape_mb"] = len(body) / 1e6
+        figures["rss_scraped"], _ = memory(daemon.proc.pid)
         figures["reasons"] = due_reasons(body)
         # Settled: the first usage poll reads every credential's secret (thousands of vault
         # reads), competing with a scrape for the interpreter; an operator lives after it.
@@ -239,6 +240,7 @@ def measure_daemon(config: Path, env: dict[str, str], work: Path, port: int, lab
             took, body = daemon.scrape()
             times.append(took)
         figures["settled_median"], figures["settled_max"] = statistics.median(times), max(times)
+        figures["rss_settled"], _ = memory(daemon.proc.pid)
         for name, argv in commands:
             figures[name], _ = run_command(argv, env, repeat)
         figures["rss_after"], figures["rss_peak"] = memory(daemon.proc.pid)
@@ -321,6 +323,10 @@ def main() -> None:
           f"{second['stop']:.1f} s; settled {first['settled_after']:.0f} s, "
           f"{second['settled_after']:.0f} s after the first scrapes (first start: settled "
           f"median {first['settled_median'] * 1000:.0f} ms)")
+    for run, figures in (("first", first), ("second", second)):
+        print(f"RSS, {run} start: ready {figures['rss_ready']:.0f} MB, after the first scrapes "
+              f"{figures['rss_scraped']:.0f} MB, settled {figures['rss_settled']:.0f} MB, after "
+              f"the commands {figures['rss_after']:.0f} MB, peak {figures['rss_peak']:.0f} MB")
     print(f"due reasons on the scrape: {dict(second['reasons'])}; keys created at the "
           f"provider: {creates}; error lines in the daemon's log: "
           f"{first['errors']}, {second['errors']}")

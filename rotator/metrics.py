@@ -343,7 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         metrics: Metrics = self.server.metrics  # type: ignore[attr-defined]
         if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, metrics.render())
+            self._send(200, CONTENT_TYPE_LATEST, *metrics.render_parts())
         elif path in ("/healthz", "/readyz"):
             probe = metrics.live if path == "/healthz" else metrics.ready
             try:
@@ -359,12 +359,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
+    def _send(self, status: int, content_type: str, *body: bytes) -> None:
+        """Answer with ``body`` written part by part (an 18 MB page is not copied into one)."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(len(part) for part in body)))
         self.end_headers()
-        self.wfile.write(body)
+        for part in body:
+            self.wfile.write(part)
 
 
 def _always_ok() -> ProbeResult:
@@ -470,6 +472,10 @@ class Metrics:
 
     def render(self) -> bytes:
         """The whole ``/metrics`` page in Prometheus's text format."""
+        return b"".join(self.render_parts())
+
+    def render_parts(self) -> list[bytes]:
+        """``render``'s page as the blocks it is made of, in order."""
         self._per_key.hidden.on = True  # this thread's collect: written from the cache below
         try:
             generic = generate_latest(self.registry)
@@ -477,8 +483,8 @@ class Metrics:
             self._per_key.hidden.on = False
         # Bytes throughout: the cached blocks are most of a 10,000-credential page (18 MB),
         # encoded once per change rather than on every scrape.
-        return b"".join([generic, *(c.render() for c in self._per_key.counters),
-                         self.per_credential.render()])
+        return [generic, *(c.render() for c in self._per_key.counters),
+                self.per_credential.render()]
 
     def on_event(self, event: StepFinished | RotationFinished) -> None:
         if isinstance(event, StepFinished):

@@ -34,6 +34,7 @@ from rotator.daemon_health import DaemonHealth
 from rotator.engine import Engine, RotationRequest, RotationResult, utcnow
 from rotator.errors import PermanentError
 from rotator.log import log_event
+from rotator.memory import release_freed_memory, settle_allocator
 from rotator.metrics import Metrics
 from rotator.monitor.poller import UsageMonitor
 from rotator.notify import EXIT_WAIT_SECONDS, Notifier
@@ -514,9 +515,12 @@ def _freeze_heap() -> None:
     """Move what start-up (or a reload) built, policies and plugins, out of the cyclic
     garbage collector's view. They live as long as their generation, and at 10,000
     credentials the collector walking them again and again took half of the due gate's time
-    on each scrape. Objects frozen are still freed by reference counting."""
+    on each scrape. Objects frozen are still freed by reference counting. The allocator is
+    told to give large blocks back when freed (``rotator.memory``)."""
     gc.collect()
     gc.freeze()
+    settle_allocator()
+    release_freed_memory()
 
 
 _AWAY = ("connection refused", "could not connect", "timeout expired", "timed out",

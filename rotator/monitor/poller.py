@@ -28,6 +28,7 @@ from rotator.errors import RotatorError, TransientError
 from rotator.events import MisuseDetected
 from rotator.interfaces import UsageBucket, UsageReport
 from rotator.key_usage import KeyHistory, key_histories
+from rotator.memory import release_freed_memory
 from rotator.monitor import PROXY_USAGE
 from rotator.monitor.rules import DAY, Finding, evaluate, switched_at, used
 from rotator.state.models import KeyUsage
@@ -136,6 +137,7 @@ class UsageMonitor:
             result = self._failed(provider_name, now, exc, "error")
         finally:
             store.unlock(lease, owner)
+            release_freed_memory()  # a poll of thousands of keys leaves a heap of garbage
         if self.on_poll is not None:
             self.on_poll(provider_name, result.outcome)
         return result
