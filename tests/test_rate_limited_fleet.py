@@ -74,24 +74,32 @@ def test_throttles_are_counted_and_the_paced_rate_shown(tmp_path, openbao, fake_
     assert fake_openai.request_count("GET", "/api_keys?") <= 2, "only identify's listings"
 
 
-def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, openbao,
-                                                                  fake_openai):
-    """Five 429s in a row with Retry-After 0.4 s: 2 s of waiting against a 1 s deadline."""
-    fleet = make_fleet(tmp_path, openbao, fake_openai, settings={"retry_deadline": "1s"})
+def _rotate_first_behind_429s(fleet, fake_openai, *, count: int, path: str, method: str,
+                              retry_after: float) -> RotationResult:
+    """Rotate the fleet's first credential in process while the fake answers ``count`` calls
+    to ``path`` with 429 and ``Retry-After``."""
     policies = load_policies(fleet.config)
     store = StateStore(policies.settings.state_url)
     runtime = Runtime(policies)
     engine = Engine(policies, runtime, store)
     engine.sync_credentials()
-    fake_openai.inject_fault(429, count=5, path_contains="/service_accounts/", method="POST",
-                             retry_after=0.4)
+    fake_openai.inject_fault(429, count=count, path_contains=path, method=method,
+                             retry_after=retry_after)
     try:
-        result = engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
-                                               trigger="manual"))
+        return engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
+                                             trigger="manual"))
     finally:
         engine.close()
         runtime.close()
         store.close()
+
+
+def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, openbao,
+                                                                  fake_openai):
+    """Five 429s in a row with Retry-After 0.4 s: 2 s of waiting against a 1 s deadline."""
+    fleet = make_fleet(tmp_path, openbao, fake_openai, settings={"retry_deadline": "1s"})
+    result = _rotate_first_behind_429s(fleet, fake_openai, count=5, path="/service_accounts/",
+                                       method="POST", retry_after=0.4)
     assert result.ok, result.message
     assert fake_openai.request_count("POST", "/service_accounts/") == 6
     fleet.assert_settled()
@@ -101,20 +109,8 @@ def test_429s_on_the_new_keys_check_are_not_among_its_attempts(tmp_path, openbao
     """Verify tries a new key a few times (it may take a moment to work); eight 429s in a row
     on that check are the rate limit, not a broken key: the rotation still succeeds."""
     fleet = make_fleet(tmp_path, openbao, fake_openai, settings={"retry_deadline": "1s"})
-    policies = load_policies(fleet.config)
-    store = StateStore(policies.settings.state_url)
-    runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store)
-    engine.sync_credentials()
-    fake_openai.inject_fault(429, count=8, path_contains="/v1/models", method="GET",
-                             retry_after=0.05)
-    try:
-        result = engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
-                                               trigger="manual"))
-    finally:
-        engine.close()
-        runtime.close()
-        store.close()
+    result = _rotate_first_behind_429s(fleet, fake_openai, count=8, path="/v1/models",
+                                       method="GET", retry_after=0.05)
     assert result.ok, result.message
     assert fake_openai.request_count("GET", "/v1/models") >= 9
     fleet.assert_settled()
