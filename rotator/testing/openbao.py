@@ -76,23 +76,39 @@ class OpenBaoDevServer(ServerProcess):
     # Dev mode prints these; they must not reach an exception message or a log line.
     secret_line_markers = ("Root Token", "Unseal Key", "root_token", "unseal")
 
-    def __init__(self, port: int | None = None, root_token: str | None = None) -> None:
+    def __init__(self, port: int | None = None, root_token: str | None = None, *,
+                 tls: bool = False) -> None:
         super().__init__(port)
         self.root_token: str = root_token or f"dev-{secrets.token_urlsafe(24)}"
+        self.tls = tls
+        """``-dev-tls``: HTTPS with a certificate for 127.0.0.1 signed by a CA of its own
+        (:attr:`ca_file`)."""
         self._binary = ""
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}" if self.port else ""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{HOST}:{self.port}" if self.port else ""
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA certificate that signed a TLS dev server's certificate."""
+        if not self.tls or self._tmpdir is None:
+            return None
+        return os.path.join(self._tmpdir, "tls", "vault-ca.pem")
 
     def _prepare(self) -> None:
         assert self._tmpdir is not None
         self._binary = find_bao_binary()
         os.mkdir(os.path.join(self._tmpdir, "home"), 0o700)
+        if self.tls:
+            os.mkdir(os.path.join(self._tmpdir, "tls"), 0o700)
 
     def _command(self) -> list[str]:
+        tls = ["-dev-tls", f"-dev-tls-cert-dir={os.path.join(self._tmpdir or '', 'tls')}"] \
+            if self.tls else []
         return [self._binary, "server", "-dev", f"-dev-listen-address={HOST}:{self.port}",
-                "-dev-no-store-token", "-log-level=warn"]
+                "-dev-no-store-token", "-log-level=warn", *tls]
 
     def _env(self) -> dict[str, str]:
         """No BAO_*/VAULT_* settings that could redirect the server; HOME in the private dir.
@@ -105,8 +121,11 @@ class OpenBaoDevServer(ServerProcess):
     def _probe(self) -> bool:
         # Asking with our own random root token proves the answer comes from this server and
         # not from another process that already holds the port.
+        ca_file = self.ca_file
+        if ca_file is not None and not os.path.exists(ca_file):
+            return False
         answer = http_answer(f"{self.url}/v1/auth/token/lookup-self",
-                             {"X-Vault-Token": self.root_token})
+                             {"X-Vault-Token": self.root_token}, cafile=ca_file)
         return answer is not None and answer[0] == 200
 
     def _secret_values(self) -> list[str]:
@@ -121,7 +140,8 @@ class OpenBaoDevServer(ServerProcess):
         """An hvac client with the root token (or ``token``); never reads ``~/.vault-token``."""
         import hvac
 
-        return hvac.Client(url=self.url, token=token or self.root_token, timeout=10)
+        return hvac.Client(url=self.url, token=token or self.root_token, timeout=10,
+                           verify=self.ca_file or True)
 
     def write_policy(self, name: str, policy_hcl: str) -> None:
         self.client().sys.create_or_update_policy(name=name, policy=policy_hcl)

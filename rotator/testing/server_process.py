@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -57,11 +58,14 @@ def clean_env(drop_prefixes: tuple[str, ...], **extra: str) -> dict[str, str]:
     return env
 
 
-def http_answer(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes] | None:
-    """One GET of ``url``: its status and body whatever the status, or None if nothing answers."""
+def http_answer(url: str, headers: Mapping[str, str] | None = None, *,
+                cafile: str | None = None) -> tuple[int, bytes] | None:
+    """One GET of ``url``: its status and body whatever the status, or None if nothing answers.
+    ``cafile``: the CA to trust for an https URL (a dev server's own)."""
     request = urllib.request.Request(url, headers=dict(headers or {}))
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
     try:
-        with urllib.request.urlopen(request, timeout=1) as resp:
+        with urllib.request.urlopen(request, timeout=1, context=context) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         with exc:
