@@ -26,10 +26,13 @@ _NO_RETRY = Retry(total=0, read=False, redirect=False, raise_on_status=False)
 
 class KvHttp:
     """Thread-safe; ``request`` raises hvac exceptions for Vault's errors and urllib3's for
-    the network's (``urllib3.exceptions.HTTPError``)."""
+    the network's (``urllib3.exceptions.HTTPError``). The pool keeps up to ``maxsize`` idle
+    connections, as many as ``rotate-now --concurrency`` may run workers: connections are
+    opened only when needed, and one more than the pool keeps would be closed after its call
+    with a warning in the log."""
 
     def __init__(self, url: str, *, timeout: float, verify: bool | str,
-                 namespace: str | None, maxsize: int = 32) -> None:
+                 namespace: str | None, maxsize: int = 256) -> None:
         tls: dict[str, Any] = {}
         if url.startswith("https://"):
             if verify is False:
