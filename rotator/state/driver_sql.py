@@ -78,17 +78,22 @@ class DriverSQL:
         return value
 
     def run(self, conn: Connection, sql: str, params: Mapping[str, Any] | None,
-            fetch: Callable[[Any], T]) -> T:
+            fetch: Callable[[Any], T], *, many: Sequence[Mapping[str, Any]] = ()) -> T:
         """Execute ``sql`` and return ``fetch(cursor)``. A driver error is raised the way
         SQLAlchemy raises it (``sqlalchemy.exc.OperationalError`` and so on, wrapping the
         driver's), and a connection the database dropped is invalidated, so the pool never
         hands it out again: a restart or failover of the store is survived as before."""
         dbapi_connection = conn.connection.dbapi_connection
-        bound = {k: self.bind(v) for k, v in (params or {}).items()}
+        bound: Any = [{k: self.bind(v) for k, v in row.items()} for row in many] if many \
+            else {k: self.bind(v) for k, v in (params or {}).items()}
+        statement = sql if self.sqlite else _pyformat(sql)
         try:
             cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                cursor.execute(sql if self.sqlite else _pyformat(sql), bound)
+                if many:
+                    cursor.executemany(statement, bound)
+                else:
+                    cursor.execute(statement, bound)
                 return fetch(cursor)
             finally:
                 cursor.close()
@@ -114,3 +119,8 @@ class DriverSQL:
     def write(self, conn: Connection, sql: str, params: Mapping[str, Any] | None = None) -> int:
         """Execute a statement that returns no rows; the number of rows it changed."""
         return self.run(conn, sql, params, lambda cursor: int(cursor.rowcount))
+
+    def write_many(self, conn: Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute one statement for each of ``rows`` (the driver prepares it once)."""
+        if rows:
+            self.run(conn, sql, None, lambda cursor: None, many=rows)

@@ -230,64 +230,40 @@ def append_audit_in(conn: Connection, build: Callable[[int, str], dict[str, Any]
     """``StateStore.append_audit`` inside a write transaction the caller holds (so an event
     commits atomically with the state change it records). Call it last in the transaction:
     from here to the commit no other writer can append."""
+    return append_audit_many_in(conn, [build])
+
+
+def append_audit_many_in(conn: Connection,
+                         builds: Sequence[Callable[[int, str], dict[str, Any]]]) -> int:
+    """``append_audit_in`` for many events in the caller's transaction; returns the last id.
+    On SQLite the chain is extended in Python and written with one prepared insert of every
+    row and one head update (the proxy appends an event per call); on PostgreSQL each goes
+    through the one-statement append."""
+    if not builds:
+        return 0
     if conn.dialect.name == "postgresql":
-        return _append_audit_pg(conn, build)
+        return [_append_audit_pg(conn, build) for build in builds][-1]
     d = _driver(conn)
     head = d.rows(conn, "SELECT id, hash FROM audit_head WHERE one = 1")
     if not head:
         raise PermanentError(_NO_HEAD)
-    row = build(head[0][0] + 1, head[0][1])
-    d.write(conn, "UPDATE audit_head SET id = :id, hash = :hash, prev_hash = :prev_hash "
-            "WHERE one = 1", {"id": row["id"], "hash": row["hash"], "prev_hash": row["prev_hash"]})
-    d.write(conn, _AUDIT_INSERT, row)
-    return int(row["id"])
-
-
-def append_audit_many_in(conn: Connection,
-                         builds: Sequence[Callable[[int, str], dict[str, Any]]]) -> None:
-    """``append_audit_in`` for many events in the caller's transaction: on SQLite the chain is
-    extended in Python and written with one insert of every row and one head update (the
-    proxy appends an event per call); on PostgreSQL each goes through the one-statement
-    append."""
-    if not builds:
-        return
-    if conn.dialect.name == "postgresql":
-        for build in builds:
-            _append_audit_pg(conn, build)
-        return
-    head = conn.execute(select(_HEAD.c.id, _HEAD.c.hash).where(_HEAD.c.one == 1)).first()
-    if head is None:
-        raise PermanentError(_NO_HEAD)
     rows = []
-    last_id, last_hash = head.id, head.hash
+    last_id, last_hash = head[0]
     for build in builds:
         row = build(last_id + 1, last_hash)
         rows.append(row)
         last_id, last_hash = row["id"], row["hash"]
-    conn.execute(update(_HEAD).where(_HEAD.c.one == 1).values(
-        id=last_id, hash=last_hash, prev_hash=rows[-1]["prev_hash"]))
-    # One prepared insert for the batch, past SQLAlchemy's per-row parameter processing (a
-    # third of the cost of a proxy's event); ``at`` as SQLAlchemy's SQLite DATETIME stores it.
-    conn.exec_driver_sql(_SQLITE_AUDIT_INSERT, [
-        (r["id"], _sqlite_datetime(r["at"]), r["kind"], r["credential"], r["rotation_id"],
-         r["actor"], r["reason"], r["detail"], r["prev_hash"], r["hash"]) for r in rows])
+    d.write(conn, "UPDATE audit_head SET id = :id, hash = :hash, prev_hash = :prev_hash "
+            "WHERE one = 1", {"id": last_id, "hash": last_hash,
+                              "prev_hash": rows[-1]["prev_hash"]})
+    d.write_many(conn, _AUDIT_INSERT, rows)
+    return int(last_id)
 
 
 _AUDIT_INSERT = (
     "INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail, "
     "prev_hash, hash) VALUES (:id, :at, :kind, :credential, :rotation_id, :actor, :reason, "
     ":detail, :prev_hash, :hash)")
-
-_SQLITE_AUDIT_INSERT = (
-    "INSERT INTO audit_events (id, at, kind, credential, rotation_id, actor, reason, detail, "
-    "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _sqlite_datetime(value: datetime) -> str:
-    """``value`` (aware) as naive UTC text, the way SQLAlchemy's SQLite DATETIME writes it."""
-    v = value.astimezone(UTC)
-    return (f"{v.year:04d}-{v.month:02d}-{v.day:02d} {v.hour:02d}:{v.minute:02d}:"
-            f"{v.second:02d}.{v.microsecond:06d}")
 
 
 _NO_HEAD = ("the audit trail has no head row (table audit_head): the state store was altered "
