@@ -33,7 +33,6 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_after_delay,
     stop_any,
     wait_exponential_jitter,
 )
@@ -617,8 +616,7 @@ class Engine:
 
         retrying = Retrying(
             retry=retry_if_exception_type((TransientError, CredentialRejected)),
-            stop=stop_any(tried_enough, _Deadline(
-                self.policies.settings.retry_deadline.total_seconds(), self.stop_event, local)),
+            stop=stop_any(tried_enough, self._deadline()),
             wait=_unless_throttled(wait_exponential_jitter(multiplier=0.2, max=5)),
             sleep=self._pause, reraise=True,
         )
@@ -1064,9 +1062,10 @@ class Engine:
         except StaleRotation as exc:
             raise Interrupted(str(exc)) from exc
 
-    def _stop_deadline(self) -> Any:
-        deadline = stop_after_delay(self.policies.settings.retry_deadline.total_seconds())
-        return deadline | (lambda _state: self.stop_event.is_set())
+    def _deadline(self) -> _Deadline:
+        """``retry_deadline`` for this thread's retries, waits for a rate limit excused."""
+        return _Deadline(self.policies.settings.retry_deadline.total_seconds(),
+                         self.stop_event, self._local)
 
     def _retry(self, fn: Callable[..., T], *args: Any, tries: list[int] | None = None,
                **kwargs: Any) -> T:
@@ -1081,21 +1080,19 @@ class Engine:
         paced = isinstance(owner, Provider)
         local = self._local
 
-        def wait(state: RetryCallState) -> float:
+        def excused_wait(state: RetryCallState) -> float:
+            """A throttled vault (no pacer) is waited out here, off the deadline."""
+            seconds = _wait_retry_after(state)
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, RateLimited):
-                if paced:
-                    return 0.0  # the provider's pacer holds every worker as long as it asked
-                seconds = _wait_retry_after(state)
                 local.throttle_wait = getattr(local, "throttle_wait", 0.0) + seconds
-                return seconds
-            return _wait_retry_after(state)
+            return seconds
 
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            stop=_Deadline(self.policies.settings.retry_deadline.total_seconds(),
-                           self.stop_event, local),
-            wait=wait,
+            stop=self._deadline(),
+            # A provider's pacer holds every worker as long as a 429 asked.
+            wait=_unless_throttled(_wait_retry_after) if paced else excused_wait,
             sleep=self._pause,
             reraise=True,
             # A plugin's outage is logged once by ``outages``; each attempt only at debug.
