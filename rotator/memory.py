@@ -11,7 +11,6 @@ trim after a large piece of work gives back the heap's free top.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 __all__ = ["release_freed_memory", "settle_allocator"]
@@ -20,21 +19,21 @@ log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 256 * 1024
-_libc: ctypes.CDLL | None = None
+_UNKNOWN = object()
+_libc: object = _UNKNOWN
 
 
 def _glibc() -> ctypes.CDLL | None:
+    """The C library already loaded into this process, if it is glibc (looked up once)."""
     global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
+    if _libc is _UNKNOWN:
         try:
-            libc = ctypes.CDLL(name) if name else None
+            libc = ctypes.CDLL(None)
         except OSError:
             libc = None
-        if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
-            return None  # not glibc (musl, macOS): nothing to tune
-        _libc = libc
-    return _libc
+        _libc = libc if libc is not None and hasattr(libc, "mallopt") \
+            and hasattr(libc, "malloc_trim") else None  # musl or macOS: nothing to tune
+    return _libc  # type: ignore[return-value]
 
 
 def settle_allocator() -> None:
