@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -363,3 +364,25 @@ while True:
     log.write(json.dumps({"ok": ok, "key": digest}) + "\n")
     time.sleep(0.1)
 '''
+
+
+@contextmanager
+def fleet_engine(fleet: Fleet, **engine_options: Any) -> Iterator[tuple[Any, Any]]:
+    """The fleet's policies as an in-process ``(engine, runtime)``, credentials synced; the
+    engine, its plugins and its store are closed when the block ends."""
+    from rotator.config import load_policies
+    from rotator.engine import Engine
+    from rotator.runtime import Runtime
+    from rotator.state.store import StateStore
+
+    policies = load_policies(fleet.config)
+    store = StateStore(policies.settings.state_url)
+    runtime = Runtime(policies)
+    engine = Engine(policies, runtime, store, **engine_options)
+    engine.sync_credentials()
+    try:
+        yield engine, runtime
+    finally:
+        engine.close()
+        runtime.close()
+        store.close()

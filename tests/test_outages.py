@@ -7,12 +7,9 @@ import logging
 
 import pytest
 
-from rotator.config import load_policies
-from rotator.engine import Engine, RotationRequest
+from rotator.engine import RotationRequest
 from rotator.outages import OutageLog
-from rotator.runtime import Runtime
-from rotator.state.store import StateStore
-from tests.support import fail_transiently, make_fleet
+from tests.support import fail_transiently, fleet_engine, make_fleet
 
 
 @pytest.fixture(autouse=True)
@@ -23,22 +20,13 @@ def _vault_token(openbao, monkeypatch):
 def test_a_vault_outage_is_one_line_and_its_recovery_another(tmp_path, openbao, fake_openai,
                                                              caplog):
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
-    policies = load_policies(fleet.config)
-    store = StateStore(policies.settings.state_url)
-    runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store, sleep=lambda s: None)
-    engine.sync_credentials()
     caplog.set_level(logging.DEBUG)
-    try:
+    with fleet_engine(fleet, sleep=lambda s: None) as (engine, runtime):
         fail_transiently(runtime.vault("main"), "read", 5, "vault {name} is sealed: unseal it")
         fail_transiently(runtime.vault("main"), "promote", 3, "vault {name} is sealed: unseal it")
         for cred in fleet.credentials:
             result = engine.rotate(RotationRequest(credential=cred["name"], trigger="manual"))
             assert result.ok, result.message
-    finally:
-        engine.close()
-        runtime.close()
-        store.close()
     fleet.assert_settled()
     outages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "rotator.outages"]
     assert outages == [

@@ -9,13 +9,10 @@ import time
 
 import pytest
 
-from rotator.config import load_policies
-from rotator.engine import Engine, RotationRequest, RotationResult
+from rotator.engine import RotationRequest, RotationResult
 from rotator.metrics import Metrics
 from rotator.pacing import Ticket
-from rotator.runtime import Runtime
-from rotator.state.store import StateStore
-from tests.support import make_fleet
+from tests.support import fleet_engine, make_fleet
 
 
 @pytest.fixture(autouse=True)
@@ -48,23 +45,14 @@ def test_rotate_now_all_at_the_rate_limit_fails_nothing(tmp_path, openbao, fake_
 
 def test_throttles_are_counted_and_the_paced_rate_shown(tmp_path, openbao, fake_openai):
     fleet = make_fleet(tmp_path, openbao, fake_openai, n=2)
-    policies = load_policies(fleet.config)
-    store = StateStore(policies.settings.state_url)
-    runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store)
-    metrics = Metrics(store, lambda: policies)
-    engine.call_observers.append(metrics.on_call)
-    engine.sync_credentials()
     fake_openai.inject_fault(429, count=2, path_contains="/service_accounts/", method="POST",
                              retry_after=0.05)
-    try:
+    with fleet_engine(fleet) as (engine, runtime):
+        metrics = Metrics(engine.store, lambda: engine.policies)
+        engine.call_observers.append(metrics.on_call)
         for cred in fleet.credentials:
             result = engine.rotate(RotationRequest(credential=cred["name"], trigger="manual"))
             assert result.ok, result.message
-    finally:
-        engine.close()
-        runtime.close()
-        store.close()
     sample = metrics.registry.get_sample_value
     assert sample("rotator_provider_throttled_total", {"provider": "openai-test"}) == 2
     rate = sample("rotator_provider_paced_rate", {"provider": "openai-test"})
@@ -78,20 +66,11 @@ def _rotate_first_behind_429s(fleet, fake_openai, *, count: int, path: str, meth
                               retry_after: float) -> RotationResult:
     """Rotate the fleet's first credential in process while the fake answers ``count`` calls
     to ``path`` with 429 and ``Retry-After``."""
-    policies = load_policies(fleet.config)
-    store = StateStore(policies.settings.state_url)
-    runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store)
-    engine.sync_credentials()
     fake_openai.inject_fault(429, count=count, path_contains=path, method=method,
                              retry_after=retry_after)
-    try:
+    with fleet_engine(fleet) as (engine, _):
         return engine.rotate(RotationRequest(credential=fleet.credentials[0]["name"],
                                              trigger="manual"))
-    finally:
-        engine.close()
-        runtime.close()
-        store.close()
 
 
 def test_waiting_on_429s_longer_than_retry_deadline_does_not_fail(tmp_path, openbao,
@@ -118,27 +97,18 @@ def test_429s_on_the_new_keys_check_are_not_among_its_attempts(tmp_path, openbao
 
 def test_a_wait_for_the_rate_limit_ends_when_the_daemon_stops(tmp_path, openbao, fake_openai):
     fleet = make_fleet(tmp_path, openbao, fake_openai)
-    policies = load_policies(fleet.config)
-    store = StateStore(policies.settings.state_url)
-    runtime = Runtime(policies)
-    engine = Engine(policies, runtime, store)
-    engine.sync_credentials()
-    pacer = runtime.pacer("openai-test")
-    pacer.throttled(Ticket(pacer.clock(), 0), retry_after=50)  # every worker holds 50 s
     results: list[RotationResult] = []
-    worker = threading.Thread(target=lambda: results.append(engine.rotate(RotationRequest(
-        credential=fleet.credentials[0]["name"], trigger="manual"))))
-    try:
+    with fleet_engine(fleet) as (engine, runtime):
+        pacer = runtime.pacer("openai-test")
+        pacer.throttled(Ticket(pacer.clock(), 0), retry_after=50)  # every worker holds 50 s
+        worker = threading.Thread(target=lambda: results.append(engine.rotate(RotationRequest(
+            credential=fleet.credentials[0]["name"], trigger="manual"))))
         worker.start()
         time.sleep(1)
         stopped = time.monotonic()
         engine.stop_event.set()
         worker.join(10)
         assert time.monotonic() - stopped < 3, "the wait ended within a sleep slice"
-    finally:
-        engine.close()
-        runtime.close()
-        store.close()
     [result] = results
     assert result.outcome == "interrupted", result.message
     assert fake_openai.request_count("POST") == 0, "nothing was sent while held"
